@@ -1,0 +1,39 @@
+# Two commands matter: `make demo` and `make test`. Both set everything up on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint browser bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build on disk; an unpinned torch would pull gigabytes of CUDA packages.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/paligemma-xray demo $(DEMO_ARGS)
+
+# Chromium (Debian's) is only needed by the browser tests; installed when we may.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: browser tests will be skipped"; }
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup browser
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -n 2 -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/train_step.py --out benchmarks/results/train_step.json
+	$(PY) benchmarks/decode.py --out benchmarks/results/decode.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,45 @@
+"""The project's error types.
+
+Every mistake a user can make (bad file, bad flag, checkpoint that does not fit) raises a
+subclass of :class:`PaligemmaXrayError`. The command line prints its message, without a
+traceback, and exits with :attr:`PaligemmaXrayError.exit_code`. Anything else is a bug in
+this project and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PaligemmaXrayError(Exception):
+    """A problem the user can fix; its message says what and where."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, path: str | Path | None = None, line: int | None = None):
+        self.path = Path(path) if path is not None else None
+        self.line = line
+        self.message = message
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        if self.path is None:
+            return self.message
+        where = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
+        return f"{where}: {self.message}"
+
+
+class DataError(PaligemmaXrayError):
+    """A data set, record or annotation that cannot be used."""
+
+
+class ImageLoadError(DataError):
+    """An image or DICOM file that cannot be decoded."""
+
+
+class CheckpointError(PaligemmaXrayError):
+    """A checkpoint that cannot be read, written or mapped onto the model."""
+
+
+class ConfigError(PaligemmaXrayError):
+    """A recipe, flag or configuration value that does not fit."""
