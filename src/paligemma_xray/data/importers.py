@@ -1,0 +1,242 @@
+"""Convert COCO, YOLO and Pascal VOC detection sets into the Roboflow "paligemma" layout.
+
+The source is read with supervision's own readers (``DetectionDataset.from_coco``,
+``from_yolo``, ``from_pascal_voc``); boxes are written with
+:func:`paligemma_xray.locations.encode`, so they survive within one location bin.
+The result is ``OUT/dataset/_annotations.<split>.jsonl`` plus the images, with the prefix
+``detect a ; b`` listing every class that has at least one box.
+
+Source layouts understood (split folders named train/valid/val/test):
+
+* COCO: ``SRC/<split>/_annotations.coco.json`` (Roboflow) or any single ``*.json`` per
+  split folder; ``SRC/_annotations.coco.json``; or a ``.json`` file (images beside it).
+* YOLO: ``SRC/data.yaml`` with ``SRC/<split>/{images,labels}`` (Roboflow),
+  ``SRC/{images,labels}/<split>`` (Ultralytics) or ``SRC/{images,labels}``.
+* Pascal VOC: ``SRC/<split>/`` with images and ``.xml`` beside (Roboflow),
+  ``SRC/{JPEGImages,Annotations}``, or images and ``.xml`` files in ``SRC``.
+
+A set without split folders becomes the ``train`` split.
+
+Example:
+    >>> import tempfile, pathlib, numpy as np, supervision as sv
+    >>> from PIL import Image
+    >>> src = pathlib.Path(tempfile.mkdtemp())
+    >>> Image.new("RGB", (100, 80)).save(src / "a.jpg")
+    >>> boxes = sv.Detections(xyxy=np.array([[10., 8., 50., 40.]]), class_id=np.array([0]))
+    >>> ds = sv.DetectionDataset(["fracture"], [str(src / "a.jpg")], {str(src / "a.jpg"): boxes})
+    >>> _ = ds.as_coco(annotations_path=str(src / "_annotations.coco.json"))
+    >>> result = import_dataset("coco", src, tempfile.mkdtemp(), progress=False)
+    >>> result.classes, result.counts["train"]["boxes"]
+    (['fracture'], 1)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from paligemma_xray.data.records import SPLITS, normalise_split
+from paligemma_xray.errors import DataError
+from paligemma_xray.locations import encode
+
+FORMATS = ("coco", "yolo", "voc")
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _sv():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # supervision warns once that OpenCV is absent
+        import supervision as sv
+    return sv
+
+
+@dataclass
+class ImportResult:
+    """What :func:`import_dataset` wrote."""
+
+    out: Path
+    classes: list[str]
+    counts: dict[str, dict[str, int]]
+    dropped_classes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.out / 'dataset'} (prefix 'detect {' ; '.join(self.classes)}')"]
+        for split, c in self.counts.items():
+            lines.append(f"  {split}: {c['images']} images, {c['boxes']} boxes, {c['negatives']} negatives")
+        if self.dropped_classes:
+            lines.append(
+                f"  classes without any box left out of the prefix: {', '.join(self.dropped_classes)}"
+            )
+        return "\n".join(lines)
+
+
+def _split_dirs(src: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for sub in sorted(p for p in src.iterdir() if p.is_dir()):
+        key = normalise_split(sub.name)
+        if key in SPLITS:
+            found.setdefault(key, sub)
+    return found
+
+
+def _one_json(folder: Path) -> Path | None:
+    preferred = folder / "_annotations.coco.json"
+    if preferred.is_file():
+        return preferred
+    candidates = sorted(folder.glob("*.json"))
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _coco_sources(src: Path) -> dict[str, tuple]:
+    sv = _sv()
+    if src.is_file():
+        return {"train": (sv.DetectionDataset.from_coco, str(src.parent), str(src))}
+    sources = {}
+    for split, folder in _split_dirs(src).items():
+        annotations = _one_json(folder)
+        if annotations is not None:
+            sources[split] = (sv.DetectionDataset.from_coco, str(folder), str(annotations))
+    if not sources and (annotations := _one_json(src)) is not None:
+        sources["train"] = (sv.DetectionDataset.from_coco, str(src), str(annotations))
+    return sources
+
+
+def _yolo_sources(src: Path) -> dict[str, tuple]:
+    sv = _sv()
+    yaml_path = next(
+        (src / n for n in ("data.yaml", "data.yml", "dataset.yaml") if (src / n).is_file()), None
+    )
+    if yaml_path is None:
+        raise DataError("no data.yaml (class names) in the YOLO data set", path=src)
+    read = sv.DetectionDataset.from_yolo
+    sources = {}
+    for split, folder in _split_dirs(src).items():
+        if (folder / "images").is_dir() and (folder / "labels").is_dir():
+            sources[split] = (read, str(folder / "images"), str(folder / "labels"), str(yaml_path))
+    if not sources and (src / "images").is_dir() and (src / "labels").is_dir():
+        for split, folder in _split_dirs(src / "images").items():
+            labels = src / "labels" / folder.name
+            if labels.is_dir():
+                sources[split] = (read, str(folder), str(labels), str(yaml_path))
+        if not sources:
+            sources["train"] = (read, str(src / "images"), str(src / "labels"), str(yaml_path))
+    return sources
+
+
+def _voc_sources(src: Path) -> dict[str, tuple]:
+    read = _sv().DetectionDataset.from_pascal_voc
+    sources = {}
+    for split, folder in _split_dirs(src).items():
+        if any(folder.glob("*.xml")):
+            sources[split] = (read, str(folder), str(folder))
+        elif (folder / "images").is_dir() and (folder / "annotations").is_dir():
+            sources[split] = (read, str(folder / "images"), str(folder / "annotations"))
+    if not sources:
+        if (src / "JPEGImages").is_dir() and (src / "Annotations").is_dir():
+            sources["train"] = (read, str(src / "JPEGImages"), str(src / "Annotations"))
+        elif any(src.glob("*.xml")):
+            sources["train"] = (read, str(src), str(src))
+    return sources
+
+
+def _load(fmt: str, src: Path) -> dict[str, object]:
+    finder = {"coco": _coco_sources, "yolo": _yolo_sources, "voc": _voc_sources}[fmt]
+    sources = finder(src)
+    if not sources:
+        raise DataError(
+            f"no {fmt.upper()} data set found (see `paligemma-xray data import --help`)", path=src
+        )
+    datasets = {}
+    for split, (read, *args) in sources.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                datasets[split] = read(*args)
+        except Exception as error:
+            raise DataError(f"cannot read the {fmt.upper()} {split} split: {error}", path=args[1]) from None
+    return datasets
+
+
+def _clean_label(name: str) -> str:
+    # ";" separates objects and classes in PaliGemma text; a newline would end the suffix.
+    return " ".join(str(name).replace(";", ",").split())
+
+
+def import_dataset(fmt: str, src: str | Path, out: str | Path, *, progress: bool = True) -> ImportResult:
+    """Convert the ``fmt`` (``coco``/``yolo``/``voc``) data set at ``src`` into ``out``.
+
+    Raises:
+        DataError: unknown format, nothing of that format at ``src``, an unreadable
+            annotation file, or a missing image.
+    """
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    if not src.exists():
+        raise DataError("no such file or folder", path=src)
+    datasets = _load(fmt, src)
+
+    # Class names by box count over all splits; classes never used (e.g. the supercategory
+    # Roboflow's COCO exports list first) stay out of the prompt.
+    used: dict[str, int] = {}
+    declared: list[str] = []
+    for ds in datasets.values():
+        for name in ds.classes:
+            if _clean_label(name) not in declared:
+                declared.append(_clean_label(name))
+        for detections in ds.annotations.values():
+            if detections.class_id is not None:
+                for cid in detections.class_id.tolist():
+                    key = _clean_label(ds.classes[int(cid)])
+                    used[key] = used.get(key, 0) + 1
+    classes = [c for c in declared if used.get(c)] or declared
+    dropped = [c for c in declared if c not in classes]
+    prefix = "detect " + " ; ".join(classes)
+
+    folder = out / "dataset"
+    folder.mkdir(parents=True, exist_ok=True)
+    names: dict[str, int] = {}
+    for ds in datasets.values():
+        for path in ds.image_paths:
+            names[Path(path).name] = names.get(Path(path).name, 0) + 1
+    counts: dict[str, dict[str, int]] = {}
+    total = sum(len(ds.image_paths) for ds in datasets.values())
+    bar = tqdm(total=total, desc=f"import {fmt}", unit="img", disable=not progress)
+    for split in sorted(datasets, key=lambda s: SPLITS.index(s) if s in SPLITS else len(SPLITS)):
+        ds = datasets[split]
+        rows: list[str] = []
+        c = {"images": 0, "boxes": 0, "negatives": 0}
+        for path_str in sorted(ds.image_paths):
+            path = Path(path_str)
+            if not path.is_file():
+                raise DataError("image listed in the annotations is missing", path=path)
+            try:
+                with Image.open(path) as image:
+                    size = image.size
+            except (OSError, ValueError) as error:
+                raise DataError(f"cannot read image: {error}", path=path) from None
+            # The same file name in two splits would overwrite: prefix the split there.
+            name = path.name if names[path.name] == 1 else f"{split}_{path.name}"
+            shutil.copyfile(path, folder / name)
+            detections = ds.annotations[path_str]
+            xyxy = np.asarray(detections.xyxy, dtype=np.float64).reshape(-1, 4)
+            ids = detections.class_id if detections.class_id is not None else np.zeros(len(xyxy), int)
+            labels = [_clean_label(ds.classes[int(i)]) for i in ids]
+            suffix = encode(xyxy, labels, size) if len(xyxy) else ""
+            rows.append(json.dumps({"image": name, "prefix": prefix, "suffix": suffix}))
+            c["images"] += 1
+            c["boxes"] += len(xyxy)
+            c["negatives"] += int(len(xyxy) == 0)
+            bar.update(1)
+        (folder / f"_annotations.{split}.jsonl").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        counts[split] = c
+    bar.close()
+    return ImportResult(out=out, classes=classes, counts=counts, dropped_classes=dropped)
