@@ -1,0 +1,467 @@
+"""Detection metrics as a radiologist's detector is judged: mAP, FROC, image-level.
+
+mAP (COCO-exact) comes from faster-coco-eval, never from a home-made AP. The threshold
+metrics (precision / recall / F1, FROC, image level) need a per-box true/false-positive
+decision; :func:`match` makes it the COCO way (per image and class, predictions in
+descending score order, each ground-truth box matched at most once, IoU ≥ 0.5), so the
+numbers at a threshold agree with the curve mAP is computed from.
+
+Everything returned is plain JSON (floats, ints, lists, dicts; ``None`` where a figure is
+undefined, e.g. specificity on a set with no negative image).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from paligemma_xray.locations import Detections
+
+#: False positives per image at which FROC sensitivity is reported (the CAMELYON / LUNA set).
+FROC_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass
+class Matching:
+    """The true/false-positive decision for every box of one image.
+
+    ``pred_tp[i]`` is True when prediction ``i`` matched a ground-truth box of its class
+    (IoU ≥ the threshold) not already taken by a higher-scored prediction;
+    ``gt_matched_by[j]`` is the index of the prediction that took ground-truth box ``j``
+    (-1 when none did), so a box missed at a threshold ``t`` is one whose matcher scored
+    below ``t`` or is -1.
+    """
+
+    pred_tp: np.ndarray  # (P,) bool
+    pred_iou: np.ndarray  # (P,) best IoU with any ground truth of the same class
+    gt_matched_by: np.ndarray  # (G,) int, -1 = never matched
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix between (N, 4) and (M, 4) xyxy boxes, COCO's way (no +1 on pixel sizes)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _scores(dets: Detections) -> np.ndarray:
+    # A prediction set without scores (e.g. another tool's output) ranks all boxes equally.
+    if dets.score is None:
+        return np.ones(len(dets), dtype=np.float64)
+    return np.asarray(dets.score, dtype=np.float64)
+
+
+def _class_index(names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    # Matched by name, not by the stored class_id: predictions may have been parsed against
+    # another class list than the one evaluated here. -1: not an evaluated class.
+    lookup = {name: i for i, name in enumerate(classes)}
+    return np.array([lookup.get(name, -1) for name in names], dtype=np.int64)
+
+
+def match(
+    ground_truth: Detections, prediction: Detections, classes: Sequence[str], iou_threshold: float = 0.5
+) -> Matching:
+    """Match one image's predictions to its ground truth (COCO's greedy rule).
+
+    Predictions whose label is not in ``classes`` never match: they are false positives.
+
+    >>> import numpy as np
+    >>> from paligemma_xray.locations import Detections
+    >>> gt = Detections.empty((100, 100))
+    >>> match(gt, gt, ["fracture"]).pred_tp.tolist()
+    []
+    """
+    gt_cls = _class_index(ground_truth.class_name, classes)
+    pr_cls = _class_index(prediction.class_name, classes)
+    scores = _scores(prediction)
+    order = np.argsort(-scores, kind="stable")
+    iou = box_iou(prediction.xyxy, ground_truth.xyxy)
+    pred_tp = np.zeros(len(prediction), dtype=bool)
+    pred_iou = np.zeros(len(prediction), dtype=np.float64)
+    gt_by = np.full(len(ground_truth), -1, dtype=np.int64)
+    for i in order:
+        if pr_cls[i] < 0 or len(ground_truth) == 0:
+            continue
+        same = gt_cls == pr_cls[i]
+        candidates = np.where(same, iou[i], -1.0)
+        pred_iou[i] = max(candidates.max(), 0.0)
+        candidates = np.where(gt_by < 0, candidates, -1.0)
+        j = int(np.argmax(candidates))
+        if candidates[j] >= iou_threshold:
+            pred_tp[i] = True
+            gt_by[j] = i
+    return Matching(pred_tp=pred_tp, pred_iou=pred_iou, gt_matched_by=gt_by)
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO mAP through faster-coco-eval
+
+
+def _coco_dicts(
+    ground_truth: Sequence[Detections],
+    predictions: Sequence[Detections],
+    classes: Sequence[str],
+    image_order: Sequence[int],
+) -> tuple[dict, list[dict]]:
+    """COCO ground-truth dict and results list; image ``k`` of the result is ``image_order[k]``.
+
+    Image ids are positions in ``image_order`` (1-based), so a bootstrap sample that draws
+    the same image twice gets two distinct COCO images.
+    """
+    images, annotations, results = [], [], []
+    for k, index in enumerate(image_order, start=1):
+        gt, pr = ground_truth[index], predictions[index]
+        width, height = gt.image_size
+        images.append({"id": k, "width": int(width), "height": int(height)})
+        for box, cls in zip(gt.xyxy, _class_index(gt.class_name, classes)):
+            if cls < 0:
+                continue
+            x1, y1, x2, y2 = (float(v) for v in box)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": k,
+                    "category_id": int(cls) + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
+        for box, cls, score in zip(pr.xyxy, _class_index(pr.class_name, classes), _scores(pr)):
+            if cls < 0:
+                continue
+            x1, y1, x2, y2 = (float(v) for v in box)
+            results.append(
+                {
+                    "image_id": k,
+                    "category_id": int(cls) + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(score),
+                }
+            )
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(classes)]
+    return {"images": images, "annotations": annotations, "categories": categories}, results
+
+
+def coco_precision(gt_dict: dict, results: list[dict], *, all_areas_only: bool = False) -> np.ndarray:
+    """COCO's accumulated precision array ``[T=10, R=101, K, A, M]`` from faster-coco-eval.
+
+    ``all_areas_only`` evaluates the 'all' area range alone (what the bootstrap needs: the
+    same numbers for that range at a quarter of the cost).
+    """
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    # The library logs every step; results stay quiet.
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(gt_dict)
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=lambda *a, **k: None)
+        if all_areas_only:
+            evaluator.params.areaRng = [evaluator.params.areaRng[0]]
+            evaluator.params.areaRngLbl = ["all"]
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return np.asarray(evaluator.eval["precision"])
+
+
+def _mean_valid(values: np.ndarray) -> float | None:
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else None
+
+
+def _coco_summary(precision: np.ndarray, classes: Sequence[str]) -> dict:
+    # Area 'all' (index 0), 100 detections (last): what COCO's summarize() reports as AP / AP50.
+    p = precision[:, :, :, 0, -1]
+    return {
+        "map50_95": _mean_valid(p),
+        "map50": _mean_valid(p[0]),
+        "ap_per_class": {
+            name: {"ap50": _mean_valid(p[0, :, k]), "ap50_95": _mean_valid(p[:, :, k])}
+            for k, name in enumerate(classes)
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# threshold metrics, FROC, image level
+
+
+def _f1(precision: float | None, recall: float | None) -> float | None:
+    if precision is None or recall is None or precision + recall == 0:
+        return None if precision is None or recall is None else 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return float(num) / float(den) if den else None
+
+
+@dataclass
+class _Flat:
+    """All predictions of the set flattened, with what bootstrap resampling needs."""
+
+    score: np.ndarray  # (P,)
+    tp: np.ndarray  # (P,) bool
+    image: np.ndarray  # (P,) image index of each prediction
+    gt_per_image: np.ndarray  # (I,) evaluated ground-truth boxes per image
+    max_score: np.ndarray  # (I,) highest prediction score per image (0 if none)
+    positive: np.ndarray  # (I,) image has at least one ground-truth box
+
+
+def _flatten(ground_truth, predictions, classes, iou_threshold) -> tuple[_Flat, list[Matching]]:
+    scores, tps, images, matchings = [], [], [], []
+    gt_count = np.zeros(len(ground_truth), dtype=np.int64)
+    max_score = np.zeros(len(ground_truth))
+    for i, (gt, pr) in enumerate(zip(ground_truth, predictions)):
+        m = match(gt, pr, classes, iou_threshold)
+        matchings.append(m)
+        s = _scores(pr)
+        scores.append(s)
+        tps.append(m.pred_tp)
+        images.append(np.full(len(pr), i))
+        gt_count[i] = int((_class_index(gt.class_name, classes) >= 0).sum())
+        max_score[i] = s.max() if len(s) else 0.0
+    flat = _Flat(
+        score=np.concatenate(scores) if scores else np.zeros(0),
+        tp=np.concatenate(tps) if tps else np.zeros(0, dtype=bool),
+        image=np.concatenate(images).astype(np.int64) if images else np.zeros(0, dtype=np.int64),
+        gt_per_image=gt_count,
+        max_score=max_score,
+        positive=gt_count > 0,
+    )
+    return flat, matchings
+
+
+def _threshold_metrics(score, tp, n_gt, threshold) -> dict:
+    keep = score >= threshold
+    n_tp = int(tp[keep].sum())
+    n_fp = int(keep.sum()) - n_tp
+    n_fn = int(n_gt) - n_tp
+    precision = _ratio(n_tp, n_tp + n_fp)
+    recall = _ratio(n_tp, n_gt)
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": _f1(precision, recall),
+        "tp": n_tp,
+        "fp": n_fp,
+        "fn": n_fn,
+    }
+
+
+def _froc_curve(score, tp, n_gt, n_images) -> tuple[np.ndarray, np.ndarray]:
+    """(false positives per image, sensitivity) at every distinct score, highest first."""
+    if len(score) == 0 or n_images == 0:
+        return np.zeros(1), np.zeros(1)
+    order = np.argsort(-score, kind="stable")
+    s, t = score[order], tp[order]
+    cum_tp, cum_fp = np.cumsum(t), np.cumsum(~t)
+    # Only the last prediction of a run of equal scores is a reachable operating point.
+    last = np.r_[s[1:] != s[:-1], True]
+    fppi = np.r_[0.0, cum_fp[last] / n_images]
+    sens = np.r_[0.0, cum_tp[last] / n_gt if n_gt else np.zeros(last.sum())]
+    return fppi, sens
+
+
+def _froc_at(fppi, sens, rates=FROC_FP_RATES) -> list[float]:
+    # Best sensitivity reachable without exceeding each false-positive rate; the curve stays
+    # flat past its last point (no prediction left to lower the threshold to).
+    return [float(sens[fppi <= r].max()) for r in rates]
+
+
+def _auc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float | None:
+    """ROC AUC (Mann-Whitney), ties counted half."""
+    if len(scores_pos) == 0 or len(scores_neg) == 0:
+        return None
+    both = np.concatenate([scores_pos, scores_neg])
+    ranks = _average_ranks(both)
+    r_pos = ranks[: len(scores_pos)].sum()
+    n_pos, n_neg = len(scores_pos), len(scores_neg)
+    return float((r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    sorted_v = values[order]
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def _image_level(max_score, positive, threshold) -> dict:
+    called = max_score >= threshold
+    # An image without any prediction has max_score 0: never "called", whatever the threshold.
+    called &= max_score > 0
+    tp = int((called & positive).sum())
+    fn = int((~called & positive).sum())
+    tn = int((~called & ~positive).sum())
+    fp = int((called & ~positive).sum())
+    return {
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "tp": tp,
+        "fn": fn,
+        "tn": tn,
+        "fp": fp,
+        "auc": _auc(max_score[positive], max_score[~positive]),
+    }
+
+
+def _pointwise(flat: _Flat, images: np.ndarray, threshold: float) -> dict[str, float | None]:
+    """The non-COCO figures on a (re)sample of images, for the bootstrap."""
+    counts = np.bincount(images, minlength=len(flat.gt_per_image))
+    weight = counts[flat.image]  # a prediction counts once per draw of its image
+    score = np.repeat(flat.score, weight)
+    tp = np.repeat(flat.tp, weight)
+    n_gt = int((flat.gt_per_image * counts).sum())
+    at = _threshold_metrics(score, tp, n_gt, threshold)
+    fppi, sens = _froc_curve(score, tp, n_gt, len(images))
+    froc = _froc_at(fppi, sens)
+    img = _image_level(flat.max_score[images], flat.positive[images], threshold)
+    return {
+        "precision": at["precision"],
+        "recall": at["recall"],
+        "f1": at["f1"],
+        "froc_score": float(np.mean(froc)) if n_gt else None,
+        "image_sensitivity": img["sensitivity"],
+        "image_specificity": img["specificity"],
+        "image_auc": img["auc"],
+    }
+
+
+def _interval(samples: list[float | None]) -> list[float] | None:
+    values = np.array([v for v in samples if v is not None and not math.isnan(v)], dtype=np.float64)
+    if values.size < 2:
+        return None
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def evaluate_detections(
+    ground_truth: Sequence[Detections],
+    predictions: Sequence[Detections],
+    classes: Sequence[str],
+    *,
+    threshold: float = 0.5,
+    iou_threshold: float = 0.5,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    curves: bool = True,
+) -> dict:
+    """Every figure of a detection evaluation, as a JSON-ready dict.
+
+    ``ground_truth[i]`` and ``predictions[i]`` describe the same image. Boxes whose label is
+    not in ``classes`` are left out of mAP and count as false positives elsewhere.
+
+    Keys: ``map50``, ``map50_95``, ``ap_per_class`` (COCO-exact, faster-coco-eval);
+    ``precision`` / ``recall`` / ``f1`` / ``tp`` / ``fp`` / ``fn`` for boxes scored ≥
+    ``threshold``; ``froc`` (sensitivity at :data:`FROC_FP_RATES` false positives per image
+    and their mean, ``froc.score``); ``image_level`` (any box ≥ threshold vs any fracture:
+    sensitivity, specificity, confusion counts, ROC AUC of the highest box score);
+    ``parse_failures`` (summed ``parse_issues``); ``ci95`` (percentile bootstrap over
+    images, ``bootstrap`` resamples, seeded by ``seed``; 0 turns it off, e.g. during
+    training); ``curves`` (COCO's interpolated precision-recall at IoU 0.5 per class and
+    the FROC curve, for plots).
+
+    >>> import numpy as np
+    >>> from paligemma_xray.locations import Detections
+    >>> gt = Detections.empty((100, 100))
+    >>> evaluate_detections([gt], [gt], ["fracture"], bootstrap=0)["n_images"]
+    1
+    """
+    if len(ground_truth) != len(predictions):
+        raise ValueError(f"{len(ground_truth)} ground-truth images but {len(predictions)} predictions")
+    classes = list(classes)
+    n_images = len(ground_truth)
+    flat, _ = _flatten(ground_truth, predictions, classes, iou_threshold)
+    n_gt = int(flat.gt_per_image.sum())
+
+    everything = np.arange(n_images)
+    if n_images:
+        gt_dict, results = _coco_dicts(ground_truth, predictions, classes, everything)
+        precision = coco_precision(gt_dict, results)
+        coco = _coco_summary(precision, classes)
+    else:
+        precision, coco = None, {"map50": None, "map50_95": None, "ap_per_class": {}}
+
+    at = _threshold_metrics(flat.score, flat.tp, n_gt, threshold)
+    fppi, sens = _froc_curve(flat.score, flat.tp, n_gt, n_images)
+    froc_values = _froc_at(fppi, sens)
+    issues: dict[str, int] = {}
+    for pr in predictions:
+        for kind, count in (pr.parse_issues or {}).items():
+            issues[kind] = issues.get(kind, 0) + int(count)
+
+    result: dict = {
+        "n_images": n_images,
+        "n_positive_images": int(flat.positive.sum()),
+        "n_ground_truth": n_gt,
+        "n_predictions": len(flat.score),
+        "classes": classes,
+        "threshold": threshold,
+        "iou_threshold": iou_threshold,
+        "scores_missing": any(p.score is None for p in predictions if len(p)),
+        **coco,
+        **at,
+        "froc": {
+            "fp_per_image": list(FROC_FP_RATES),
+            "sensitivity": froc_values,
+            "score": float(np.mean(froc_values)) if n_gt else None,
+        },
+        "image_level": _image_level(flat.max_score, flat.positive, threshold),
+        "parse_failures": {"total": sum(issues.values()), **issues},
+    }
+
+    if bootstrap and n_images > 1:
+        rng = np.random.default_rng(seed)
+        samples: dict[str, list] = {}
+        for _ in range(bootstrap):
+            draw = rng.integers(0, n_images, n_images)
+            point = _pointwise(flat, draw, threshold)
+            gt_dict, results_b = _coco_dicts(ground_truth, predictions, classes, draw)
+            p = coco_precision(gt_dict, results_b, all_areas_only=True)[:, :, :, 0, -1]
+            point["map50"], point["map50_95"] = _mean_valid(p[0]), _mean_valid(p)
+            for key, value in point.items():
+                samples.setdefault(key, []).append(value)
+        result["ci95"] = {key: _interval(values) for key, values in samples.items()}
+        result["bootstrap"] = {"samples": bootstrap, "seed": seed, "unit": "image"}
+    else:
+        result["ci95"] = {}
+        result["bootstrap"] = {"samples": 0, "seed": seed, "unit": "image"}
+
+    if curves:
+        recall_points = np.linspace(0, 1, 101)
+        pr_curves = {}
+        if precision is not None:
+            for k, name in enumerate(classes):
+                values = precision[0, :, k, 0, -1]
+                if (values > -1).any():
+                    pr_curves[name] = {
+                        "recall": recall_points.round(4).tolist(),
+                        "precision": np.clip(values, 0, 1).round(6).tolist(),
+                    }
+        result["curves"] = {
+            "pr": pr_curves,
+            "froc": {"fp_per_image": fppi.round(6).tolist(), "sensitivity": sens.round(6).tolist()},
+        }
+    return result

@@ -1,0 +1,184 @@
+"""``evaluate(detector, dataset, split, out_dir)``: run the detector on a split, score it.
+
+Writes to ``out_dir``:
+
+* ``metrics.json`` — everything :func:`~paligemma_xray.evaluate.metrics.evaluate_detections`
+  returns, plus the model, data set, split and decoding settings;
+* ``predictions.jsonl`` — one line per image: its path, the prompt, the decoded text, the
+  ground truth and the scored predictions (``Detections.to_json``); what the report and
+  :func:`load_predictions` read back;
+* ``ground_truth.coco.json`` and ``predictions.coco.json`` — the same in COCO form for
+  other tools.
+
+Under ``torchrun`` each rank decodes every ``world_size``-th image; the shards are merged
+in image order before scoring, so the files are those of a single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from paligemma_xray.data import Dataset, load_image, record_targets
+from paligemma_xray.evaluate.metrics import _coco_dicts, evaluate_detections
+from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector
+from paligemma_xray.infer.distributed import barrier, gather_indexed, shard, world
+from paligemma_xray.locations import Detections, classes_from_prefix
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+def dataset_classes(prefixes: Sequence[str]) -> list[str]:
+    """Class names asked for by the prefixes, in order of first appearance."""
+    classes: list[str] = []
+    for prefix in prefixes:
+        for name in classes_from_prefix(prefix):
+            if name not in classes:
+                classes.append(name)
+    return classes
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def evaluate(
+    detector: Detector,
+    dataset: Dataset,
+    split: str,
+    out_dir: str | Path,
+    *,
+    threshold: float = 0.5,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    batch_size: int | None = None,
+    max_new_tokens: int = DEFAULT_DETECT_TOKENS,
+    progress: bool = True,
+) -> dict:
+    """Detect on every image of ``split``, write the files above, return the metrics.
+
+    Each image is prompted with its own record's prefix (``detect fracture`` in the usual
+    set), so multi-class sets are evaluated with the classes they ask for.
+    """
+    out = Path(out_dir)
+    w = world()
+    records = dataset.records(split)
+    mine = list(shard(records, w))
+    started = time.perf_counter()
+    results: list[tuple[int, dict]] = []
+    bar = tqdm(total=len(mine), desc=f"evaluate {split}", unit="img", disable=not progress or not w.is_main)
+    stream = detector.iter_detect(
+        (load_image(record.image) for _, record in mine),
+        prompt=[record.prefix for _, record in mine],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    for (index, record), (generation, found) in zip(mine, stream):
+        truth = record_targets(record, found.image_size)
+        results.append(
+            (
+                index,
+                {
+                    "index": index,
+                    "image": str(record.image),
+                    "prompt": record.prefix,
+                    "text": generation.text,
+                    "finished": generation.finished,
+                    "ground_truth": truth.to_json(),
+                    "prediction": found.to_json(),
+                },
+            )
+        )
+        bar.update(1)
+    bar.close()
+    rows = gather_indexed(results, w)
+    seconds = time.perf_counter() - started
+
+    ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
+    predictions = [Detections.from_json(row["prediction"]) for row in rows]
+    classes = dataset_classes([record.prefix for record in records])
+    metrics = evaluate_detections(
+        ground_truth, predictions, classes, threshold=threshold, bootstrap=bootstrap, seed=seed
+    )
+    metrics.update(
+        {
+            "model": detector.model_id,
+            "data": str(dataset.root),
+            "split": split,
+            "max_new_tokens": max_new_tokens,
+            "box_or_stop": detector.box_or_stop,
+            "unfinished_answers": sum(1 for row in rows if not row["finished"]),
+            "seconds": round(seconds, 3),
+            "world_size": w.size,
+        }
+    )
+    if w.is_main:
+        save_evaluation(out, rows, metrics)
+    barrier(w)
+    return metrics
+
+
+def save_evaluation(out_dir: str | Path, rows: Sequence[dict], metrics: dict) -> None:
+    """Write an evaluation folder: ``predictions.jsonl``, the COCO files, ``metrics.json``.
+
+    ``rows``: one dict per image with ``image`` (path), ``prompt``, ``text``, ``finished``,
+    and ``ground_truth`` / ``prediction`` as ``Detections.to_json()`` dicts.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / PREDICTIONS_FILE).open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
+    predictions = [Detections.from_json(row["prediction"]) for row in rows]
+    gt_dict, coco_results = _coco_dicts(
+        ground_truth, predictions, metrics.get("classes", []), range(len(rows))
+    )
+    for image, row in zip(gt_dict["images"], rows):
+        image["file_name"] = row["image"]
+    _write_json(out / "ground_truth.coco.json", gt_dict)
+    _write_json(out / "predictions.coco.json", coco_results)
+    _write_json(out / METRICS_FILE, metrics)
+
+
+def load_predictions(eval_dir: str | Path) -> list[dict]:
+    """The rows of ``predictions.jsonl`` with ``ground_truth`` / ``prediction`` as Detections."""
+    from paligemma_xray.errors import DataError
+
+    path = Path(eval_dir) / PREDICTIONS_FILE
+    if not path.is_file():
+        raise DataError("no predictions file here (run `paligemma-xray evaluate` first)", path=path)
+    rows = []
+    with path.open() as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row["ground_truth"] = Detections.from_json(row["ground_truth"])
+                row["prediction"] = Detections.from_json(row["prediction"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise DataError(f"unreadable prediction line: {error}", path=path, line=line_number) from None
+            rows.append(row)
+    return rows
+
+
+def load_metrics(eval_dir: str | Path) -> dict:
+    """``metrics.json`` of an evaluation folder; DataError naming the file if absent or broken."""
+    from paligemma_xray.errors import DataError
+
+    path = Path(eval_dir) / METRICS_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError("no metrics file here (run `paligemma-xray evaluate` first)", path=path) from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"not valid JSON: {error}", path=path) from None

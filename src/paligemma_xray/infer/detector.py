@@ -1,0 +1,300 @@
+"""``Detector``: images in, scored detections (or free-form answers) out.
+
+The facade everyone uses (evaluation, ``predict``, the service, the demo). It owns the
+tokenizer-side details of decoding: which ids are location tokens, how decoded tokens
+become text pieces whose log-probabilities :func:`paligemma_xray.locations.parse` can
+attribute to boxes, and where "emit a box or stop" applies (see
+:mod:`paligemma_xray.infer.decode`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
+from paligemma_xray.locations import Detections, classes_from_prefix, parse
+
+ImageInput = Image.Image | str | Path | bytes
+
+DEFAULT_DETECT_TOKENS = 64  # ~8 boxes of 4 locations + label + separator
+DEFAULT_GENERATE_TOKENS = 64
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@dataclass
+class Generation:
+    """One decoded answer.
+
+    Attributes:
+        text: the decoded text (special tokens left out); equals ``"".join(pieces)``.
+        tokens: generated token ids, EOS included when the model produced it.
+        logprobs: log-probability recorded for each token (see ``BoxOrStop`` for the one
+            exception: a box's first location token carries the log of the total
+            location mass).
+        pieces: the text each token contributes ("" for special tokens).
+        finished: True when the model stopped at EOS, False when cut at the token limit.
+    """
+
+    text: str
+    tokens: list[int]
+    logprobs: list[float]
+    pieces: list[str]
+    finished: bool
+
+    @property
+    def token_logprobs(self) -> list[tuple[str, float]]:
+        """``(piece, logprob)`` pairs, the form :func:`~paligemma_xray.locations.parse` takes."""
+        return list(zip(self.pieces, self.logprobs))
+
+
+def is_detection_prompt(prompt: str) -> bool:
+    """``detect …`` / ``segment …`` prompts answer with boxes; others with text."""
+    return prompt.strip().split(maxsplit=1)[:1] in (["detect"], ["segment"])
+
+
+class Detector:
+    """Batched, scored PaliGemma detection and free-form answers.
+
+    Args:
+        model: a ``PaliGemmaForConditionalGeneration`` (any size, PaliGemma 1 or 2).
+        processor: its ``PaliGemmaProcessor`` (tokenizer with ``<loc>``/``<seg>`` tokens).
+        model_id: a name for reports (the checkpoint path when loaded with :meth:`load`).
+        box_or_stop: apply the "emit a box or stop" rule to detection prompts (default on;
+            see :mod:`paligemma_xray.infer.decode`). Off: plain greedy decoding, exactly
+            what ``model.generate(do_sample=False)`` produces.
+        batch_size: images decoded together.
+
+    Example (a tiny random model, so the boxes mean nothing; shapes and types do):
+
+    >>> from PIL import Image
+    >>> from paligemma_xray.model.tiny import tiny_model
+    >>> model, processor = tiny_model(version=1, seed=0)
+    >>> detector = Detector(model, processor)
+    >>> found = detector.detect([Image.new("RGB", (320, 240))], max_new_tokens=12)
+    >>> len(found), found[0].image_size, found[0].score is not None
+    (1, (320, 240), True)
+    >>> answer = detector.generate([Image.new("RGB", (64, 64))], "caption en", max_new_tokens=5)[0]
+    >>> answer.text == "".join(answer.pieces) and len(answer.tokens) <= 5
+    True
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        model_id: str = "model",
+        box_or_stop: bool = True,
+        batch_size: int = 8,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.model_id = model_id
+        self.box_or_stop = box_or_stop
+        self.batch_size = batch_size
+        self._eos = self._eos_ids()
+        self._rule = self._box_rule()
+        self._special = set(self.tokenizer.all_special_ids)
+
+    # -- construction --------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        **options: Any,
+    ) -> Detector:
+        """Load a checkpoint (HF folder or big_vision ``.npz``) through ``model.load``.
+
+        ``device`` defaults to CUDA when available; ``dtype`` to the checkpoint's (bfloat16
+        is the usual choice on a GPU). ``options`` go to the constructor.
+        """
+        from paligemma_xray.model import load as load_model
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, processor = load_model(path, dtype=dtype, device=device)
+        return cls(model, processor, model_id=str(path), **options)
+
+    def _eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        generation_config = getattr(self.model, "generation_config", None)
+        configured = getattr(generation_config, "eos_token_id", None)
+        # generate() stops at every configured EOS; so do we, to stay token-identical.
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif configured:
+            ids.update(int(i) for i in configured)
+        return sorted(i for i in ids if i is not None)
+
+    def _box_rule(self) -> BoxOrStop | None:
+        convert = self.tokenizer.convert_tokens_to_ids
+        loc_ids = [convert(f"<loc{i:04d}>") for i in range(1024)]
+        if any(i is None or i == self.tokenizer.unk_token_id for i in loc_ids):
+            return None  # a tokenizer without location tokens: nothing to decide
+        # Pieces that can precede a new box: those of " ; " before a location token.
+        sep = self.tokenizer(" ; <loc0000>", add_special_tokens=False)["input_ids"]
+        starts = {i for i in sep[:-1]}
+        starts.update(self.tokenizer(";", add_special_tokens=False)["input_ids"])
+        return BoxOrStop(loc_ids=torch.tensor(loc_ids), start_after=frozenset(starts))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- decoding ------------------------------------------------------------------------
+
+    def _pieces(self, ids: Sequence[int]) -> list[str]:
+        """Text contributed by each token, so that the pieces concatenate to the text.
+
+        SentencePiece marks spaces with "▁" and writes bytes outside its vocabulary as
+        ``<0xNN>`` tokens; a UTF-8 character split across byte tokens is given to the last
+        of them (the earlier ones contribute "").
+        """
+        pieces, pending = [], b""
+        for token_id, token in zip(ids, self.tokenizer.convert_ids_to_tokens(list(ids))):
+            if token_id in self._special or token is None:
+                pieces.append("")
+                continue
+            byte = _BYTE_PIECE.match(token)
+            if byte:
+                pending += bytes([int(byte.group(1), 16)])
+                try:
+                    pieces.append(pending.decode("utf-8"))
+                    pending = b""
+                except UnicodeDecodeError:
+                    pieces.append("")
+                continue
+            if pending:  # an unfinished byte sequence: keep what can be shown
+                pieces[-1] = pending.decode("utf-8", errors="replace")
+                pending = b""
+            pieces.append(token.replace("▁", " "))
+        return pieces
+
+    def _load(self, image: ImageInput) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return image.convert("RGB") if image.mode != "RGB" else image
+        from paligemma_xray.data import load_image
+
+        return load_image(image)
+
+    def _decode_batch(
+        self, images: list[Image.Image], prompts: list[str], max_new_tokens: int, box_or_stop: bool
+    ) -> list[Generation]:
+        from paligemma_xray.model.processing import build_batch
+
+        batch = build_batch(self.processor, images, prompts)
+        device, dtype = self.device, next(self.model.parameters()).dtype
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        out = greedy_decode(
+            self.model,
+            batch,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self._eos,
+            box_or_stop=self._rule if box_or_stop else None,
+        )
+        generations = []
+        for tokens, logprobs, finished in zip(out.tokens, out.logprobs, out.finished):
+            pieces = self._pieces(tokens)
+            generations.append(Generation("".join(pieces), tokens, logprobs, pieces, finished))
+        return generations
+
+    def _batches(self, images: Iterable[ImageInput], batch_size: int) -> Iterator[list[Image.Image]]:
+        chunk: list[Image.Image] = []
+        for image in images:
+            chunk.append(self._load(image))
+            if len(chunk) == batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def generate(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str | Sequence[str],
+        max_new_tokens: int = DEFAULT_GENERATE_TOKENS,
+        batch_size: int | None = None,
+        box_or_stop: bool = False,
+    ) -> list[Generation]:
+        """Answer ``prompt`` (``caption en``, ``answer en where is the fracture?`` …) per image.
+
+        ``prompt`` is one string for all images or one per image. Plain greedy decoding
+        unless ``box_or_stop``.
+        """
+        return list(self.iter_generate(images, prompt, max_new_tokens, batch_size, box_or_stop))
+
+    def iter_generate(
+        self,
+        images: Iterable[ImageInput],
+        prompt: str | Sequence[str],
+        max_new_tokens: int = DEFAULT_GENERATE_TOKENS,
+        batch_size: int | None = None,
+        box_or_stop: bool = False,
+    ) -> Iterator[Generation]:
+        """:meth:`generate` as a stream: one batch of images in memory at a time."""
+        size = batch_size or self.batch_size
+        index = 0
+        for chunk in self._batches(images, size):
+            if isinstance(prompt, str):
+                prompts = [prompt] * len(chunk)
+            else:
+                prompts = list(prompt[index : index + len(chunk)])
+            index += len(chunk)
+            yield from self._decode_batch(chunk, prompts, max_new_tokens, box_or_stop)
+
+    def detect(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str | Sequence[str] = "detect fracture",
+        max_new_tokens: int = DEFAULT_DETECT_TOKENS,
+        batch_size: int | None = None,
+        threshold: float | None = None,
+    ) -> list[Detections]:
+        """One :class:`~paligemma_xray.locations.Detections` per image, boxes in its pixels.
+
+        Scores: the geometric mean of the probabilities of each box's own tokens (four
+        locations and label), the first location carrying the total location mass when
+        ``box_or_stop`` is on. ``threshold`` keeps boxes scored at least that much (None
+        keeps all, what evaluation needs).
+        """
+        return [d for _, d in self.iter_detect(images, prompt, max_new_tokens, batch_size, threshold)]
+
+    def iter_detect(
+        self,
+        images: Iterable[ImageInput],
+        prompt: str | Sequence[str] = "detect fracture",
+        max_new_tokens: int = DEFAULT_DETECT_TOKENS,
+        batch_size: int | None = None,
+        threshold: float | None = None,
+    ) -> Iterator[tuple[Generation, Detections]]:
+        """:meth:`detect` as a stream of ``(generation, detections)``, batch by batch.
+
+        ``prompt`` may also be one prompt per image (e.g. each record's own prefix).
+        """
+        size = batch_size or self.batch_size
+        index = 0
+        for chunk in self._batches(images, size):
+            prompts = (
+                [prompt] * len(chunk) if isinstance(prompt, str) else list(prompt[index : index + len(chunk)])
+            )
+            index += len(chunk)
+            rule = self.box_or_stop and all(is_detection_prompt(p) for p in prompts)
+            generations = self._decode_batch(chunk, prompts, max_new_tokens, rule)
+            for image, text_prompt, generation in zip(chunk, prompts, generations):
+                classes = classes_from_prefix(text_prompt) or None
+                found = parse(generation.text, image.size, classes, token_logprobs=generation.token_logprobs)
+                if threshold is not None:
+                    found = found.with_threshold(threshold)
+                yield generation, found

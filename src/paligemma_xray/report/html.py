@@ -1,0 +1,375 @@
+"""One self-contained HTML report of an evaluation (optionally two, side by side).
+
+Everything is inline: CSS in a ``<style>``, plots as SVG, images as base64 JPEG. The file
+opens offline and can be mailed as is. Built from the files ``paligemma-xray evaluate``
+writes (``metrics.json``, ``predictions.jsonl``), so ``paligemma-xray report`` can rebuild
+it at any time; a training run folder adds its loss curve (``metrics.jsonl``).
+
+The gallery shows the worst images first: most missed fractures, then most false alarms
+(at the report's threshold), then the lowest-scored correct finds. Ground truth is green,
+predictions orange (with their score); a prediction that matches is drawn solid, a false
+alarm dashed.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from paligemma_xray.errors import DataError
+from paligemma_xray.evaluate.metrics import match
+from paligemma_xray.evaluate.runner import load_metrics, load_predictions
+from paligemma_xray.report.plots import SERIES_COLOURS, froc_plot, loss_plot, pr_plot
+
+TRUTH_COLOUR = (47, 158, 68)  # green
+PREDICTION_COLOUR = (230, 119, 0)  # orange
+THUMBNAIL = 360  # px, longest side in the gallery
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;
+     color:#1d1d1f;background:#fafafa}
+header{background:#15324f;color:#fff;padding:18px 28px}
+header h1{margin:0 0 4px;font-size:22px} header p{margin:0;opacity:.85}
+main{padding:20px 28px;max-width:1280px}
+h2{font-size:18px;margin:28px 0 10px;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0001}
+th,td{padding:5px 12px;border-bottom:1px solid #eee;text-align:right}
+th:first-child,td:first-child{text-align:left}
+thead th{background:#f0f3f7}
+td.ci{color:#666;font-size:12px}
+.plots{display:flex;flex-wrap:wrap;gap:16px}
+.plots figure{margin:0;background:#fff;padding:8px;box-shadow:0 1px 2px #0001}
+.plots svg{width:480px;height:auto}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:14px}
+.card{background:#fff;box-shadow:0 1px 2px #0001;padding:8px}
+.card .pair{display:flex;gap:6px} .card .pair>div{flex:1;min-width:0}
+.card img{width:100%;height:auto;display:block}
+.card .name{font-size:12px;color:#444;word-break:break-all;margin-top:4px}
+.tag{display:inline-block;padding:1px 6px;border-radius:3px;font-size:12px;margin-right:4px}
+.miss{background:#ffe3e3;color:#c92a2a} .fa{background:#fff3bf;color:#8a6d00}
+.ok{background:#d3f9d8;color:#2b8a3e}
+.legend span{margin-right:14px}
+.sw{display:inline-block;width:12px;height:12px;vertical-align:middle;margin-right:4px}
+.note{color:#666;font-size:12px}
+"""
+
+
+@dataclass
+class Evaluation:
+    """What the report reads from one evaluation folder."""
+
+    name: str
+    metrics: dict
+    rows: list[dict]
+
+
+def load_evaluation(eval_dir: str | Path, name: str | None = None) -> Evaluation:
+    metrics = load_metrics(eval_dir)
+    rows = load_predictions(eval_dir)
+    return Evaluation(name or str(metrics.get("model") or Path(eval_dir).name), metrics, rows)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ci(metrics: dict, key: str) -> str:
+    interval = metrics.get("ci95", {}).get(key)
+    return f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+
+
+# (label, getter, CI key)
+_ROWS = [
+    ("mAP@0.5", lambda m: m.get("map50"), "map50"),
+    ("mAP@[.5:.95]", lambda m: m.get("map50_95"), "map50_95"),
+    ("precision @ threshold", lambda m: m.get("precision"), "precision"),
+    ("recall @ threshold", lambda m: m.get("recall"), "recall"),
+    ("F1 @ threshold", lambda m: m.get("f1"), "f1"),
+    ("FROC score (mean sensitivity)", lambda m: m.get("froc", {}).get("score"), "froc_score"),
+    ("image sensitivity", lambda m: m.get("image_level", {}).get("sensitivity"), "image_sensitivity"),
+    ("image specificity", lambda m: m.get("image_level", {}).get("specificity"), "image_specificity"),
+    ("image ROC AUC (top box score)", lambda m: m.get("image_level", {}).get("auc"), "image_auc"),
+]
+
+
+def _metrics_table(evaluations: Sequence[Evaluation]) -> str:
+    head = "".join(f"<th colspan=2>{html.escape(e.name)}</th>" for e in evaluations)
+    sub = "".join("<th>value</th><th>95% CI</th>" for _ in evaluations)
+    body = []
+    for label, get, ci_key in _ROWS:
+        cells = "".join(
+            f"<td>{_fmt(get(e.metrics))}</td><td class=ci>{_ci(e.metrics, ci_key)}</td>" for e in evaluations
+        )
+        body.append(f"<tr><td>{label}</td>{cells}</tr>")
+    first = evaluations[0].metrics
+    for i, rate in enumerate(first.get("froc", {}).get("fp_per_image", [])):
+        cells = "".join(f"<td>{_fmt(e.metrics['froc']['sensitivity'][i])}</td><td></td>" for e in evaluations)
+        body.append(f"<tr><td>sensitivity at {rate:g} FP/image</td>{cells}</tr>")
+    for cls in first.get("classes", []):
+        cells = "".join(
+            f"<td>{_fmt(e.metrics.get('ap_per_class', {}).get(cls, {}).get('ap50'))}</td><td></td>"
+            for e in evaluations
+        )
+        body.append(f"<tr><td>AP@0.5 · {html.escape(cls)}</td>{cells}</tr>")
+    counts = [
+        ("boxes TP / FP / FN", lambda m: f"{m.get('tp')} / {m.get('fp')} / {m.get('fn')}"),
+        ("images (with fracture)", lambda m: f"{m.get('n_images')} ({m.get('n_positive_images')})"),
+        ("parse failures", lambda m: m.get("parse_failures", {}).get("total")),
+        ("unfinished answers", lambda m: m.get("unfinished_answers")),
+    ]
+    for label, get in counts:
+        cells = "".join(f"<td>{_fmt(get(e.metrics))}</td><td></td>" for e in evaluations)
+        body.append(f"<tr><td>{label}</td>{cells}</tr>")
+    return (
+        f"<table><thead><tr><th>metric</th>{head}</tr><tr><th></th>{sub}</tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def _image_data(path: str, truth, prediction, matching, threshold: float) -> str | None:
+    """The image with its boxes, as a base64 JPEG data URI (None if it cannot be read)."""
+    try:
+        from paligemma_xray.data import load_image
+
+        image = load_image(path)
+    except Exception:  # a moved image must not break the whole report
+        return None
+    scale = THUMBNAIL / max(image.size)
+    if scale < 1:
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+            Image.Resampling.BILINEAR,
+        )
+    else:
+        scale = 1.0
+    draw = ImageDraw.Draw(image)
+    for box in truth.xyxy:
+        draw.rectangle([float(v) * scale for v in box], outline=TRUTH_COLOUR, width=3)
+    for i, box in enumerate(prediction.xyxy):
+        score = float(prediction.score[i]) if prediction.score is not None else None
+        if score is not None and score < threshold:
+            continue
+        x1, y1, x2, y2 = (float(v) * scale for v in box)
+        if matching.pred_tp[i]:
+            draw.rectangle([x1, y1, x2, y2], outline=PREDICTION_COLOUR, width=2)
+        else:  # false alarm: dashed
+            _dashed_rectangle(draw, (x1, y1, x2, y2), PREDICTION_COLOUR)
+        label = f"{score:.2f}" if score is not None else prediction.class_name[i]
+        tw = draw.textlength(label)
+        draw.rectangle([x1, max(0, y1 - 12), x1 + tw + 4, max(12, y1)], fill=PREDICTION_COLOUR)
+        draw.text((x1 + 2, max(0, y1 - 12)), label, fill=(255, 255, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _dashed_rectangle(draw: ImageDraw.ImageDraw, box, colour, dash: int = 6) -> None:
+    x1, y1, x2, y2 = box
+    for (ax, ay), (bx, by) in (
+        ((x1, y1), (x2, y1)),
+        ((x2, y1), (x2, y2)),
+        ((x2, y2), (x1, y2)),
+        ((x1, y2), (x1, y1)),
+    ):
+        length = max(abs(bx - ax), abs(by - ay))
+        steps = max(1, int(length // dash))
+        for s in range(0, steps, 2):
+            t0, t1 = s / steps, min(1.0, (s + 1) / steps)
+            draw.line(
+                [ax + (bx - ax) * t0, ay + (by - ay) * t0, ax + (bx - ax) * t1, ay + (by - ay) * t1],
+                fill=colour,
+                width=2,
+            )
+
+
+@dataclass
+class _Case:
+    index: int
+    missed: int
+    false_alarms: int
+    found: int
+    lowest_found: float
+    matching: object
+
+
+def _cases(evaluation: Evaluation, classes: list[str], threshold: float, iou: float) -> list[_Case]:
+    cases = []
+    for index, row in enumerate(evaluation.rows):
+        truth, prediction = row["ground_truth"], row["prediction"]
+        m = match(truth, prediction, classes, iou)
+        scores = prediction.score if prediction.score is not None else [1.0] * len(prediction)
+        kept = [float(s) >= threshold for s in scores]
+        found = sum(1 for j in m.gt_matched_by if j >= 0 and kept[j])
+        false_alarms = sum(1 for i, k in enumerate(kept) if k and not m.pred_tp[i])
+        found_scores = [float(scores[j]) for j in m.gt_matched_by if j >= 0 and kept[j]]
+        cases.append(
+            _Case(
+                index, len(truth) - found, false_alarms, found, min(found_scores) if found_scores else 1.0, m
+            )
+        )
+    return cases
+
+
+def _gallery(evaluations: Sequence[Evaluation], size: int) -> str:
+    main = evaluations[0]
+    classes = main.metrics.get("classes", [])
+    threshold = float(main.metrics.get("threshold", 0.5))
+    iou = float(main.metrics.get("iou_threshold", 0.5))
+    per_model = [_cases(e, classes, threshold, iou) for e in evaluations]
+    # Worst first for the first model: misses, then false alarms, then weakest correct finds.
+    order = sorted(per_model[0], key=lambda c: (-c.missed, -c.false_alarms, c.lowest_found, c.index))
+    cards = []
+    for case in order[:size]:
+        row = main.rows[case.index]
+        panels = []
+        for k, evaluation in enumerate(evaluations):
+            other_rows = evaluation.rows
+            if case.index >= len(other_rows) or other_rows[case.index]["image"] != row["image"]:
+                panels.append("<div class=note>not in this evaluation</div>")
+                continue
+            c = per_model[k][case.index]
+            other = other_rows[case.index]
+            data = _image_data(
+                other["image"], other["ground_truth"], other["prediction"], c.matching, threshold
+            )
+            tags = []
+            if c.missed:
+                tags.append(f"<span class='tag miss'>{c.missed} missed</span>")
+            if c.false_alarms:
+                tags.append(
+                    f"<span class='tag fa'>{c.false_alarms} false alarm{'s' * (c.false_alarms > 1)}</span>"
+                )
+            if c.found:
+                tags.append(f"<span class='tag ok'>{c.found} found</span>")
+            if not tags:
+                tags.append("<span class='tag ok'>correct: nothing</span>")
+            img = f"<img alt='' src='{data}'>" if data else "<div class=note>image not found</div>"
+            colour = SERIES_COLOURS[k % len(SERIES_COLOURS)]
+            caption = (
+                f"<div class=name style='color:{colour}'>{html.escape(evaluation.name)}</div>"
+                if len(evaluations) > 1
+                else ""
+            )
+            panels.append(f"<div>{img}{caption}<div>{''.join(tags)}</div></div>")
+        cards.append(
+            f"<div class=card><div class=pair>{''.join(panels)}</div>"
+            f"<div class=name>{html.escape(Path(row['image']).name)}</div></div>"
+        )
+    legend = (
+        f"<p class=legend><span><i class=sw style='background:rgb{TRUTH_COLOUR}'></i>ground truth</span>"
+        f"<span><i class=sw style='background:rgb{PREDICTION_COLOUR}'></i>prediction ≥ {threshold:g} "
+        "(score; dashed = false alarm)</span></p>"
+    )
+    shown = min(size, len(order))
+    note = f"<p class=note>{shown} of {len(order)} images, worst first.</p>"
+    return f"{legend}{note}<div class=gallery>{''.join(cards)}</div>"
+
+
+def _read_run(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError("no metrics.jsonl in this training run folder", path=path)
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"not valid JSON: {error}", path=path, line=number) from None
+    return rows
+
+
+def render_report(
+    evaluations: Sequence[Evaluation],
+    *,
+    run_rows: Sequence[dict] | None = None,
+    gallery: int = 24,
+    title: str = "Fracture detection report",
+) -> str:
+    """The report's HTML for one evaluation or several side by side (first = reference)."""
+    main = evaluations[0]
+    m = main.metrics
+    subtitle = (
+        f"{html.escape(str(m.get('data', '')))} · split {html.escape(str(m.get('split', '?')))} · "
+        f"threshold {m.get('threshold')} · IoU {m.get('iou_threshold')} · "
+        f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}"
+    )
+    ci_note = ""
+    boot = m.get("bootstrap", {})
+    if boot.get("samples"):
+        ci_note = (
+            f"<p class=note>95% intervals: percentile bootstrap over images, {boot['samples']} resamples "
+            f"(seed {boot.get('seed')}). mAP is COCO's (faster-coco-eval).</p>"
+        )
+    sections = [
+        "<h2>Metrics</h2>",
+        _metrics_table(evaluations),
+        ci_note,
+        "<h2>Curves</h2><div class=plots>",
+        f"<figure>{pr_plot([(e.name, e.metrics.get('curves', {})) for e in evaluations])}</figure>",
+        "<figure>"
+        + froc_plot(
+            [
+                (
+                    e.name,
+                    e.metrics.get("curves", {}).get("froc", {"fp_per_image": [0.0], "sensitivity": [0.0]}),
+                    e.metrics.get("froc", {}),
+                )
+                for e in evaluations
+            ]
+        )
+        + "</figure>",
+    ]
+    if run_rows:
+        loss = loss_plot(run_rows)
+        if loss:
+            sections.append(f"<figure>{loss}</figure>")
+    sections.append("</div>")
+    sections += ["<h2>Gallery</h2>", _gallery(evaluations, gallery)]
+    models = " vs ".join(html.escape(e.name) for e in evaluations)
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width,initial-scale=1'>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<header><h1>{html.escape(title)}</h1><p>{models}</p><p>{subtitle}</p></header>"
+        f"<main>{''.join(sections)}</main></body></html>\n"
+    )
+
+
+def write_report(
+    eval_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    compare: str | Path | None = None,
+    names: tuple[str | None, str | None] = (None, None),
+    gallery: int = 24,
+    title: str = "Fracture detection report",
+) -> Path:
+    """Write ``report.html`` (or ``out``) for the evaluation in ``eval_dir``.
+
+    ``compare``: a second evaluation folder shown beside it (e.g. the model before
+    fine-tuning); ``run_dir``: a training run whose ``metrics.jsonl`` gives the loss curve.
+    """
+    evaluations = [load_evaluation(eval_dir, names[0])]
+    if compare is not None:
+        evaluations.append(load_evaluation(compare, names[1]))
+        if evaluations[1].name == evaluations[0].name:
+            evaluations[1].name += " (2)"
+    run_rows = _read_run(run_dir) if run_dir is not None else None
+    target = Path(out) if out is not None else Path(eval_dir) / "report.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(render_report(evaluations, run_rows=run_rows, gallery=gallery, title=title))
+    return target

@@ -1,0 +1,469 @@
+"""The HTTP service: FastAPI app around one detector and one batching queue.
+
+Endpoints (OpenAPI schema at ``/openapi.json``, browsable at ``/docs``):
+
+- ``POST /v1/detect`` — multipart upload (``file``: JPEG/PNG/… or DICOM; optional
+  ``prompt``, ``threshold``, ``preview``) → boxes in pixels, labels, scores, image size,
+  model id and timing.
+- ``GET /v1/model`` — model id, limits and batching counters.
+- ``GET /healthz`` — liveness and the same counters (never needs the API key).
+- ``GET /`` — the browser page (one self-contained HTML file).
+
+User mistakes get a 4xx with ``{"error": code, "detail": message}``; a 500 means a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from paligemma_xray import __version__
+from paligemma_xray.errors import ConfigError, ImageLoadError
+from paligemma_xray.locations import Detections
+from paligemma_xray.serve.batching import BatchingQueue, QueueClosedError, QueueFullError
+from paligemma_xray.serve.uploads import ApiError, read_form, sniff_kind
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "PALIGEMMA_XRAY_API_KEY"
+DEFAULT_PROMPT = "detect fracture"
+MAX_PROMPT_CHARS = 256
+PREVIEW_MAX_SIDE = 1024
+
+
+class DetectorLike(Protocol):
+    """What the service needs from :class:`paligemma_xray.infer.Detector`."""
+
+    model_id: str
+
+    def detect(self, images: Sequence[Any], prompt: str = ..., **kwargs: Any) -> list[Detections]: ...
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Service settings (the ``serve`` verb's flags)."""
+
+    max_batch: int = 8  # images per model call
+    max_wait_ms: float = 10.0  # longest a request waits for companions before its batch runs
+    queue: int = 64  # requests that may wait; beyond that, 503
+    max_upload_mb: float = 32.0  # per upload; checked while streaming
+    max_new_tokens: int | None = None  # decoding length; None: the detector's default
+    api_key: str | None = None  # when set, /v1/* needs it (X-API-Key or Authorization: Bearer)
+    upload_timeout_s: float = 60.0  # a client that trickles its upload longer than this gets 408
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_batch": self.max_batch >= 1,
+            "max_wait_ms": self.max_wait_ms >= 0,
+            "queue": self.queue >= 1,
+            "max_upload_mb": self.max_upload_mb > 0,
+            "max_new_tokens": self.max_new_tokens is None or self.max_new_tokens >= 1,
+            "upload_timeout_s": self.upload_timeout_s > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"serve: {name} is out of range: {getattr(self, name)}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def __repr__(self) -> str:  # the key must never reach a log line through a repr
+        shown = "set" if self.api_key else None
+        return (
+            f"ServeConfig(max_batch={self.max_batch}, max_wait_ms={self.max_wait_ms}, queue={self.queue}, "
+            f"max_upload_mb={self.max_upload_mb}, max_new_tokens={self.max_new_tokens}, "
+            f"upload_timeout_s={self.upload_timeout_s}, api_key={shown})"
+        )
+
+
+# -- response schemas (they are the OpenAPI documentation) -----------------------------------
+
+
+class Box(BaseModel):
+    box: tuple[float, float, float, float] = Field(
+        description="x1, y1, x2, y2 in pixels of the uploaded image"
+    )
+    label: str = Field(description="the label the model wrote")
+    class_id: int = Field(description="index in the prompt's class list; -1 when not in it")
+    score: float | None = Field(description="confidence in (0, 1] from the decoder's token probabilities")
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+    filename: str | None
+    kind: str = Field(description="jpeg, png, dicom, …")
+
+
+class Timing(BaseModel):
+    read_ms: float = Field(description="receiving and parsing the upload")
+    decode_ms: float = Field(description="decoding the image")
+    queue_ms: float = Field(description="waiting for a batch and the model")
+    model_ms: float = Field(description="the model call (shared by the whole batch)")
+    total_ms: float
+    batch_size: int = Field(description="images in the model call this request was part of")
+
+
+class DetectResponse(BaseModel):
+    model_id: str
+    prompt: str
+    threshold: float | None
+    image: ImageInfo
+    detections: list[Box]
+    count: int
+    parse_issues: dict[str, int]
+    timing: Timing
+    preview: str | None = Field(None, description="data: URL of the decoded image (when preview=true)")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str
+
+
+# The body is read by hand (see uploads.py), so the form is described here for the schema.
+_DETECT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "JPEG, PNG, GIF, BMP, TIFF, WebP or DICOM (with pixel data)",
+                        },
+                        "prompt": {
+                            "type": "string",
+                            "default": DEFAULT_PROMPT,
+                            "maxLength": MAX_PROMPT_CHARS,
+                        },
+                        "threshold": {
+                            "type": "number",
+                            "minimum": 0,
+                            "maximum": 1,
+                            "description": "drop detections scoring below this (default: keep all)",
+                        },
+                        "preview": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": "return the decoded image as a data: URL (for DICOM in a browser)",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "malformed form",
+        408: "the upload took longer than the server's upload timeout",
+        401: "missing or wrong API key",
+        413: "upload too large",
+        415: "not an image or DICOM file, or not multipart",
+        422: "undecodable image, DICOM without pixels, or a bad field",
+        503: "queue full (see Retry-After) or shutting down",
+    }.items()
+}
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(
+        {"error": error.code, "detail": error.message}, status_code=error.status, headers=error.headers
+    )
+
+
+def _provided_key(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _check_key(request: Request, expected: str | None) -> None:
+    if not expected:
+        return
+    given = _provided_key(request)
+    # Constant-time comparison; the key itself never appears in a message or a log.
+    if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "this server needs an API key: send it as X-API-Key or Authorization: Bearer",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _parse_threshold(raw: str | None) -> float | None:
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError as error:
+        raise ApiError(
+            422, "bad_field", f"threshold must be a number between 0 and 1, got {raw[:40]!r}"
+        ) from error
+    if not 0.0 <= value <= 1.0:
+        raise ApiError(422, "bad_field", f"threshold must be between 0 and 1, got {value}")
+    return value
+
+
+def _parse_prompt(raw: str | None) -> str:
+    prompt = (raw or "").strip() or DEFAULT_PROMPT
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ApiError(422, "bad_field", f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+    if any(ch in prompt for ch in "\n\r\x00"):
+        # A newline ends the prefix in PaliGemma's prompt format; let nobody inject a suffix.
+        raise ApiError(422, "bad_field", "prompt must be one line of text")
+    return prompt
+
+
+def _parse_bool(raw: str | None) -> bool:
+    return (raw or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _decode(data: bytes, name: str | None) -> Image.Image:
+    """Bytes to an RGB image through the project's loader; user errors become ApiError."""
+    from paligemma_xray.data import load_image  # the data layer; imported here to keep startup light
+
+    try:
+        return load_image(data, name=name)
+    except ImageLoadError as error:  # also covers decompression bombs and DICOM without pixels
+        raise ApiError(
+            422, "undecodable", f"the file could not be read as an image: {error.message}"
+        ) from error
+
+
+def _preview(image: Image.Image) -> str:
+    thumb = image.copy()
+    thumb.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
+    buffer = io.BytesIO()
+    thumb.convert("RGB").save(buffer, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _boxes(detections: Detections, threshold: float | None) -> list[Box]:
+    boxes: list[Box] = []
+    scores = detections.score
+    for i in range(len(detections)):
+        score = None if scores is None else float(scores[i])
+        if threshold is not None and score is not None and score < threshold:
+            continue
+        x1, y1, x2, y2 = (round(float(v), 2) for v in detections.xyxy[i])
+        boxes.append(
+            Box(
+                box=(x1, y1, x2, y2),
+                label=detections.class_name[i],
+                class_id=int(detections.class_id[i]),
+                score=None if score is None else round(score, 5),
+            )
+        )
+    return boxes
+
+
+def _page_html() -> str:
+    return resources.files("paligemma_xray.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+
+# The page is self-contained; the policy makes the browser refuse anything from elsewhere.
+_PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'"
+)
+
+
+# -- the app ------------------------------------------------------------------------------
+
+
+def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> FastAPI:
+    """A FastAPI app serving ``detector``; the batching queue lives with the app's lifespan."""
+    config = config or ServeConfig()
+    model_id = str(detector.model_id)
+    max_new_tokens = config.max_new_tokens
+
+    def run_batch(images: list[Image.Image], prompt: str) -> list[Detections]:
+        kwargs: dict[str, Any] = {"batch_size": len(images)}
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
+        return detector.detect(images, prompt=prompt, **kwargs)
+
+    queue: BatchingQueue[Detections] = BatchingQueue(
+        run_batch, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000.0, capacity=config.queue
+    )
+    page = _page_html()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await queue.start()
+        log.info("serving %s with %r", model_id, config)
+        try:
+            yield
+        finally:
+            await queue.stop()
+
+    app = FastAPI(
+        title="paligemma-xray",
+        version=__version__,
+        description="Bone-fracture detection on X-ray images with a fine-tuned PaliGemma model.",
+        lifespan=lifespan,
+    )
+    app.state.queue = queue
+    app.state.config = config
+    app.state.detector = detector
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+        return _error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return JSONResponse(
+            {"error": code, "detail": str(error.detail)},
+            status_code=error.status_code,
+            headers=getattr(error, "headers", None),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": "bad_request", "detail": str(error.errors())[:500]}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, error: Exception) -> JSONResponse:
+        # Not a user mistake: keep the traceback in the server log, not in the response.
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": "internal", "detail": "internal server error; see the server log"}, 500)
+
+    def stats() -> dict[str, Any]:
+        return queue.snapshot()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": _PAGE_CSP, "Cache-Control": "no-cache"})
+
+    @app.get("/healthz", summary="Liveness and batching counters")
+    async def healthz() -> JSONResponse:
+        ok = queue.running
+        body = {"status": "ok" if ok else "unavailable", "model_id": model_id, "batching": stats()}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v1/model", summary="The model, the limits and the batching counters", responses=_ERRORS)
+    async def model_info(request: Request) -> dict[str, Any]:
+        _check_key(request, config.api_key)
+        return {
+            "model_id": model_id,
+            "version": __version__,
+            "default_prompt": DEFAULT_PROMPT,
+            "max_new_tokens": max_new_tokens,
+            "limits": {
+                "max_upload_bytes": config.max_upload_bytes,
+                "max_prompt_chars": MAX_PROMPT_CHARS,
+                "queue": config.queue,
+            },
+            "auth": bool(config.api_key),
+            "batching": stats(),
+        }
+
+    @app.post(
+        "/v1/detect",
+        summary="Detect fractures on one uploaded X-ray (image or DICOM)",
+        response_model=DetectResponse,
+        responses=_ERRORS,
+        openapi_extra=_DETECT_BODY,
+    )
+    async def detect(request: Request) -> DetectResponse:
+        started = time.perf_counter()
+        _check_key(request, config.api_key)
+        try:
+            # Bounded: a slow or stalled upload must not hold a connection and its memory forever.
+            form = await asyncio.wait_for(
+                read_form(request, config.max_upload_bytes), config.upload_timeout_s
+            )
+        except asyncio.TimeoutError as error:  # not the builtin on Python 3.10
+            raise ApiError(
+                408, "upload_timeout", f"the upload did not arrive within {config.upload_timeout_s:g} s"
+            ) from error
+        prompt = _parse_prompt(form.fields.get("prompt"))
+        threshold = _parse_threshold(form.fields.get("threshold"))
+        want_preview = _parse_bool(form.fields.get("preview"))
+        upload = form.file
+        if upload is None:
+            raise ApiError(422, "missing_file", "the form needs a file part named 'file'")
+        if not upload.data:
+            raise ApiError(422, "empty_file", "the uploaded file is empty")
+        kind = sniff_kind(upload.data, upload.filename, upload.content_type)
+        if kind is None:
+            raise ApiError(
+                415,
+                "not_an_image",
+                "the file is not an image or a DICOM file "
+                "(expected JPEG, PNG, GIF, BMP, TIFF, WebP or DICOM)",
+            )
+        read_done = time.perf_counter()
+        image = await run_in_threadpool(_decode, upload.data, upload.filename)
+        decode_done = time.perf_counter()
+        try:
+            detections, info = await queue.submit(image, prompt)
+        except QueueFullError as error:
+            raise ApiError(
+                503, "busy", str(error), headers={"Retry-After": str(error.retry_after_s)}
+            ) from error
+        except QueueClosedError as error:
+            raise ApiError(503, "unavailable", str(error), headers={"Retry-After": "5"}) from error
+        preview = await run_in_threadpool(_preview, image) if want_preview else None
+        boxes = _boxes(detections, threshold)
+        finished = time.perf_counter()
+        return DetectResponse(
+            model_id=model_id,
+            prompt=prompt,
+            threshold=threshold,
+            image=ImageInfo(width=image.width, height=image.height, filename=upload.filename, kind=kind),
+            detections=boxes,
+            count=len(boxes),
+            parse_issues={k: int(v) for k, v in detections.parse_issues.items()},
+            timing=Timing(
+                read_ms=round((read_done - started) * 1000, 3),
+                decode_ms=round((decode_done - read_done) * 1000, 3),
+                queue_ms=round(info.queue_s * 1000, 3),
+                model_ms=round(info.model_s * 1000, 3),
+                total_ms=round((finished - started) * 1000, 3),
+                batch_size=info.batch_size,
+            ),
+            preview=preview,
+        )
+
+    return app
+
+
+def api_key_from_env() -> str | None:
+    """The API key from ``PALIGEMMA_XRAY_API_KEY`` (empty means none)."""
+    return os.environ.get(API_KEY_ENV) or None

@@ -1,0 +1,118 @@
+"""Running the app: in the foreground (the ``serve`` verb) or in a background thread.
+
+The background form (:class:`ServerThread`) is what tests and the benchmark use: a real
+uvicorn server on a loopback socket bound before the thread starts, so the port is known
+and free with no race.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from paligemma_xray.serve.app import API_KEY_ENV, ServeConfig, create_app
+
+log = logging.getLogger(__name__)
+
+
+def serve(
+    model: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config: ServeConfig | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    box_or_stop: bool = True,
+    log_level: str = "info",
+) -> None:
+    """Load the detector at ``model`` and serve it on ``host:port`` until interrupted.
+
+    ``device``, ``dtype`` and ``box_or_stop`` go to :meth:`paligemma_xray.infer.Detector.load`.
+    """
+    from paligemma_xray.infer import Detector  # torch and the model load only when serving
+
+    config = config or ServeConfig()
+    detector = Detector.load(
+        model, device=device, dtype=dtype, box_or_stop=box_or_stop, batch_size=config.max_batch
+    )
+    app = create_app(detector, config)
+    if not config.api_key and not _is_loopback(host):
+        log.warning("serving on %s without an API key: set %s to require one", host, API_KEY_ENV)
+    # Access logs carry the request line only, never headers: the API key stays out of logs.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class ServerThread:
+    """A uvicorn server for ``app`` in a daemon thread, on ``host`` and a free port.
+
+    ``with ServerThread(app) as server: httpx.get(server.url + "/healthz")``
+    """
+
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        **uvicorn_kwargs: Any,
+    ):
+        self.app = app
+        self.host = host
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.port: int = self._socket.getsockname()[1]
+        config = uvicorn.Config(app, log_level=log_level, lifespan="on", **uvicorn_kwargs)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self._socket])
+        except BaseException as error:  # reported to the starting thread by start()
+            self._error = error
+
+    def start(self, timeout_s: float = 30.0) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if self._error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"the server did not start: {self._error!r}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"the server did not start within {timeout_s} s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self._socket.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

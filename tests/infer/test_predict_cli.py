@@ -1,0 +1,87 @@
+"""`paligemma-xray predict`: per-image JSON, COCO results, annotated PNGs, resume, answers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from paligemma_xray.cli import main
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "xrays"
+    (root / "b").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in ("a1.png", "b/b1.jpg", "b/b2.png"):
+        Image.fromarray(rng.integers(0, 255, (120, 200, 3), dtype=np.uint8)).save(root / name)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_predict_writes_everything_and_resumes(tiny_boxes_hf_dir, tiny_boxes, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["predict", "--model", str(tiny_boxes_hf_dir), str(folder), "--out", str(out), "--batch-size", "2"]
+    assert main(args) == 0
+    names = ["xrays/a1.png", "xrays/b/b1.jpg", "xrays/b/b2.png"]
+    n_boxes = 0
+    for name in names:
+        record = json.loads((out / "json" / f"{name}.json").read_text())
+        assert record["detections"]["image_size"] == [200, 120]
+        boxes = np.array([d["box"] for d in record["detections"]["detections"]]).reshape(-1, 4)
+        expected = np.array([[x1 * 200, y1 * 120, x2 * 200, y2 * 120] for x1, y1, x2, y2 in tiny_boxes])
+        # The first box always, the second (taught on 3 of 4 images) where the model goes on.
+        assert 1 <= len(boxes) <= 2
+        np.testing.assert_allclose(boxes, expected[: len(boxes)], atol=3)  # within a bin or so
+        n_boxes += len(boxes)
+        assert all(0 < d["score"] <= 1 for d in record["detections"]["detections"])
+        assert Image.open(out / "annotated" / f"{name}.png").size == (200, 120)
+    results = json.loads((out / "predictions.coco.json").read_text())
+    images = json.loads((out / "images.json").read_text())
+    assert [i["file_name"] for i in images] == names
+    assert len(results) == n_boxes and {r["category_id"] for r in results} == {1}
+    assert "predicted 3 image(s)" in capsys.readouterr().err
+
+    # Resume: only the image whose JSON is missing is done again.
+    (out / "json" / "xrays/b/b1.jpg.json").unlink()
+    assert main([*args, "--resume"]) == 0
+    assert "predicted 1 image(s)" in capsys.readouterr().err
+    assert (out / "json" / "xrays/b/b1.jpg.json").is_file()
+    assert len(json.loads((out / "predictions.coco.json").read_text())) == n_boxes
+
+    # A threshold above every score keeps no box.
+    assert main([*args, "--out", str(tmp_path / "high"), "--threshold", "1.01", "--no-images"]) == 0
+    assert json.loads((tmp_path / "high" / "predictions.coco.json").read_text()) == []
+    assert not (tmp_path / "high" / "annotated").exists()
+
+
+def test_predict_free_form_prints_answers(tiny_hf_dir, folder, tmp_path, capsys):
+    out = tmp_path / "answers"
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(tiny_hf_dir),
+            str(folder / "a1.png"),
+            str(folder / "b"),
+            "--prompt",
+            "caption en",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["a1.png", "b/b1.jpg", "b/b2.png"]
+    record = json.loads((out / "json" / "a1.png.json").read_text())
+    assert "detections" not in record and len(record["tokens"]) <= 3
+
+
+def test_predict_missing_path_is_a_user_error(tiny_hf_dir, tmp_path, capsys):
+    assert main(["predict", "--model", str(tiny_hf_dir), str(tmp_path / "missing.png")]) == 2
+    assert "missing.png" in capsys.readouterr().err

@@ -1,0 +1,170 @@
+"""The page in headless Chromium (Debian's, driven by Playwright): upload, boxes, slider.
+
+Skipped, with the reason, where the system Chromium is not installed (``make browser``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from serve_helpers import dicom_bytes, xray_png
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(),
+        reason="the system Chromium is not installed (apt-get install chromium, or `make browser`)",
+    ),
+]
+
+# Reads the canvas around the left edge of a box: is the box colour (#ff5a36) there?
+_EDGE_PIXELS = """([x, y]) => {
+  const canvas = document.getElementById("canvas");
+  const data = canvas.getContext("2d").getImageData(Math.max(0, x - 3), Math.max(0, y - 3), 7, 7).data;
+  let hits = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    if (data[i] > 200 && data[i + 1] > 60 && data[i + 1] < 130 && data[i + 2] < 100) hits += 1;
+  }
+  return hits;
+}"""
+
+_SET_SLIDER = """(value) => {
+  const slider = document.getElementById("threshold");
+  slider.value = String(value);
+  slider.dispatchEvent(new Event("input", { bubbles: true }));
+}"""
+
+_DROP = """async ([b64, name, type]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const transfer = new DataTransfer();
+  transfer.items.add(new File([bytes], name, { type }));
+  const drop = new DragEvent("drop", { dataTransfer: transfer, bubbles: true });
+  document.getElementById("drop").dispatchEvent(drop);
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser_page(tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    profile = tmp_path_factory.mktemp("chromium-profile")  # a fresh profile, removed with tmp
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 1200, "height": 900},
+        )
+        try:
+            page = context.new_page()
+            page.set_default_timeout(30_000)
+            yield page
+        finally:
+            context.close()
+
+
+def _state(page) -> dict:
+    return {
+        "count": int(page.text_content("#box-count")),
+        "total": int(page.text_content("#box-total")),
+        "drawn": int(page.get_attribute("#canvas", "data-boxes-drawn")),
+        "canvas": page.evaluate(
+            "[document.getElementById('canvas').width, document.getElementById('canvas').height]"
+        ),
+    }
+
+
+def test_page_uploads_an_xray_and_draws_boxes(live_server, browser_page, tmp_path, tiny_boxes):
+    page = browser_page
+    foreign: list[str] = []
+    page.on(
+        "request", lambda request: foreign.append(request.url) if _foreign(request.url, live_server) else None
+    )
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+
+    page.goto(f"{live_server.url}/")
+    # Selectors, not wait_for_function: the page's CSP forbids the eval that the latter uses.
+    page.wait_for_selector("#model-id:text-matches('^model: ')")
+
+    width, height = 300, 240
+    page.set_input_files(
+        "#file", files=[{"name": "wrist.png", "mimeType": "image/png", "buffer": xray_png(width, height)}]
+    )
+    page.wait_for_selector("body[data-state=done]")
+    page.evaluate(_SET_SLIDER, 0)
+    state = _state(page)
+    assert state == {"count": 2, "total": 2, "drawn": 2, "canvas": [width, height]}
+    # The boxes are really on the canvas: the box colour sits on each box's left edge.
+    for x1, y1, _, y2 in tiny_boxes:
+        assert page.evaluate(_EDGE_PIXELS, [round(x1 * width), round((y1 + y2) / 2 * height)]) > 0
+    assert page.evaluate(_EDGE_PIXELS, [5, 5]) == 0  # and not everywhere
+
+    # The slider filters the returned boxes in the page, without a new request.
+    scores = sorted(
+        float(cell) for cell in page.locator("#detections tbody tr td:nth-child(3)").all_text_contents()
+    )
+    requests_before = len(page.evaluate("performance.getEntriesByType('resource')"))
+    page.evaluate(_SET_SLIDER, round((scores[0] + scores[1]) / 2, 4))
+    assert _state(page)["drawn"] == 1
+    assert page.locator("#detections tbody tr.hidden").count() == 1
+    page.evaluate(_SET_SLIDER, 1)
+    assert _state(page)["drawn"] == (1 if scores[1] >= 1.0 else 0)
+    assert len(page.evaluate("performance.getEntriesByType('resource')")) == requests_before
+    page.evaluate(_SET_SLIDER, 0)
+
+    screenshot = tmp_path / "serve-page.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 1000
+    print(f"\nscreenshot of the page: {screenshot}")
+    assert not errors, errors
+    assert not foreign, f"the page fetched from elsewhere: {foreign}"
+
+
+def test_page_shows_dicom_through_the_server_preview_and_accepts_a_drop(live_server, browser_page):
+    import base64
+
+    page = browser_page
+    page.goto(f"{live_server.url}/")
+    page.evaluate(_SET_SLIDER, 0)
+    # The browser cannot decode DICOM: the page asks the server for a preview of the pixels.
+    page.set_input_files(
+        "#file",
+        files=[{"name": "knee.dcm", "mimeType": "application/dicom", "buffer": dicom_bytes(True, 64, 80)}],
+    )
+    page.wait_for_selector("body[data-state=done]")
+    assert _state(page) == {"count": 2, "total": 2, "drawn": 2, "canvas": [64, 80]}
+    assert "dicom" in page.text_content("#status")
+
+    # Dropping a file works like choosing one.
+    png = base64.b64encode(xray_png(160, 120)).decode()
+    page.evaluate(_DROP, [png, "dropped.png", "image/png"])
+    page.wait_for_selector("body[data-state=done] #status:text-matches('^dropped.png')")
+    assert _state(page) == {"count": 2, "total": 2, "drawn": 2, "canvas": [160, 120]}
+
+    # A bad file gives a readable message, not a broken page.
+    page.set_input_files("#file", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"}])
+    page.wait_for_selector("body[data-state=error]")
+    assert page.text_content("#status").startswith("415:")
+
+
+def _foreign(url: str, server) -> bool:
+    parsed = urlparse(url)
+    return parsed.scheme in ("http", "https", "ws", "wss") and parsed.hostname != server.host

@@ -1,0 +1,167 @@
+"""End-to-end runs on a tiny model: run folder, exact resume after SIGKILL, user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from paligemma_xray.cli import main
+from paligemma_xray.errors import DataError
+from paligemma_xray.train import from_run, resolve, run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(model: Path, data: Path, out: Path, **extra):
+    values = {
+        "examples": 16,
+        "batch_size": 4,
+        "eval_max_new_tokens": 6,
+        "eval_batch_size": 8,
+        "progress": False,
+        **extra,
+    }
+    return resolve(
+        extra.pop("recipe", None),
+        overrides={"model": str(model), "data": str(data), "out": str(out), **values},
+    )
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(file))
+    assert weights, f"no weights in {folder}"
+    return weights
+
+
+def test_big_vision_run_folder(tiny_hf_dir, synthetic_dataset, tmp_path) -> None:
+    out = tmp_path / "run"
+    config = _config(tiny_hf_dir, synthetic_dataset, out, eval_every=2, keep_last=1, export_npz=True)
+    summary = run(config)
+    assert summary.steps == 4 and summary.final_loss is not None and summary.final_loss > 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["recipe"] == "big-vision" and saved["trainable"] == "attention" and saved["lr"] == 0.01
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2, 3, 4]
+    evals = [x for x in lines if x["kind"] == "eval"]
+    assert [x["step"] for x in evals] == [2, 4]
+    assert all(x["val_loss"] > 0 and 0 <= x["parse_rate"] <= 1 for x in evals)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-4"]  # keep_last=1
+    assert list((out / "tb").iterdir())
+    assert (out / "last" / "model.npz").is_file() and (out / "best" / "config.json").is_file()
+    # Only the attention projections moved; every other weight is the base's, bit for bit.
+    before, after = _weights(tiny_hf_dir), _weights(out / "last")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".self_attn." in k and "vision" not in k for k in changed)
+
+    from paligemma_xray.model import load
+
+    model, _ = load(out)  # a run folder loads (best/)
+    assert model.config.text_config.num_hidden_layers > 0
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tiny_hf_dir, synthetic_dataset, tmp_path) -> None:
+    # LoRA + AdamW + shuffled objects: optimiser state, adapter init and augmentation all
+    # have to come back exactly; the vision tower is frozen, so the feature cache is in use.
+    extra = {"recipe": "lora", "examples": 24, "checkpoint_every": 1, "eval_every": 3, "keep_last": 2}
+    reference = run(_config(tiny_hf_dir, synthetic_dataset, tmp_path / "whole", **extra))
+
+    out = tmp_path / "killed"
+    kill_after = random.Random().randint(1, 4)  # random step; the test must pass for any
+    command = [
+        sys.executable,
+        "-m",
+        "paligemma_xray.cli",
+        "train",
+        "--model",
+        str(tiny_hf_dir),
+        "--data",
+        str(synthetic_dataset),
+        "--out",
+        str(out),
+        "--recipe",
+        "lora",
+        "--examples",
+        "24",
+        "--batch-size",
+        "4",
+        "--eval-max-new-tokens",
+        "6",
+        "--checkpoint-every",
+        "1",
+        "--eval-every",
+        "3",
+        "--keep-last",
+        "2",
+        "--no-progress",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and any(
+            json.loads(x)["step"] >= kill_after for x in metrics.read_text().splitlines()
+        ):
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "last").exists()
+
+    resumed = run(from_run(out), resume=True)
+    assert (out / "last" / "adapter" / "adapter_config.json").is_file()
+    assert resumed.steps == reference.steps
+    expected, got = _weights(tmp_path / "whole" / "last"), _weights(out / "last")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+    # The resumed log is the uninterrupted one: no step twice, losses identical.
+    def train_losses(folder):
+        rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+    assert train_losses(out) == train_losses(tmp_path / "whole")
+
+
+def test_resume_and_fresh_run_guards(tiny_hf_dir, synthetic_dataset, tmp_path, capsys) -> None:
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "config.yaml" in capsys.readouterr().err
+    assert main(["train", "--model", str(tiny_hf_dir)]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def _jsonl_set(root: Path, splits: dict[str, list[dict]]) -> Path:
+    folder = root / "dataset"
+    folder.mkdir(parents=True)
+    for split, rows in splits.items():
+        (folder / f"_annotations.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_data_mistakes_are_clear_errors(tiny_hf_dir, synthetic_dataset, tmp_path, capsys) -> None:
+    image = next((synthetic_dataset / "dataset").glob("*.jpg")).name
+    (tmp_path / "a" / "dataset").mkdir(parents=True)
+    no_train = _jsonl_set(
+        tmp_path / "b", {"valid": [{"image": image, "prefix": "detect fracture", "suffix": ""}]}
+    )
+    with pytest.raises(DataError, match="train"):
+        run(_config(tiny_hf_dir, no_train, tmp_path / "r1"))
+    code = main(
+        ["train", "--model", str(tiny_hf_dir), "--data", str(no_train), "--out", str(tmp_path / "r2")]
+    )
+    assert code == 2 and "error:" in capsys.readouterr().err
