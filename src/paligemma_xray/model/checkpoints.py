@@ -1,0 +1,456 @@
+"""Load and save PaliGemma checkpoints: big_vision ``.npz``, HF folders, PEFT LoRA adapters, run folders.
+
+Example:
+
+>>> import tempfile, pathlib
+>>> from paligemma_xray.model.tiny import write_tiny_npz
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> npz, _ = write_tiny_npz(folder / "tiny.npz", version=2, dtype="bfloat16")
+>>> model, processor = load(npz)                 # tokenizer found beside the npz
+>>> model.dtype
+torch.bfloat16
+>>> save_npz(model, folder / "back.npz", dtype="bfloat16")     # bit-exact round trip
+PosixPath('...back.npz')
+>>> hf = save_hf(model, processor, folder / "hf")               # plain transformers folder
+>>> model, processor = load(hf, dtype="float32")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+from paligemma_xray.errors import CheckpointError
+from paligemma_xray.model.bigvision import (
+    NpzArrays,
+    NpzWriter,
+    bv_key,
+    dims_from_config,
+    families,
+    infer_dims,
+    iter_layers,
+    layer_layout,
+    make_config,
+    read_family,
+    to_numpy,
+    uses_qkv,
+)
+from paligemma_xray.model.processing import make_processor
+from paligemma_xray.model.tokenizer import load_tokenizer, sentencepiece_size
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")
+EMBEDDING = "model.language_model.embed_tokens.weight"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"``/``torch.bfloat16``/``None`` → a torch dtype (``None``: keep the checkpoint's)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in DTYPES.values():
+            raise CheckpointError(f"unsupported dtype {dtype}; use one of {', '.join(DTYPES)}")
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+def load(
+    path: str | Path,
+    tokenizer: str | Path | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    *,
+    merge_lora: bool = True,
+    final_logit_softcapping: float | None = 30.0,
+    progress: bool = True,
+) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
+    """Load a model and its processor from any checkpoint form we know.
+
+    ``path``: a big_vision ``.npz`` (PaliGemma 1 or 2, f32/f16/bf16, any size/resolution), an
+    HF ``save_pretrained`` folder, a PEFT LoRA adapter folder (its base is loaded first, from
+    ``base_model_name_or_path``; merged unless ``merge_lora=False``, which returns the
+    ``PeftModel``), or a run folder of ours (``best/``, else ``last/``).
+
+    ``tokenizer``: the SentencePiece ``.model``; for an npz it defaults to
+    ``paligemma_tokenizer.model`` or ``tokenizer.model`` beside it. ``dtype``: ``None`` keeps
+    the stored dtype; 16-bit casts keep the rotary ``inv_freq`` buffers in float32.
+    ``final_logit_softcapping`` applies to PaliGemma 2 npz files only (see ``bigvision``).
+    The model is returned in eval mode.
+    """
+    path = Path(path)
+    target = resolve_dtype(dtype)
+    if not path.exists():
+        raise CheckpointError("checkpoint not found", path=path)
+    if path.is_file():
+        model, processor = _load_npz(path, tokenizer, target, final_logit_softcapping, progress)
+    elif (path / "adapter_config.json").is_file():
+        return _load_lora_folder(path, tokenizer, target, device, merge_lora)
+    elif (path / "config.json").is_file():
+        model, processor = _load_hf(path, tokenizer, target)
+    else:
+        for sub in ("best", "last"):
+            if (path / sub / "config.json").is_file() or (path / sub / "adapter_config.json").is_file():
+                return load(path / sub, tokenizer, dtype, device, merge_lora=merge_lora, progress=progress)
+        raise CheckpointError(
+            "not a checkpoint: expected a .npz file, or a folder with config.json (HF), "
+            "adapter_config.json (LoRA), or best/ or last/ (a run folder)",
+            path=path,
+        )
+    if device is not None:
+        model.to(device)
+    return model.eval(), processor
+
+
+def _find_tokenizer(npz: Path, tokenizer: str | Path | None) -> Path:
+    if tokenizer is not None:
+        return Path(tokenizer)
+    for name in TOKENIZER_NAMES:
+        if (npz.parent / name).is_file():
+            return npz.parent / name
+    raise CheckpointError(
+        f"no tokenizer given and none beside the checkpoint ({' or '.join(TOKENIZER_NAMES)}); "
+        "pass the SentencePiece .model file (--tokenizer)",
+        path=npz,
+    )
+
+
+def _load_npz(path, tokenizer, target, final_logit_softcapping, progress):
+    spm = _find_tokenizer(path, tokenizer)
+    tok = load_tokenizer(spm)
+    with NpzArrays(path) as arrays:
+        dims = infer_dims(arrays)
+        layout = layer_layout(arrays)
+        qkv = uses_qkv(arrays)
+        if sentencepiece_size(tok) != dims.vocab:
+            raise CheckpointError(
+                f"tokenizer {spm} has {sentencepiece_size(tok)} pieces but llm/embedder/input_embedding "
+                f"has {dims.vocab} rows",
+                path=path,
+            )
+        stored = arrays.dtype_name("llm/embedder/input_embedding")
+        if stored not in DTYPES:
+            raise CheckpointError(
+                f"arrays stored as {stored}; expected float32, float16 or bfloat16", path=path
+            )
+        target = target or DTYPES[stored]
+        config = make_config(dims, final_logit_softcapping=final_logit_softcapping)
+        config.dtype = target
+        # Built on the meta device: no memory, no random init; the converted tensors become
+        # the parameters themselves (assign=True), so there is never a second copy.
+        with torch.device("meta"):
+            model = PaliGemmaForConditionalGeneration(config)
+        fams = families(dims, qkv)
+        used = set()
+        state: dict[str, torch.Tensor] = {}
+        total = sum(len(list(iter_layers(f, dims))) for f in fams)
+        with tqdm(total=total, desc=f"loading {path.name}", unit="array", disable=not progress) as bar:
+            for family in fams:
+                used.add(bv_key(family))
+                for layer in iter_layers(family, dims):
+                    scanned = layout[family.tower][0]
+                    if layer is not None and not scanned:
+                        used.add(bv_key(family, layer))
+                    array = read_family(arrays, family, dims, layer, scanned)
+                    for name, tensor in zip(family.hf, family.to_hf(array, dims)):
+                        state[name.format(i=layer)] = _contiguous(tensor, target)
+                    del array
+                    bar.update(1)
+        unused = sorted(set(arrays.keys()) - used)
+        if unused:
+            logger.warning("%s: %d arrays not used: %s", path, len(unused), ", ".join(unused[:5]))
+    state["lm_head.weight"] = state[EMBEDDING]
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(
+            f"mapping table out of sync: missing {result.missing_keys}, extra {result.unexpected_keys}"
+        )
+    del state
+    model.lm_head.weight = model.get_input_embeddings().weight  # one Parameter, as transformers ties them
+    _init_buffers(model)
+    _release_freed_memory()
+    processor = make_processor(tok, dims.image_size, dims.patch)
+    return model, processor
+
+
+def _release_freed_memory() -> None:
+    """Hand the per-layer read buffers back to the OS (glibc keeps freed heap pages resident,
+    which after a 16-bit load leaves the file's float32 size in RSS for nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _contiguous(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``, contiguous, in ONE allocation (``.to(dtype).contiguous()`` makes two
+    when the source is a transposed view; freed 16-bit copies fragment the heap: measured peak
+    2× the model for a float32 → bfloat16 load, 1.1× with this)."""
+    if tensor.dtype != dtype:
+        tensor = tensor.to(dtype=dtype, memory_format=torch.contiguous_format)
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
+def _init_buffers(model: PaliGemmaForConditionalGeneration) -> None:
+    """Recreate the non-persistent buffers a meta-device build leaves empty (in float32)."""
+    for name, module in model.named_modules():
+        for buffer_name, buffer in list(module.named_buffers(recurse=False)):
+            if not buffer.is_meta:
+                continue
+            if buffer_name in ("inv_freq", "original_inv_freq"):
+                fresh = type(module)(config=module.config)  # computes them on the CPU, float32
+                value = getattr(fresh, buffer_name)
+            elif buffer_name == "embed_scale":
+                value = torch.tensor(module.scalar_embed_scale, dtype=torch.float32)
+            elif buffer_name == "position_ids":
+                value = torch.arange(module.num_positions).expand((1, -1))
+            else:
+                raise RuntimeError(f"don't know how to initialise buffer {name}.{buffer_name}")
+            module.register_buffer(buffer_name, value, persistent=False)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"tensors left on the meta device: {leftover[:5]}")
+
+
+def restore_rope_float32(model: torch.nn.Module) -> None:
+    """Recompute rotary ``inv_freq`` buffers in float32 (``.to(bfloat16)`` rounds them, an error
+    that grows with position). Call after casting a model with ``.to(dtype)``."""
+    for module in model.modules():
+        if (
+            hasattr(module, "inv_freq")
+            and hasattr(module, "config")
+            and module.inv_freq.dtype != torch.float32
+        ):
+            fresh = type(module)(config=module.config)
+            device = module.inv_freq.device
+            module.register_buffer("inv_freq", fresh.inv_freq.to(device), persistent=False)
+            if hasattr(module, "original_inv_freq"):
+                module.register_buffer(
+                    "original_inv_freq", fresh.original_inv_freq.to(device), persistent=False
+                )
+
+
+def cast(model: torch.nn.Module, dtype: str | torch.dtype) -> torch.nn.Module:
+    """``model.to(dtype)`` that keeps the rotary frequencies in float32."""
+    model.to(resolve_dtype(dtype))
+    restore_rope_float32(model)
+    return model
+
+
+def _load_hf(path: Path, tokenizer, target):
+    try:
+        model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=target or "auto")
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"cannot load the HF model: {error}", path=path) from error
+    restore_rope_float32(model)
+    image_size = model.config.vision_config.image_size
+    patch = model.config.vision_config.patch_size
+    if tokenizer is not None:
+        processor = make_processor(load_tokenizer(tokenizer), image_size, patch)
+    elif (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"cannot load the processor: {error}", path=path) from error
+        if (path / "tokenizer.model").is_file():
+            processor.tokenizer.spm_path = str((path / "tokenizer.model").resolve())
+    elif (path / "tokenizer.model").is_file():
+        processor = make_processor(load_tokenizer(path / "tokenizer.model"), image_size, patch)
+    else:
+        raise CheckpointError("the folder has no tokenizer; pass the SentencePiece .model file", path=path)
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters (PEFT format)
+
+
+def _load_lora_folder(path: Path, tokenizer, target, device, merge: bool):
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"unreadable adapter_config.json: {error}", path=path) from error
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError("adapter_config.json names no base_model_name_or_path", path=path)
+    base_path = Path(base)
+    if not base_path.is_absolute():
+        base_path = (path / base_path) if (path / base_path).exists() else base_path
+    if not base_path.exists():
+        raise CheckpointError(f"base model {base} of the adapter not found", path=path)
+    model, processor = load(base_path, tokenizer, target, device)
+    return load_lora(model, path, merge=merge), processor
+
+
+def load_lora(model: PaliGemmaForConditionalGeneration, adapter_dir: str | Path, merge: bool = False):
+    """Apply a PEFT adapter folder to ``model``; ``merge=True`` folds it in and returns a plain model.
+
+    >>> # peft_model = load_lora(model, "run/adapter"); model = load_lora(model, "run/adapter", merge=True)
+    """
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"cannot apply the LoRA adapter: {error}", path=adapter_dir) from error
+    return peft_model.merge_and_unload().eval() if merge else peft_model.eval()
+
+
+def save_lora(peft_model, out_dir: str | Path, base: str | Path | None = None) -> Path:
+    """Save a ``PeftModel``'s adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``base``: the checkpoint the adapter applies to, recorded in ``adapter_config.json`` so
+    that :func:`load` can find it (a path relative to ``out_dir`` or absolute).
+    """
+    from peft import PeftModel
+
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError("save_lora needs a peft.PeftModel")
+    out = Path(out_dir)
+    if base is not None:
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = str(base)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+
+
+def save_hf(
+    model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor, out_dir: str | Path
+) -> Path:
+    """``save_pretrained`` both (safetensors), plus the SentencePiece ``tokenizer.model`` when known.
+
+    The folder loads in plain transformers (``PaliGemmaForConditionalGeneration.from_pretrained``
+    and ``AutoProcessor.from_pretrained``) and in :func:`load`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        raise TypeError("save_hf takes a plain model: merge the LoRA adapter first, or use save_lora")
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    spm = getattr(processor.tokenizer, "spm_path", None)
+    if spm and Path(spm).is_file() and Path(spm).resolve() != (out / "tokenizer.model").resolve():
+        shutil.copyfile(spm, out / "tokenizer.model")
+    return out
+
+
+def save_npz(
+    model: PaliGemmaForConditionalGeneration,
+    path: str | Path,
+    dtype: str = "float32",
+    *,
+    prefix: str = "params/",
+    scanned: bool = True,
+    vocab: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write big_vision's ``.npz``: its keys, shapes and dtype (bf16 as ``|V2``), layer by layer.
+
+    Embedding rows are cut back to the text vocabulary (``vocab``, default: the rows below
+    ``<image>``, 257152 for the real model). ``qkv_einsum`` is written only when kv_heads ==
+    heads, as big_vision does. ``scanned=False`` writes big_vision's unscanned keys
+    (``img/Transformer/encoderblock_{i}/…``, ``llm/layers/{i}/…``).
+    """
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if hasattr(model, "merge_and_unload"):
+        raise TypeError("save_npz takes a plain model: merge the LoRA adapter first")
+    dims = dims_from_config(model.config, vocab)
+    state = model.state_dict()  # references to the live tensors, no copy
+    qkv = dims.kv_heads == dims.heads
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    fams = families(dims, qkv)
+    total = sum(len(list(iter_layers(f, dims))) for f in fams)
+
+    def bv_array(family, layer):
+        tensors = [state[name.format(i=layer)].detach().to("cpu") for name in family.hf]
+        if family.hf[0] == EMBEDDING:
+            tensors = [tensors[0][: dims.vocab]]
+        array = family.to_bv(tensors, dims)
+        if tuple(array.shape) != family.shape(dims):
+            raise RuntimeError(f"{family.bv}: got {tuple(array.shape)}, expected {family.shape(dims)}")
+        bar.update(1)
+        return to_numpy(array, dtype)
+
+    try:
+        with (
+            NpzWriter(tmp, prefix=prefix) as writer,
+            tqdm(total=total, desc=f"writing {path.name}", unit="array", disable=not progress) as bar,
+        ):
+            for family in fams:
+                if not family.per_layer:
+                    writer.write(bv_key(family), bv_array(family, None))
+                elif scanned:
+                    layers = list(iter_layers(family, dims))
+                    writer.write_layers(bv_key(family), len(layers), (bv_array(family, i) for i in layers))
+                else:
+                    for i in iter_layers(family, dims):
+                        writer.write(bv_key(family, i), bv_array(family, i))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    *,
+    to: str | None = None,
+    dtype: str | None = None,
+    tokenizer: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Convert any checkpoint :func:`load` reads into an HF folder (``to="hf"``) or a big_vision npz.
+
+    ``to`` defaults to ``npz`` when ``out`` ends in ``.npz``, else ``hf``. ``dtype`` defaults to
+    the source's. LoRA adapters are merged first. An npz output gets the SentencePiece file
+    beside it (``paligemma_tokenizer.model``) when it is known, so the pair loads back as is.
+
+    >>> # convert("paligemma-3b-pt-224.f16.npz", "pg-hf")            # → HF folder, float16
+    >>> # convert("runs/x", "finetuned.bf16.npz", dtype="bfloat16")  # → big_vision npz
+    """
+    out = Path(out)
+    to = to or ("npz" if out.suffix == ".npz" else "hf")
+    if to not in ("hf", "npz"):
+        raise CheckpointError(f"unknown target format {to!r}; use hf or npz")
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if Path(src).resolve() == out.resolve():
+        raise CheckpointError("output would overwrite the input", path=out)
+    model, processor = load(src, tokenizer=tokenizer, dtype=dtype, progress=progress)
+    if to == "hf":
+        return save_hf(model, processor, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stored = dtype or str(model.dtype).removeprefix("torch.")
+    path = save_npz(model, out, dtype=stored, progress=progress)
+    spm = getattr(processor.tokenizer, "spm_path", None)
+    beside = out.parent / "paligemma_tokenizer.model"
+    if spm and Path(spm).is_file() and not beside.exists():
+        shutil.copyfile(spm, beside)
+    return path

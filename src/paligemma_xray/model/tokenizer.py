@@ -1,0 +1,85 @@
+"""The PaliGemma tokenizer, built from big_vision's SentencePiece ``.model`` file.
+
+The SentencePiece model holds Gemma's text pieces followed by ``<loc0000>``..``<loc1023>`` and
+``<seg000>``..``<seg127>`` (257152 pieces in the real one). Hugging Face adds ``<image>`` as a
+special token right after that vocabulary (id 257152), outside the text vocabulary, so the
+model never predicts it.
+
+Example:
+
+>>> from paligemma_xray.model.tiny import tiny_tokenizer
+>>> import tempfile
+>>> tok = load_tokenizer(tiny_tokenizer(tempfile.mkdtemp()))
+>>> tok.convert_tokens_to_ids("<image>") == sentencepiece_size(tok)
+True
+>>> len(tok.encode("<loc0012>", add_special_tokens=False))
+1
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AddedToken, GemmaTokenizer, PreTrainedTokenizerBase
+
+from paligemma_xray.errors import CheckpointError
+
+IMAGE_TOKEN = "<image>"
+LOC_TOKENS = [f"<loc{i:04d}>" for i in range(1024)]
+SEG_TOKENS = [f"<seg{i:03d}>" for i in range(128)]
+
+
+def load_tokenizer(spm_path: str | Path) -> PreTrainedTokenizerBase:
+    """A Gemma tokenizer from a SentencePiece ``.model`` file, with ``<image>`` added.
+
+    The loc/seg pieces must already be in the file (they are in ``paligemma_tokenizer.model``);
+    they are checked to encode to one id each, a check that caught a tokenizer once splitting
+    ``<loc0000>`` into characters. BOS/EOS are not added automatically: prompts are built
+    explicitly by :mod:`paligemma_xray.model.processing`.
+    """
+    path = Path(spm_path)
+    if not path.is_file():
+        raise CheckpointError("SentencePiece tokenizer file not found", path=path)
+    try:
+        tokenizer = GemmaTokenizer.from_pretrained(str(path))
+    except Exception as error:  # a corrupt or foreign file: say which one
+        raise CheckpointError(f"not a SentencePiece model: {error}", path=path) from error
+    base = len(tokenizer)
+    if tokenizer.bos_token_id != 2 or tokenizer.eos_token_id != 1 or tokenizer.pad_token_id != 0:
+        raise CheckpointError(
+            "expected Gemma's special ids pad 0, eos 1, bos 2; got "
+            f"pad {tokenizer.pad_token_id}, eos {tokenizer.eos_token_id}, bos {tokenizer.bos_token_id}",
+            path=path,
+        )
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(IMAGE_TOKEN, normalized=False, special=True)]}
+    )
+    tokenizer.add_bos_token = False
+    tokenizer.add_eos_token = False
+    # Where the SentencePiece model came from: save_hf copies it beside the HF files so
+    # that an HF folder can still be written back to big_vision with its tokenizer.
+    tokenizer.spm_path = str(path.resolve())
+    check_location_tokens(tokenizer, path=path)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_id != base:
+        raise CheckpointError(f"<image> got id {image_id}, expected {base} (after the vocabulary)", path=path)
+    return tokenizer
+
+
+def sentencepiece_size(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Size of the text vocabulary: ids below it are SentencePiece pieces (257152 for the real one)."""
+    return int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+
+
+def check_location_tokens(tokenizer: PreTrainedTokenizerBase, path: str | Path | None = None) -> None:
+    """Raise :class:`CheckpointError` unless every loc/seg token is one id, loc then seg, contiguous."""
+    first = tokenizer.convert_tokens_to_ids(LOC_TOKENS[0])
+    expected = list(range(first, first + len(LOC_TOKENS) + len(SEG_TOKENS)))
+    encoded = tokenizer(LOC_TOKENS + SEG_TOKENS, add_special_tokens=False)["input_ids"]
+    for token, ids, want in zip(LOC_TOKENS + SEG_TOKENS, encoded, expected):
+        if ids != [want]:
+            raise CheckpointError(
+                f"{token} encodes to {ids}, expected the single id {want}; "
+                "this is not a PaliGemma tokenizer (loc/seg pieces missing or split)",
+                path=path,
+            )
