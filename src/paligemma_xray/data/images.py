@@ -168,36 +168,13 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
 # DICOM
 
 
-def _try_raw_dicom(data: bytes, label: str) -> Image.Image | None:
+def _read_dicom(data: bytes):
+    """The parsed DICOM data set, or the reason it could not be read."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (
-        InvalidDicomError,
-        OSError,
-        ValueError,
-        EOFError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        IndexError,
-    ):
-        return None
-    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        return None
-    if "Rows" not in ds or "Columns" not in ds:
-        return None
-    return _dicom_to_image(ds, label)
-
-
-def _load_dicom(data: bytes, label: str) -> Image.Image:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        return pydicom.dcmread(io.BytesIO(data), force=True), None
     except (
         InvalidDicomError,
         OSError,
@@ -208,7 +185,24 @@ def _load_dicom(data: bytes, label: str) -> Image.Image:
         AttributeError,
         IndexError,
     ) as error:
-        raise ImageLoadError(f"not a readable DICOM file: {error}", path=label) from None
+        return None, error
+
+
+def _try_raw_dicom(data: bytes, label: str) -> Image.Image | None:
+    ds, _ = _read_dicom(data)
+    if ds is None:
+        return None
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        return None
+    if "Rows" not in ds or "Columns" not in ds:
+        return None
+    return _dicom_to_image(ds, label)
+
+
+def _load_dicom(data: bytes, label: str) -> Image.Image:
+    ds, error = _read_dicom(data)
+    if ds is None:
+        raise ImageLoadError(f"not a readable DICOM file: {error}", path=label)
     return _dicom_to_image(ds, label)
 
 

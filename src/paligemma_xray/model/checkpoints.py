@@ -17,6 +17,7 @@ PosixPath('...back.npz')
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -189,12 +190,10 @@ def _load_npz(path, tokenizer, target, final_logit_softcapping, progress):
 def _release_freed_memory() -> None:
     """Hand the per-layer read buffers back to the OS (glibc keeps freed heap pages resident,
     which after a 16-bit load leaves the file's float32 size in RSS for nothing)."""
-    try:
-        import ctypes
+    import ctypes
 
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to hand back
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _contiguous(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
