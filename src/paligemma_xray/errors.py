@@ -43,3 +43,31 @@ class CheckpointError(PaligemmaXrayError):
 
 class ConfigError(PaligemmaXrayError):
     """A recipe, flag or configuration value that does not fit."""
+
+
+def check_output(path: str | Path, *, folder: bool) -> Path:
+    """Raise :class:`ConfigError` now, before any work, where ``path`` cannot be written.
+
+    ``folder=True``: ``path`` is a folder to create or fill; else a file to create or
+    replace. Creates nothing. Catches a path that exists as the other kind, a parent that
+    is a file, and a parent that is not writable (a read-only file system included).
+    """
+    import os
+
+    path = Path(path).expanduser()
+    if path.exists():
+        if folder and not path.is_dir():
+            raise ConfigError("exists and is not a folder", path=path)
+        if not folder and path.is_dir():
+            raise ConfigError("is a folder; give a file name", path=path)
+        target = path if folder else path.parent
+    else:
+        target = path.parent
+    target = Path(os.path.abspath(target))
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        raise ConfigError(f"cannot create it: {target} is a file, not a folder", path=path)
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write it: {target} is not writable", path=path)
+    return path

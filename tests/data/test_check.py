@@ -148,3 +148,11 @@ def test_unusable_input_exits_two_without_traceback(tmp_path, capsys):
     assert err.startswith("error: ") and str(tmp_path) in err and "Traceback" not in err
     with pytest.raises(DataError):
         check_dataset(tmp_path / "nothing", progress=False)
+
+
+def test_report_paths_that_cannot_be_written_are_user_errors(synthetic_dataset, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for flag, target in (("--json", tmp_path), ("--html", tmp_path / "file" / "x.html")):
+        assert main(["data", "check", str(synthetic_dataset), flag, str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(target) in err and "Traceback" not in err

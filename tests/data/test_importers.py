@@ -110,3 +110,21 @@ def test_nothing_to_import_is_a_data_error(tmp_path):
         assert str(tmp_path / "empty") in str(info.value)
     with pytest.raises(DataError, match="unknown format"):
         import_dataset("csv", tmp_path / "empty", tmp_path / "out", progress=False)
+
+
+def test_a_bad_image_stops_the_import_before_anything_is_written(tmp_path, capsys):
+    src = _source(tmp_path, "coco")
+    good = (src / "valid" / "c.jpg").read_bytes()
+    (src / "valid" / "c.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    assert main(["data", "import", "--format", "coco", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "c.jpg" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # used to hold the train split's images and JSONL
+
+
+def test_output_that_is_a_file_is_a_user_error(tmp_path, capsys):
+    src = _source(tmp_path, "coco")
+    (tmp_path / "taken").write_text("")
+    assert main(["data", "import", "--format", "coco", str(src), str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert "taken: exists and is not a folder" in err and "Traceback" not in err

@@ -139,3 +139,20 @@ def test_no_data_set_is_a_data_error_naming_the_folder(tmp_path):
     assert str(tmp_path) in str(info.value)
     with pytest.raises(DataError, match="no such file"):
         open_dataset(tmp_path / "missing")
+
+
+def test_usable_records_warn_about_dropped_lines_and_refuse_an_empty_split(tmp_path, caplog):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "a.jpg")
+    good = json.dumps({"image": "a.jpg", "prefix": "detect fracture", "suffix": ""})
+    (folder / "_annotations.train.jsonl").write_text(good + "\n{broken\n")
+    (folder / "_annotations.valid.jsonl").write_text(json.dumps({"image": "a.jpg", "suffix": ""}) + "\n")
+    dataset = open_dataset(tmp_path)
+    with caplog.at_level("WARNING"):
+        assert len(dataset.usable("train")) == 1
+    assert "_annotations.train.jsonl:2" in caplog.text  # training used to drop it silently
+    with pytest.raises(DataError, match=r"no usable record.*_annotations\.valid\.jsonl:1.*prefix"):
+        dataset.usable("valid")
+    with pytest.raises(DataError, match="no split 'test'"):
+        dataset.usable("test")

@@ -93,3 +93,11 @@ def test_bad_arguments_raise_data_error(tmp_path, kwargs):
     args = {"n": 2, "seed": 0, "size": 64, "progress": False, **kwargs}
     with pytest.raises(DataError):
         generate(tmp_path, **args)
+
+
+def test_an_output_that_is_a_file_is_a_user_error(tmp_path):
+    from paligemma_xray.errors import PaligemmaXrayError
+
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(PaligemmaXrayError, match="not a folder"):  # was NotADirectoryError
+        generate(tmp_path / "taken", n=2, size=64, progress=False)

@@ -125,3 +125,26 @@ def test_two_processes_merge_to_the_single_process_result(tiny_boxes_hf_dir, syn
     assert multi == single
     for name in ("predictions.jsonl", "predictions.coco.json", "ground_truth.coco.json"):
         assert (tmp_path / "multi" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--threshold", "2"], "threshold is a score between 0 and 1"),
+        (["--bootstrap", "-5"], "bootstrap is a number of resamples"),
+        (["--batch-size", "0"], "batch size must be at least 1"),
+        (["--split", "train", "--data", "EMPTY"], "no usable record"),
+    ],
+)
+def test_evaluate_mistakes_are_user_errors_and_write_nothing(
+    tiny_hf_dir, synthetic_dataset, tmp_path, capsys, flags, message
+):
+    empty = tmp_path / "empty"
+    (empty / "dataset").mkdir(parents=True)
+    (empty / "dataset" / "_annotations.train.jsonl").write_text("")
+    flags = [str(empty) if f == "EMPTY" else f for f in flags]
+    out = tmp_path / "o"
+    argv = ["evaluate", "--model", str(tiny_hf_dir), "--data", str(synthetic_dataset), "--out", str(out)]
+    assert main([*argv, "--bootstrap", "0", *flags]) == 2
+    assert message in capsys.readouterr().err  # each used to run and write metrics.json
+    assert not out.exists()

@@ -52,9 +52,10 @@ def test_predict_writes_everything_and_resumes(tiny_boxes_hf_dir, tiny_boxes, fo
     assert (out / "json" / "xrays/b/b1.jpg.json").is_file()
     assert len(json.loads((out / "predictions.coco.json").read_text())) == n_boxes
 
-    # A threshold above every score keeps no box.
-    assert main([*args, "--out", str(tmp_path / "high"), "--threshold", "1.01", "--no-images"]) == 0
-    assert json.loads((tmp_path / "high" / "predictions.coco.json").read_text()) == []
+    # The highest threshold keeps only certain boxes (a threshold above 1 is a user error).
+    assert main([*args, "--out", str(tmp_path / "high"), "--threshold", "1", "--no-images"]) == 0
+    kept = json.loads((tmp_path / "high" / "predictions.coco.json").read_text())
+    assert len(kept) < n_boxes and all(r["score"] >= 1 for r in kept)
     assert not (tmp_path / "high" / "annotated").exists()
 
 
@@ -85,3 +86,29 @@ def test_predict_free_form_prints_answers(tiny_hf_dir, folder, tmp_path, capsys)
 def test_predict_missing_path_is_a_user_error(tiny_hf_dir, tmp_path, capsys):
     assert main(["predict", "--model", str(tiny_hf_dir), str(tmp_path / "missing.png")]) == 2
     assert "missing.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch-size", "0"], "batch size must be at least 1"),
+        (["--threshold", "2"], "threshold is a score between 0 and 1"),
+        (["--max-new-tokens", "0"], "max new tokens must be at least 1"),
+    ],
+)
+def test_predict_bad_numbers_are_user_errors(tiny_hf_dir, folder, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(tiny_hf_dir), str(folder), "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err  # used to be accepted (--threshold 2 kept nothing)
+    assert not out.exists()
+
+
+def test_predict_empty_folder_and_file_as_output_are_user_errors(tiny_hf_dir, folder, tmp_path, capsys):
+    model = ["predict", "--model", str(tiny_hf_dir)]
+    (tmp_path / "empty").mkdir()
+    assert main([*model, str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "no image files" in capsys.readouterr().err  # used to "succeed" with 0 images
+    (tmp_path / "taken").write_text("")
+    assert main([*model, str(folder), "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert "taken: exists and is not a folder" in err and "Traceback" not in err

@@ -225,6 +225,20 @@ def test_tokenizer_of_another_size_is_refused(tmp_path, tiny_tokenizer_path):
         load(npz, tokenizer=tiny_tokenizer_path, progress=False)
 
 
+def test_hf_folder_with_a_smaller_embedding_than_its_tokenizer_is_refused(tmp_path, tiny_hf_dir):
+    # It used to load, then fail with an IndexError deep in the model on the first loc token.
+    import shutil
+
+    model = PaliGemmaForConditionalGeneration.from_pretrained(tiny_hf_dir)
+    model.resize_token_embeddings(600)
+    model.save_pretrained(tmp_path / "hf")
+    for file in tiny_hf_dir.iterdir():
+        if file.name.startswith(("tokenizer", "processor", "special_tokens")):
+            shutil.copyfile(file, tmp_path / "hf" / file.name)
+    with pytest.raises(CheckpointError, match=f"{TINY_VOCAB_SIZE} pieces.*only 600 rows"):
+        load(tmp_path / "hf", progress=False)
+
+
 def test_wrong_shape_names_the_key(tmp_path):
     npz, _ = write_tiny_npz(tmp_path / "a.npz")
     with np.load(npz) as data:
@@ -281,3 +295,13 @@ def test_unscanned_key_spellings_and_mixed_layouts_load_alike(tmp_path):
     for name in ("per_layer.npz", "underscored.npz", "mixed.npz"):
         model, processor = load(tmp_path / "u" / name, tokenizer=spm, progress=False)
         assert torch.equal(_logits(model, processor), reference), name
+
+
+def test_convert_checks_the_output_before_loading(tmp_path, tiny_npz, capsys):
+    npz, _ = tiny_npz
+    (tmp_path / "file").write_text("")
+    (tmp_path / "folder.npz").mkdir()
+    for out in ("file", "folder.npz", "file/x.npz"):  # each used to end in a traceback
+        assert main(["convert", str(npz), str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and out in err and "Traceback" not in err

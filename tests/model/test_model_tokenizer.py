@@ -85,3 +85,19 @@ def test_a_tokenizer_without_loc_pieces_is_refused(tmp_path):
     plain.write_bytes(proto.SerializeToString())
     with pytest.raises(CheckpointError, match=r"<loc0000>.*plain.model|plain.model.*<loc0000>"):
         load_tokenizer(plain)
+
+
+def test_a_relative_tokenizer_path_never_asks_the_hub(tiny_tokenizer_path, monkeypatch):
+    # "dir/tokenizer.model" also parses as a Hub repo id: transformers used to query the Hub
+    # for it (about 30 s of retries offline) before reading the local file.
+    import transformers.tokenization_utils_base as base
+
+    def no_hub():
+        raise AssertionError("the Hub was asked about a local tokenizer file")
+
+    calls = []
+    monkeypatch.setattr(base, "hf_api", lambda: calls.append(1) or no_hub())
+    monkeypatch.chdir(tiny_tokenizer_path.parent.parent)
+    relative = tiny_tokenizer_path.relative_to(tiny_tokenizer_path.parent.parent)
+    assert len(load_tokenizer(relative)) == TINY_VOCAB_SIZE + 1
+    assert calls == []

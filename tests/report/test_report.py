@@ -154,3 +154,21 @@ def test_report_renders_in_chromium(evals, tmp_path):
     # The dark header band is drawn, and the page below it is not blank.
     assert pixels[:40].mean() < 120
     assert pixels[200:].std() > 20
+
+
+def test_report_path_mistakes_are_user_errors(evals, tmp_path, capsys):
+    _, after, _, _ = evals
+    (tmp_path / "file").write_text("")
+    broken = tmp_path / "broken"
+    shutil.copytree(after, broken)
+    (broken / "metrics.json").write_text("[]")
+    cases = [
+        [str(tmp_path / "file")],  # a file given as the evaluation folder
+        [str(after), "--out", str(tmp_path)],  # a folder given as the HTML file
+        [str(after), "--out", str(tmp_path / "file" / "r.html")],
+        [str(broken)],  # metrics.json that is not an object
+    ]
+    for argv in cases:  # each used to end in a traceback
+        assert main(["report", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err

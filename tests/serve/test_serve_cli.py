@@ -74,3 +74,14 @@ def test_serve_verb_with_api_key(tiny_boxes_hf_dir, tmp_path):
 def test_serve_verb_refuses_bad_settings_before_loading(flag, capsys):
     assert main(["serve", "--model", "/nonexistent", *flag]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_serve_verb_refuses_an_address_it_cannot_listen_on_before_loading(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", "/nonexistent", "--port", str(port)]) == 2
+        assert "Address already in use" in capsys.readouterr().err  # was: model load, then exit 3
+    assert main(["serve", "--model", "/nonexistent", "--port", "70000"]) == 2  # was a traceback
+    assert "--port must be between 0 and 65535" in capsys.readouterr().err

@@ -165,3 +165,20 @@ def test_data_mistakes_are_clear_errors(tiny_hf_dir, synthetic_dataset, tmp_path
         ["train", "--model", str(tiny_hf_dir), "--data", str(no_train), "--out", str(tmp_path / "r2")]
     )
     assert code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_a_model_that_does_not_load_leaves_no_run_folder(tiny_hf_dir, synthetic_dataset, tmp_path, capsys):
+    import shutil
+
+    from paligemma_xray.errors import PaligemmaXrayError
+
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_hf_dir, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(PaligemmaXrayError, match="no-weights"):
+        run(_config(broken, synthetic_dataset, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # used to keep a config.yaml-only run folder
+    (tmp_path / "taken").write_text("")
+    argv = ["--model", str(tiny_hf_dir), "--data", str(synthetic_dataset), "--out", str(tmp_path / "taken")]
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "taken: exists and is not a folder" in err and "Traceback" not in err

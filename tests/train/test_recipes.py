@@ -58,6 +58,14 @@ def test_override_order_preset_then_yaml_then_flags(tmp_path) -> None:
         ({"examples": 4}, "at least batch_size"),
         ({"activation_checkpointing": "yes"}, "true/false"),
         ({"quantize": "4bit"}, "needs trainable: lora"),
+        # a zero/negative interval used to crash (modulo by zero) or silently mean "every step"
+        ({"log_every": 0}, "log_every must be at least 1"),
+        ({"eval_batch_size": 0}, "eval_batch_size must be at least 1"),
+        ({"eval_max_new_tokens": 0}, "eval_max_new_tokens must be at least 1"),
+        ({"recipe": "lora", "lora_rank": 0}, "lora_rank must be at least 1"),
+        ({"eval_every": -1}, "eval_every must be ≥ 0"),
+        ({"checkpoint_every": -2}, "checkpoint_every must be ≥ 0"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
     ],
 )
 def test_bad_values_are_config_errors(values, message) -> None:

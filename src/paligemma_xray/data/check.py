@@ -47,7 +47,7 @@ from tqdm import tqdm
 from paligemma_xray.data.images import load_image
 from paligemma_xray.data.layouts import open_dataset
 from paligemma_xray.data.records import Dataset, Problem, Record, record_targets
-from paligemma_xray.errors import DataError, ImageLoadError
+from paligemma_xray.errors import DataError, ImageLoadError, check_output
 
 # Perceptual hash of 16x16 = 256 bits. Re-encoded, resized, brightened or slightly cropped
 # (~2%) copies of one radiograph stay within 26 bits; distinct radiographs of the same kind
@@ -397,6 +397,9 @@ def check_dataset(
     Raises:
         DataError: when no data set is found at ``root`` (the CLI exits with 2).
     """
+    for output in (json_path, html_path):
+        if output is not None:
+            check_output(output, folder=False)
     dataset = open_dataset(root)
     records = [r for split in dataset.splits.values() for r in split]
     if not records and not dataset.problems:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from paligemma_xray.data.layouts import open_dataset
-from paligemma_xray.errors import ConfigError, DataError
+from paligemma_xray.errors import ConfigError, DataError, check_output
 
 ENV_KEY = "ROBOFLOW_API_KEY"
 EXPORT_FORMAT = "paligemma"
@@ -106,9 +106,9 @@ def download(
         ConfigError: no key, or the ``roboflow`` package is missing.
         DataError: the download failed or did not produce the "paligemma" layout.
     """
+    out = check_output(out if out is not None else f"{project}-{version}", folder=True)
     key = read_api_key(api_key_file)
     module = _roboflow()
-    out = Path(out).expanduser() if out is not None else Path(f"{project}-{version}")
     out.mkdir(parents=True, exist_ok=True)
     stdout, stderr = _Masking(sys.stdout, key), _Masking(sys.stderr, key)
     try:

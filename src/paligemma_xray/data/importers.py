@@ -43,7 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from paligemma_xray.data.records import SPLITS, normalise_split
-from paligemma_xray.errors import DataError
+from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.locations import encode
 
 FORMATS = ("coco", "yolo", "voc")
@@ -182,6 +182,7 @@ def import_dataset(fmt: str, src: str | Path, out: str | Path, *, progress: bool
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.exists():
         raise DataError("no such file or folder", path=src)
+    check_output(out, folder=True)
     datasets = _load(fmt, src)
 
     # Class names by box count over all splits; classes never used (e.g. the supercategory
@@ -201,6 +202,20 @@ def import_dataset(fmt: str, src: str | Path, out: str | Path, *, progress: bool
     dropped = [c for c in declared if c not in classes]
     prefix = "detect " + " ; ".join(classes)
 
+    # Every image is checked before anything is written: a bad one leaves no half-made output.
+    sizes: dict[str, tuple[int, int]] = {}
+    for ds in datasets.values():
+        for path_str in ds.image_paths:
+            path = Path(path_str)
+            if not path.is_file():
+                raise DataError("image listed in the annotations is missing", path=path)
+            try:
+                with Image.open(path) as image:
+                    sizes[path_str] = image.size
+                    image.load()  # decodes it all: truncated and corrupt files fail here
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                raise DataError(f"cannot read image: {error}", path=path) from None
+
     folder = out / "dataset"
     folder.mkdir(parents=True, exist_ok=True)
     names: dict[str, int] = {}
@@ -216,13 +231,7 @@ def import_dataset(fmt: str, src: str | Path, out: str | Path, *, progress: bool
         c = {"images": 0, "boxes": 0, "negatives": 0}
         for path_str in sorted(ds.image_paths):
             path = Path(path_str)
-            if not path.is_file():
-                raise DataError("image listed in the annotations is missing", path=path)
-            try:
-                with Image.open(path) as image:
-                    size = image.size
-            except (OSError, ValueError) as error:
-                raise DataError(f"cannot read image: {error}", path=path) from None
+            size = sizes[path_str]
             # The same file name in two splits would overwrite: prefix the split there.
             name = path.name if names[path.name] == 1 else f"{split}_{path.name}"
             shutil.copyfile(path, folder / name)

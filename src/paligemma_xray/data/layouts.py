@@ -155,7 +155,9 @@ def read_jsonl(source: Path, split: str, bases: list[Path]) -> tuple[list[Record
     problems: list[Problem] = []
 
     def problem(kind: str, message: str, line: int | None, severity: str = "error") -> None:
-        problems.append(Problem(kind=kind, message=message, path=source, line=line, severity=severity))
+        problems.append(
+            Problem(kind=kind, message=message, path=source, line=line, severity=severity, split=split)
+        )
 
     try:
         raw = source.read_bytes()

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,7 @@ class Problem:
     path: Path | None
     line: int | None
     severity: str  # "error" | "warning"
+    split: str | None = None  # the split whose annotation file it is in, where known
 
     def __str__(self) -> str:
         where = "" if self.path is None else (f"{self.path}:{self.line}: " if self.line else f"{self.path}: ")
@@ -107,6 +109,29 @@ class Dataset:
             have = ", ".join(self.splits) or "none"
             raise DataError(f"no split {split!r} in this data set (splits: {have})", path=self.root)
         return self.splits[key]
+
+    def usable(self, split: str) -> list[Record]:
+        """The records of ``split`` for training or evaluation: never empty.
+
+        Lines of the split that could not be read are left out with one warning naming the
+        first by file and line (``data check`` lists them all).
+
+        Raises:
+            DataError: no such split, or not one usable record in it (naming the first problem).
+        """
+        records = self.records(split)
+        key = normalise_split(split)
+        dropped = [p for p in self.problems if p.severity == "error" and p.split == key]
+        if not records:
+            detail = f": {len(dropped)} line(s) could not be used, the first: {dropped[0]}" if dropped else ""
+            raise DataError(f"the {key!r} split has no usable record{detail}", path=self.root)
+        if dropped:
+            logging.getLogger(__name__).warning(
+                "%s: %d line(s) of the %r split could not be used and are left out "
+                "(`paligemma-xray data check` lists them); the first: %s",
+                self.root, len(dropped), key, dropped[0],
+            )
+        return records
 
     @property
     def classes(self) -> list[str]:

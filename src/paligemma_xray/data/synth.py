@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from tqdm import tqdm
 
-from paligemma_xray.errors import DataError
+from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.locations import encode
 
 PREFIX = "detect fracture"
@@ -409,7 +409,7 @@ def generate(
         raise DataError(f"image format must be 'jpg' or 'png', got {image_format!r}")
     if not splits or any(w < 0 for _, w in splits) or sum(w for _, w in splits) <= 0:
         raise DataError(f"split ratios must be non-negative and not all zero: {list(splits)}")
-    root = Path(out)
+    root = check_output(out, folder=True)
     folder = root / "dataset"
     folder.mkdir(parents=True, exist_ok=True)
     assigned = _split_names(n, splits, seed)

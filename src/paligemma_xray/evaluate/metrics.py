@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from paligemma_xray.errors import ConfigError
 from paligemma_xray.locations import Detections
 
 #: False positives per image at which FROC sensitivity is reported (the CAMELYON / LUNA set).
@@ -357,6 +358,16 @@ def _interval(samples: list[float | None]) -> list[float] | None:
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
+def check_options(*, threshold: float = 0.5, iou_threshold: float = 0.5, bootstrap: int = 0) -> None:
+    """Raise :class:`ConfigError` on settings :func:`evaluate_detections` cannot use."""
+    if not 0 <= threshold <= 1:
+        raise ConfigError(f"threshold is a score between 0 and 1, got {threshold}")
+    if not 0 < iou_threshold <= 1:
+        raise ConfigError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
+    if bootstrap < 0:
+        raise ConfigError(f"bootstrap is a number of resamples (0: none), got {bootstrap}")
+
+
 def evaluate_detections(
     ground_truth: Sequence[Detections],
     predictions: Sequence[Detections],
@@ -389,6 +400,7 @@ def evaluate_detections(
     >>> evaluate_detections([gt], [gt], ["fracture"], bootstrap=0)["n_images"]
     1
     """
+    check_options(threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap)
     if len(ground_truth) != len(predictions):
         raise ValueError(f"{len(ground_truth)} ground-truth images but {len(predictions)} predictions")
     classes = list(classes)

@@ -25,7 +25,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from paligemma_xray.data import Dataset, load_image, record_targets
-from paligemma_xray.evaluate.metrics import _coco_dicts, evaluate_detections
+from paligemma_xray.errors import check_output
+from paligemma_xray.evaluate.metrics import _coco_dicts, check_options, evaluate_detections
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector
 from paligemma_xray.infer.distributed import barrier, gather_indexed, shard, world
 from paligemma_xray.locations import Detections, classes_from_prefix
@@ -68,9 +69,10 @@ def evaluate(
     Each image is prompted with its own record's prefix (``detect fracture`` in the usual
     set), so multi-class sets are evaluated with the classes they ask for.
     """
-    out = Path(out_dir)
+    check_options(threshold=threshold, bootstrap=bootstrap)  # before hours of decoding
+    out = check_output(out_dir, folder=True)
     w = world()
-    records = dataset.records(split)
+    records = dataset.usable(split)  # DataError when missing or empty
     mine = list(shard(records, w))
     started = time.perf_counter()
     results: list[tuple[int, dict]] = []
@@ -165,8 +167,9 @@ def load_predictions(eval_dir: str | Path) -> list[dict]:
                 row = json.loads(line)
                 row["ground_truth"] = Detections.from_json(row["ground_truth"])
                 row["prediction"] = Detections.from_json(row["prediction"])
-            except (ValueError, KeyError, TypeError) as error:
-                raise DataError(f"unreadable prediction line: {error}", path=path, line=line_number) from None
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                message = f"unreadable prediction line: {error!r}"
+                raise DataError(message, path=path, line=line_number) from None
             rows.append(row)
     return rows
 
@@ -177,8 +180,11 @@ def load_metrics(eval_dir: str | Path) -> dict:
 
     path = Path(eval_dir) / METRICS_FILE
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+        metrics = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
         raise DataError("no metrics file here (run `paligemma-xray evaluate` first)", path=path) from None
     except json.JSONDecodeError as error:
         raise DataError(f"not valid JSON: {error}", path=path) from None
+    if not isinstance(metrics, dict):
+        raise DataError(f"expected a JSON object, got {type(metrics).__name__}", path=path)
+    return metrics

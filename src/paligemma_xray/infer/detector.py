@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from paligemma_xray.errors import ConfigError
 from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
 from paligemma_xray.locations import Detections, classes_from_prefix, parse
 
@@ -52,6 +53,18 @@ class Generation:
     def token_logprobs(self) -> list[tuple[str, float]]:
         """``(piece, logprob)`` pairs, the form :func:`~paligemma_xray.locations.parse` takes."""
         return list(zip(self.pieces, self.logprobs))
+
+
+def check_decoding(
+    *, batch_size: int | None = None, max_new_tokens: int | None = None, threshold: float | None = None
+) -> None:
+    """Raise :class:`ConfigError` on decoding settings that cannot work (None: not given)."""
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ConfigError(f"threshold is a score between 0 and 1, got {threshold}")
 
 
 def is_detection_prompt(prompt: str) -> bool:
@@ -94,6 +107,7 @@ class Detector:
         box_or_stop: bool = True,
         batch_size: int = 8,
     ) -> None:
+        check_decoding(batch_size=batch_size)
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -121,6 +135,7 @@ class Detector:
         """
         from paligemma_xray.model import load as load_model
 
+        check_decoding(batch_size=options.get("batch_size"))  # before the (long) load
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model, processor = load_model(path, dtype=dtype, device=device)
@@ -244,6 +259,7 @@ class Detector:
         box_or_stop: bool = False,
     ) -> Iterator[Generation]:
         """:meth:`generate` as a stream: one batch of images in memory at a time."""
+        check_decoding(batch_size=batch_size, max_new_tokens=max_new_tokens)
         size = batch_size or self.batch_size
         index = 0
         for chunk in self._batches(images, size):
@@ -283,6 +299,7 @@ class Detector:
 
         ``prompt`` may also be one prompt per image (e.g. each record's own prefix).
         """
+        check_decoding(batch_size=batch_size, max_new_tokens=max_new_tokens, threshold=threshold)
         size = batch_size or self.batch_size
         index = 0
         for chunk in self._batches(images, size):

@@ -27,8 +27,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from paligemma_xray.data.images import DICOM_SUFFIXES
-from paligemma_xray.errors import DataError
-from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, is_detection_prompt
+from paligemma_xray.errors import DataError, check_output
+from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, check_decoding, is_detection_prompt
 from paligemma_xray.infer.distributed import barrier, shard, world
 from paligemma_xray.locations import Detections, classes_from_prefix
 
@@ -109,7 +109,11 @@ def predict(
     """
     from paligemma_xray.data import load_image
 
-    out = Path(out_dir)
+    check_decoding(batch_size=batch_size, max_new_tokens=max_new_tokens, threshold=threshold)
+    out = check_output(out_dir, folder=True)
+    if next(iter_inputs(paths), None) is None:  # a typo'd folder must not "succeed" with nothing
+        suffixes = " ".join(sorted(IMAGE_SUFFIXES))
+        raise DataError(f"no image files here (looked for {suffixes})", path=paths[0] if paths else ".")
     w = world()
     detecting = is_detection_prompt(prompt)
     mine = shard(iter_inputs(paths), w)

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-from paligemma_xray.errors import CheckpointError
+from paligemma_xray.errors import CheckpointError, check_output
 from paligemma_xray.model.bigvision import (
     NpzArrays,
     NpzWriter,
@@ -272,6 +272,16 @@ def _load_hf(path: Path, tokenizer, target):
         processor = make_processor(load_tokenizer(path / "tokenizer.model"), image_size, patch)
     else:
         raise CheckpointError("the folder has no tokenizer; pass the SentencePiece .model file", path=path)
+    # A padded embedding (257216 rows for 257152 pieces) is fine; a smaller one would fail
+    # later, deep in the model, with an IndexError on the first token past its end.
+    rows = model.get_input_embeddings().num_embeddings
+    pieces = sentencepiece_size(processor.tokenizer)
+    if pieces > rows:
+        raise CheckpointError(
+            f"the tokenizer has {pieces} pieces but the model's embedding only {rows} rows: "
+            "tokenizer and weights do not belong together",
+            path=path,
+        )
     return model, processor
 
 
@@ -340,7 +350,7 @@ def save_hf(
     The folder loads in plain transformers (``PaliGemmaForConditionalGeneration.from_pretrained``
     and ``AutoProcessor.from_pretrained``) and in :func:`load`.
     """
-    out = Path(out_dir)
+    out = check_output(out_dir, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):
         raise TypeError("save_hf takes a plain model: merge the LoRA adapter first, or use save_lora")
@@ -376,7 +386,7 @@ def save_npz(
     dims = dims_from_config(model.config, vocab)
     state = model.state_dict()  # references to the live tensors, no copy
     qkv = dims.kv_heads == dims.heads
-    path = Path(path)
+    path = check_output(path, folder=False)
     tmp = path.with_name(path.name + ".partial")
     fams = families(dims, qkv)
     total = sum(len(list(iter_layers(f, dims))) for f in fams)
@@ -442,6 +452,7 @@ def convert(
         raise CheckpointError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if Path(src).resolve() == out.resolve():
         raise CheckpointError("output would overwrite the input", path=out)
+    check_output(out, folder=to == "hf")  # before the (long) load
     model, processor = load(src, tokenizer=tokenizer, dtype=dtype, progress=progress)
     if to == "hf":
         return save_hf(model, processor, out)

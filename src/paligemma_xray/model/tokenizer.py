@@ -41,7 +41,9 @@ def load_tokenizer(spm_path: str | Path) -> PreTrainedTokenizerBase:
     if not path.is_file():
         raise CheckpointError("SentencePiece tokenizer file not found", path=path)
     try:
-        tokenizer = GemmaTokenizer.from_pretrained(str(path))
+        # local_files_only: a relative file path also parses as a Hub repo id, and transformers
+        # would otherwise ask the Hub about it (about 30 s of retries when offline).
+        tokenizer = GemmaTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as error:  # a corrupt or foreign file: say which one
         raise CheckpointError(f"not a SentencePiece model: {error}", path=path) from error
     base = len(tokenizer)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from paligemma_xray.errors import DataError
+from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.evaluate.metrics import match
 from paligemma_xray.evaluate.runner import load_metrics, load_predictions
 from paligemma_xray.report.plots import SERIES_COLOURS, froc_plot, loss_plot, pr_plot
@@ -369,7 +369,7 @@ def write_report(
         if evaluations[1].name == evaluations[0].name:
             evaluations[1].name += " (2)"
     run_rows = _read_run(run_dir) if run_dir is not None else None
-    target = Path(out) if out is not None else Path(eval_dir) / "report.html"
+    target = check_output(out if out is not None else Path(eval_dir) / "report.html", folder=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(render_report(evaluations, run_rows=run_rows, gallery=gallery, title=title))
     return target

@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from paligemma_xray.errors import ConfigError
 from paligemma_xray.serve.app import API_KEY_ENV, ServeConfig, create_app
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ def serve(
     from paligemma_xray.infer import Detector  # torch and the model load only when serving
 
     config = config or ServeConfig()
+    check_address(host, port)  # before the (long) model load
     detector = Detector.load(
         model, device=device, dtype=dtype, box_or_stop=box_or_stop, batch_size=config.max_batch
     )
@@ -49,6 +51,19 @@ def serve(
         log.warning("serving on %s without an API key: set %s to require one", host, API_KEY_ENV)
     # Access logs carry the request line only, never headers: the API key stays out of logs.
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise :class:`ConfigError` unless a server could listen on ``host:port`` now."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind(address)
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
 
 
 def _is_loopback(host: str) -> bool:

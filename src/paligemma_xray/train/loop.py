@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from paligemma_xray.errors import ConfigError, DataError
+from paligemma_xray.errors import ConfigError, DataError, check_output
 from paligemma_xray.locations import classes_from_prefix, parse
 from paligemma_xray.model.processing import build_batch
 from paligemma_xray.train.batches import Augment, Examples, FeatureCache, step_positions
@@ -115,11 +115,14 @@ def run(config: TrainConfig, *, resume: bool = False) -> RunSummary:
         )
     train_records, valid_records = _records(config)
     _prepare_run_dir(out, config, resume, main)
-    accelerator.wait_for_everyone()
 
     torch.manual_seed(config.seed)  # same LoRA initialisation on every process and on resume
     base, processor = _load_model(config)
     model = prepare_model(base, config, device, bf16)
+    if main and not resume:  # only now: a model or recipe that does not load leaves no run folder
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(out / "config.yaml", config.to_yaml())
+    accelerator.wait_for_everyone()
     n_trainable, n_total = count_parameters(model)
     step_module = accelerator.prepare_model(_StepModule(model, config))
     trainable = [p for p in step_module.parameters() if p.requires_grad]
@@ -331,9 +334,7 @@ def _records(config: TrainConfig) -> tuple[list, list]:
     from paligemma_xray.data import open_dataset
 
     dataset = open_dataset(config.data)
-    train = dataset.records(config.train_split)  # DataError naming the data set if missing
-    if not train:
-        raise DataError(f"the {config.train_split!r} split is empty", path=config.data)
+    train = dataset.usable(config.train_split)  # DataError naming the data set if missing or empty
     try:
         valid = dataset.records(config.valid_split)
     except DataError:
@@ -519,13 +520,11 @@ def _prepare_run_dir(out: Path, config: TrainConfig, resume: bool, main: bool) -
             if main and old.is_dir() and not (out / name).exists():
                 os.replace(old, out / name)
         return
+    check_output(out, folder=True)
     if (out / "checkpoints").exists() or (out / "metrics.jsonl").exists():
         raise ConfigError(
             "run folder already holds a run: continue it with --resume, or choose another --out", path=out
         )
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out / "config.yaml", config.to_yaml())
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

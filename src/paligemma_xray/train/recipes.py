@@ -198,6 +198,15 @@ class TrainConfig:
             raise ConfigError("adam_betas takes two numbers")
         if self.keep_last < 1:
             raise ConfigError("keep_last must be at least 1 (resuming needs a checkpoint)")
+        for name in ("log_every", "eval_batch_size", "eval_max_new_tokens", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every", "loss_chunk_tokens", "grad_clip", "momentum",
+                     "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1 or self.lora_alpha <= 0 or self.adam_eps <= 0:
+            raise ConfigError("lora_dropout is a probability in [0, 1); lora_alpha and adam_eps must be > 0")
         return self
 
 
