@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from paligemma_xray.data.images import DICOM_SUFFIXES
+from paligemma_xray.data.images import DICOM_SUFFIXES, is_dicom
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, check_decoding, is_detection_prompt
 from paligemma_xray.infer.distributed import barrier, shard, world
@@ -41,6 +41,17 @@ class Item:
     name: str  # relative output name, unique within a run ("folder/sub/x.png")
 
 
+def _is_bare_dicom(path: Path) -> bool:
+    """A DICOM file without an extension (scanners write ``IM0001``): read its 132-byte header."""
+    if path.suffix:
+        return False
+    try:
+        with path.open("rb") as handle:
+            return is_dicom(handle.read(132))
+    except OSError:
+        return False
+
+
 def iter_inputs(paths: Sequence[str | Path]) -> Iterator[Item]:
     """Every image under ``paths`` (files as given, folders walked recursively, sorted)."""
     for given in paths:
@@ -49,8 +60,8 @@ def iter_inputs(paths: Sequence[str | Path]) -> Iterator[Item]:
             for folder, dirs, files in os.walk(path):
                 dirs.sort()  # walk order = name order, the same on every rank and every run
                 for file in sorted(files):
-                    if Path(file).suffix.lower() in IMAGE_SUFFIXES:
-                        full = Path(folder) / file
+                    full = Path(folder) / file
+                    if full.suffix.lower() in IMAGE_SUFFIXES or _is_bare_dicom(full):
                         yield Item(full, f"{path.name}/{full.relative_to(path).as_posix()}")
         elif path.is_file():
             yield Item(path, path.name)
