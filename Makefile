@@ -34,6 +34,8 @@ test: setup browser
 bench: setup
 	$(PY) benchmarks/train_step.py --out benchmarks/results/train_step.json
 	$(PY) benchmarks/decode.py --out benchmarks/results/decode.json
+	$(PY) benchmarks/serve.py --out benchmarks/results/serve.json
+	$(PY) benchmarks/load_memory.py --out benchmarks/results/load_memory.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
