@@ -427,8 +427,9 @@ def _add_demo(verbs) -> None:
                    help="training images to generate (default: 800)")
     p.add_argument("--base", default=None, metavar="PATH",
                    help="model to start from (default: the base model shipped in the package)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice, all cores)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="CPU threads for torch (default: 1; on a busy 2-core machine 2 threads ran\n"
+                        "10x slower, and float sums, hence results, depend on the thread count)")
     sub = p.add_subparsers(title="demo verbs", metavar="DEMO_VERB")
     q = _verb(sub, "pretrain", cmd_demo_pretrain,
               help="rebuild the demo's base model: pretrain on synthetic shapes (about 45 min, 1 CPU core)",
