@@ -25,7 +25,6 @@ uneven answer lengths would reward). ``--eos-after`` makes rows stop early inste
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import PALIGEMMA1_3B_224, write_result
 from PIL import Image
 
 from paligemma_xray.infer import Detector
@@ -47,24 +47,9 @@ def build(preset: str, device: str, dtype: torch.dtype):
     elif preset == "pg1-3b-224":
         from transformers import PaliGemmaForConditionalGeneration
 
-        from paligemma_xray.model.bigvision import Dims, make_config
+        from paligemma_xray.model.bigvision import make_config
 
-        dims = Dims(
-            version=1,
-            vocab=257152,
-            width=2048,
-            depth=18,
-            heads=8,
-            kv_heads=1,
-            head_dim=256,
-            mlp_dim=16384,
-            vision_width=1152,
-            vision_depth=27,
-            vision_heads=16,
-            vision_mlp_dim=4304,
-            patch=14,
-            image_size=224,
-        )
+        dims = PALIGEMMA1_3B_224
         config = make_config(dims, hf_vocab=257216)
         # The real tokenizer is not shipped: the tiny one (same layout, fewer text pieces)
         # with an image processor for 224 px. Its <image> id replaces the real one.
@@ -201,11 +186,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_result(result, args.out)
     return 0 if same else 1
 
 

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _common import write_result
+
 _LOAD = r"""
 import json, os, resource, sys, time
 import torch, transformers  # imported before the baseline: the increment is the checkpoint's
@@ -111,11 +113,7 @@ def main() -> None:
         "cases": cases,
         "worst_added_over_file": max(case["added_over_file"] for case in cases),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

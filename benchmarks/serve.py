@@ -39,6 +39,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from _common import write_result
 from PIL import Image, ImageDraw
 
 from paligemma_xray.infer import Detector
@@ -191,11 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             results["batched"]["latency_ms"]["p50"] / results["unbatched"]["latency_ms"]["p50"], 3
         ),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_result(report, args.out)
     return 0
 
 

@@ -27,12 +27,12 @@ ratios ours/plain, and on GPU the model FLOP utilisation (see :func:`model_flops
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
+from _common import PALIGEMMA1_3B_224, TEXT_VOCAB, write_result
 from transformers import PaliGemmaForConditionalGeneration
 
 from paligemma_xray.model.bigvision import Dims, make_config
@@ -42,28 +42,12 @@ from paligemma_xray.train.loss import image_features, suffix_loss
 from paligemma_xray.train.recipes import preset
 from paligemma_xray.train.strategies import count_parameters, prepare_model
 
-TEXT_VOCAB = 257152  # SentencePiece pieces; <image> = 257152; HF embedding padded to 257216
 HF_VOCAB = 257216
 LOC0 = 256000
 
 PRESETS = {
     "tiny-real-vocab": tiny_dims(1, vocab_size=TEXT_VOCAB, image_size=224),
-    "pg1-3b-224": Dims(
-        version=1,
-        vocab=TEXT_VOCAB,
-        width=2048,
-        depth=18,
-        heads=8,
-        kv_heads=1,
-        head_dim=256,
-        mlp_dim=16384,
-        vision_width=1152,
-        vision_depth=27,
-        vision_heads=16,
-        vision_mlp_dim=4304,
-        patch=14,
-        image_size=224,
-    ),
+    "pg1-3b-224": PALIGEMMA1_3B_224,
 }
 
 # Dense bf16 peak of the card, for MFU (per GPU, no sparsity).
@@ -271,11 +255,7 @@ def main() -> None:
         if peak:
             for case in cases.values():
                 case["mfu"] = flops / case["seconds_per_step"] / peak
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":
