@@ -430,21 +430,25 @@ def _add_demo(verbs) -> None:
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="CPU threads for torch (default: 1; on a busy 2-core machine 2 threads ran\n"
                         "10x slower, and float sums, hence results, depend on the thread count)")
+    from paligemma_xray.demo.base import PretrainSettings
+
+    defaults = PretrainSettings()
     sub = p.add_subparsers(title="demo verbs", metavar="DEMO_VERB")
     q = _verb(sub, "pretrain", cmd_demo_pretrain,
-              help="rebuild the demo's base model: pretrain on synthetic shapes (about 45 min, 1 CPU core)",
+              help="rebuild the demo's base model: pretrain on synthetic shapes (about 35 min, 1 CPU core)",
               description="Pretrain the demo's small PaliGemma (the real architecture and tokenizer layout)\n"
-                          "on synthetic shapes ('detect circle', 'detect ring ; line', ...) through the\n"
-                          "training engine, and write it to OUT as float16 safetensors with its tokenizer\n"
-                          "and config. The shipped base model is exactly:\n"
+                          "on synthetic shapes ('detect circle', 'detect ring ; line', ...): stage 1 warms\n"
+                          "up the vision tower with a dense per-patch objective, stage 2 trains the decoder\n"
+                          "on detection text through the training engine. Writes OUT as float16\n"
+                          "safetensors with its tokenizer and config. The shipped base model is exactly:\n"
                           "  paligemma-xray demo pretrain --out src/paligemma_xray/assets/demo-base\n"
                           "Deterministic for a given seed, torch version and thread count.")
     q.add_argument("--out", required=True, metavar="DIR", help="folder to write the base model to (replaced)")
     q.add_argument("--seed", type=int, default=0, help="seed of data, initial weights and order (default: 0)")
     q.add_argument("--examples", type=int, default=None, metavar="N",
-                   help="training examples in total (default: 200000)")
+                   help=f"stage-2 training examples in total (default: {defaults.examples})")
     q.add_argument("--images", type=int, default=None, metavar="N",
-                   help="distinct training images generated (default: 30000)")
+                   help=f"distinct training images generated (default: {defaults.train_images})")
     q.add_argument("--threads", type=int, default=1, metavar="N",
                    help="CPU threads; part of the recipe, float32 sums depend on it (default: 1)")
     q.add_argument("--work", default=None, metavar="DIR",

@@ -11,12 +11,20 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 
 from paligemma_xray.cli import main
 from paligemma_xray.data import open_dataset
 from paligemma_xray.demo import DemoSettings, PretrainSettings, pretrain, run_demo, shipped_base
-from paligemma_xray.demo.base import BASE_SIZES, MAX_BYTES, initial_model
+from paligemma_xray.demo.base import (
+    BASE_SIZES,
+    MAX_BYTES,
+    WarmupSettings,
+    initial_model,
+    patch_targets,
+    warm_up_vision,
+)
 from paligemma_xray.demo.shapes import CLASSES, EVAL_SPLIT_SIZE, generate, make_example
 from paligemma_xray.locations import classes_from_prefix, parse
 from paligemma_xray.model import load
@@ -81,9 +89,39 @@ def test_initialisation_gives_neighbouring_location_bins_similar_embeddings():
     assert cosine(loc[500], loc[501]) > cosine(loc[500], loc[900]) + 0.5
 
 
+def test_patch_targets_mark_the_patches_each_object_covers():
+    # 4×4 patches of 28 px on a 112-px image; centres at 14, 42, 70, 98.
+    scene = [
+        ("square", (30.0, 30.0, 80.0, 60.0)),  # covers centres x 42, 70 and y 42
+        ("circle", (0.0, 90.0, 8.0, 100.0)),  # too small for any centre: its own centre's patch
+        ("ring", (60.0, 30.0, 75.0, 50.0)),  # overlaps the square at (row 1, col 2); smaller, wins
+    ]
+    classes, boxes = patch_targets(scene, image_size=112, grid=4)
+    background = len(CLASSES)
+    grid = classes.reshape(4, 4)
+    assert grid[1, 1] == CLASSES.index("square")
+    assert grid[1, 2] == CLASSES.index("ring")
+    assert grid[3, 0] == CLASSES.index("circle")
+    assert int((classes != background).sum()) == 3
+    # Boxes in fractional <loc> bins, PaliGemma order y1 x1 y2 x2.
+    np.testing.assert_allclose(boxes[1 * 4 + 1].numpy(), np.array([30, 30, 60, 80]) / 112 * 1023, rtol=1e-6)
+
+
+def test_vision_warm_up_trains_only_the_vision_side():
+    model, processor = initial_model(seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    warm_up_vision(model, processor, WarmupSettings(steps=4, batch_size=4, images=8), seed=0, progress=False)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any("vision_tower" in n for n in changed) and any("multi_modal_projector" in n for n in changed)
+    vision_side = ("vision_tower", "multi_modal_projector", "embed_tokens")
+    assert changed <= {n for n in before if any(part in n for part in vision_side)}
+    assert all(p.requires_grad for p in model.parameters())  # handed back as it came
+
+
 @pytest.mark.slow
 def test_pretrain_writes_a_loadable_float16_base(tmp_path):
     settings = PretrainSettings(train_images=16, examples=64, batch_size=8, evaluations=1)
+    settings.warmup_stage = WarmupSettings(steps=3, batch_size=4, images=16)
     summary = pretrain(tmp_path / "base", settings, progress=False)
     assert summary.bytes <= MAX_BYTES
     assert summary.valid["kind"] == "eval" and "val_loss" in summary.valid

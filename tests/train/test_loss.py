@@ -105,3 +105,65 @@ def test_cached_image_features_give_the_same_loss() -> None:
     # Second use reads the cache (the compute function must not be called again).
     again = cache.get(lambda px: pytest.fail("recomputed a cached image"), keys[::-1], batch["pixel_values"])
     torch.testing.assert_close(again, features.flip(0))
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_location_smoothing_is_cross_entropy_against_a_gaussian_over_bins(softcap) -> None:
+    """``location_sigma``: location targets become a Gaussian over the 1024 bins (value and
+    gradients equal the explicit soft-target cross-entropy); other targets stay one-hot and
+    the reported NLL stays the one-hot NLL."""
+    from paligemma_xray.train.loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    vocab, first, n, width, sigma = 1100, 60, 29, 8, 3.0
+    hidden = torch.randn(n, width, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, width, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[:15] = torch.randint(first, first + 1024, (15,), generator=g)
+    weights = torch.rand(n, generator=g, dtype=torch.float64)
+    loss, nll = linear_cross_entropy(
+        hidden, weight, targets, weights, softcap=softcap, chunk=6, location_smoothing=(first, sigma)
+    )
+    grads = torch.autograd.grad(loss, (hidden, weight))
+
+    logits = hidden @ weight.T
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logp = torch.log_softmax(logits, dim=-1)
+    target_dist = F.one_hot(targets, vocab).double()
+    for i, t in enumerate(targets.tolist()):
+        if first <= t < first + 1024:
+            bump = torch.exp(-0.5 * ((torch.arange(1024) - (t - first)) / sigma) ** 2).double()
+            target_dist[i] = 0
+            target_dist[i, first : first + 1024] = bump / bump.sum()
+    reference = (-(target_dist * logp).sum(-1) * weights).sum()
+    ref_grads = torch.autograd.grad(reference, (hidden, weight))
+
+    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+    for ours, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    one_hot_nll = -logp.gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(nll.double(), one_hot_nll.detach(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the evaluation path (no autograd function) gives the same value
+        no_grad_loss, _ = linear_cross_entropy(
+            hidden, weight, targets, weights, softcap=softcap, chunk=6, location_smoothing=(first, sigma)
+        )
+    assert float(no_grad_loss) == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_location_smoothing_rewards_near_misses() -> None:
+    """A near miss costs less than a far one with smoothing; with one-hot they cost the same."""
+    from paligemma_xray.train.loss import linear_cross_entropy
+
+    first, vocab = 10, 1040
+    weight = torch.eye(vocab)
+    target = torch.tensor([first + 500])
+
+    def cost(guess_bin: int, smoothing):
+        hidden = torch.zeros(1, vocab)
+        hidden[0, first + guess_bin] = 20.0
+        loss, _ = linear_cross_entropy(hidden, weight, target, torch.ones(1), location_smoothing=smoothing)
+        return float(loss)
+
+    assert cost(503, (first, 4.0)) < cost(560, (first, 4.0)) - 1.0
+    assert cost(503, None) == pytest.approx(cost(560, None))

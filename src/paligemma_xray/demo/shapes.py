@@ -47,6 +47,7 @@ class ShapeExample:
     suffix: str  # "<loc…>×4 circle ; …", "" when none of the asked classes is present
     boxes: np.ndarray  # (N, 4) float32 x1 y1 x2 y2 pixels of the objects named in the suffix
     labels: list[str]  # N class names, in suffix order
+    scene: list[tuple[str, tuple[float, float, float, float]]]  # every object drawn: class, x1 y1 x2 y2
 
 
 CLEAN_SHARE = 0.5
@@ -213,7 +214,7 @@ def make_example(seed: int, index: int, size: int = DEFAULT_SIZE) -> ShapeExampl
     boxes = np.array([box for _, box in wanted], dtype=np.float32).reshape(-1, 4)
     labels = [kind for kind, _ in wanted]
     suffix = encode(boxes, labels, (size, size)) if labels else ""
-    return ShapeExample(image, "detect " + " ; ".join(asked), suffix, boxes, labels)
+    return ShapeExample(image, "detect " + " ; ".join(asked), suffix, boxes, labels, objects)
 
 
 def iter_examples(seed: int, start: int, stop: int, size: int = DEFAULT_SIZE) -> Iterator[ShapeExample]:

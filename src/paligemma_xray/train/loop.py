@@ -78,11 +78,13 @@ class _StepModule(nn.Module):
     """The loss as a module, so that DDP/FSDP see one forward per micro-batch (calling
     ``model.model`` directly would bypass their gradient hooks)."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+    def __init__(self, model: nn.Module, config: TrainConfig, first_location_id: int | None) -> None:
         super().__init__()
         self.model = model
         self.reduction = config.loss
         self.chunk_tokens = config.loss_chunk_tokens
+        self.location_sigma = config.location_sigma
+        self.first_location_id = first_location_id
 
     def forward(self, batch, features=None, denominator=None):
         out = suffix_loss(
@@ -92,6 +94,8 @@ class _StepModule(nn.Module):
             denominator=denominator,
             chunk_tokens=self.chunk_tokens,
             features=features,
+            location_sigma=self.location_sigma,
+            first_location_id=self.first_location_id,
         )
         return out.loss, out.token_nll, out.example_index
 
@@ -124,7 +128,8 @@ def run(config: TrainConfig, *, resume: bool = False) -> RunSummary:
         _atomic_write_text(out / "config.yaml", config.to_yaml())
     accelerator.wait_for_everyone()
     n_trainable, n_total = count_parameters(model)
-    step_module = accelerator.prepare_model(_StepModule(model, config))
+    first_location_id = processor.tokenizer.convert_tokens_to_ids("<loc0000>")
+    step_module = accelerator.prepare_model(_StepModule(model, config, first_location_id))
     trainable = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = _optimizer(config, trainable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(config, i + 1))

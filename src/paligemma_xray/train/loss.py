@@ -13,6 +13,12 @@ Reductions: ``example`` = mean NLL over each example's suffix tokens, then mean 
 batch (big_vision); ``token`` = mean over every suffix token of the batch. For gradient
 accumulation and several processes the caller passes the *global* ``denominator`` (see
 :func:`loss_denominator`) so that the summed gradients equal the full batch's.
+
+Location smoothing (``location_sigma`` > 0, off by default): a ``<locNNNN>`` target is
+replaced by a Gaussian over the 1024 location bins centred on it. With one-hot targets a
+guess 5 bins off costs as much as one 500 bins off, so a model that has not yet found the
+object gets no signal about *where* to look; the smoothed target rewards being close. The
+per-token NLL reported beside the loss stays the one-hot NLL, comparable across settings.
 """
 
 from __future__ import annotations
@@ -77,14 +83,19 @@ def suffix_loss(
     denominator: float | None = None,
     chunk_tokens: int = 0,
     features: torch.Tensor | None = None,
+    location_sigma: float = 0.0,
+    first_location_id: int | None = None,
 ) -> SuffixLoss:
     """Loss over suffix tokens (``labels != -100``) of ``batch`` (from ``build_batch``).
 
     ``features``: precomputed :func:`image_features` for the batch's images (then
     ``pixel_values`` is not used). ``denominator``: examples or tokens to divide by (default:
     this batch's own, i.e. a plain mean). ``chunk_tokens``: rows of ``lm_head`` per chunk (0:
-    automatic).
+    automatic). ``location_sigma``: width in bins of the Gaussian that replaces a location
+    target (module doc); needs ``first_location_id``, the id of ``<loc0000>``.
     """
+    if location_sigma > 0 and first_location_id is None:
+        raise ValueError("location_sigma needs first_location_id (the id of <loc0000>)")
     if reduction not in ("example", "token"):
         raise ValueError(f"reduction must be 'example' or 'token', not {reduction!r}")
     core = unwrap(model)
@@ -121,7 +132,10 @@ def suffix_loss(
     softcap = getattr(text_config, "final_logit_softcapping", None)
     weight = core.lm_head.weight
     chunk = chunk_tokens or max(1, _CHUNK_ELEMENTS // weight.shape[0])
-    loss, nll = linear_cross_entropy(picked, weight, targets, weights, softcap=softcap, chunk=chunk)
+    smoothing = (first_location_id, location_sigma) if location_sigma > 0 else None
+    loss, nll = linear_cross_entropy(
+        picked, weight, targets, weights, softcap=softcap, chunk=chunk, location_smoothing=smoothing
+    )
     return SuffixLoss(loss=loss, token_nll=nll, example_index=rows)
 
 
@@ -133,10 +147,13 @@ def linear_cross_entropy(
     *,
     softcap: float | None = None,
     chunk: int = 256,
+    location_smoothing: tuple[int, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sum_i weights_i * CE(softcap(hidden_i @ weight.T), targets_i)`` and the per-row NLL.
 
-    Chunked over rows; gradients for ``hidden`` and ``weight`` are formed chunk by chunk in
+    ``location_smoothing = (first_location_id, sigma)`` turns location targets into Gaussians
+    over the 1024 bins (module doc); the returned NLL stays the one-hot one. Chunked over rows;
+    gradients for ``hidden`` and ``weight`` are formed chunk by chunk in
     the forward pass (each row's gradient needs only its own softmax), so backward is two
     multiplications by the incoming scalar gradient.
     """
@@ -145,14 +162,44 @@ def linear_cross_entropy(
         zero = (hidden.sum() + weight.sum()) * 0.0
         return zero, hidden.new_zeros(0, dtype=torch.float32)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, weights, softcap, chunk)
-    nll = torch.cat(
-        [
-            _chunk_nll(hidden[s : s + chunk], weight, targets[s : s + chunk], softcap)[0]
-            for s in range(0, hidden.shape[0], chunk)
-        ]
-    )
-    return (nll * weights).sum(), nll
+        return _LinearCrossEntropy.apply(hidden, weight, targets, weights, softcap, chunk, location_smoothing)
+    nll, losses = [], []
+    for s in range(0, hidden.shape[0], chunk):
+        rows = targets[s : s + chunk]
+        chunk_nll, z, lse, _ = _chunk_nll(hidden[s : s + chunk], weight, rows, softcap)
+        nll.append(chunk_nll)
+        soft = _soft_targets(rows, z.shape[1], location_smoothing)
+        losses.append(chunk_nll if soft is None else _soft_ce(z, lse, chunk_nll, rows, soft))
+    all_nll = torch.cat(nll)
+    return (torch.cat(losses) * weights).sum(), all_nll
+
+
+LOCATION_BINS = 1024
+
+
+def _soft_targets(
+    targets: torch.Tensor, vocab: int, location_smoothing: tuple[int, float] | None
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """For the rows whose target is a location token: (row indices, (rows, 1024) Gaussian
+    target distributions, first location id); None when smoothing is off or no row has one."""
+    if location_smoothing is None:
+        return None
+    first, sigma = location_smoothing
+    bins = targets - first
+    rows = ((bins >= 0) & (bins < LOCATION_BINS) & (first + LOCATION_BINS <= vocab)).nonzero(as_tuple=True)[0]
+    if rows.numel() == 0:
+        return None
+    grid = torch.arange(LOCATION_BINS, device=targets.device, dtype=torch.float32)
+    q = torch.softmax(-0.5 * ((grid[None, :] - bins[rows, None].float()) / sigma) ** 2, dim=1)
+    return rows, q, first
+
+
+def _soft_ce(z, lse, nll, targets, soft) -> torch.Tensor:
+    """Per-row cross-entropy against the smoothed targets (one-hot NLL on other rows)."""
+    rows, q, first = soft
+    out = nll.clone()
+    out[rows] = lse[rows] - (q * z[rows, first : first + LOCATION_BINS]).sum(dim=1)
+    return out
 
 
 def _chunk_nll(
@@ -171,10 +218,11 @@ def _chunk_nll(
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, softcap, chunk):
+    def forward(ctx, hidden, weight, targets, weights, softcap, chunk, location_smoothing=None):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = hidden.shape[0]
         nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        losses = torch.empty_like(nll)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         compute = weight.to(hidden.dtype)
@@ -182,9 +230,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             e = min(n, s + chunk)
             h = hidden[s:e]
             nll[s:e], z, lse, squashed = _chunk_nll(h, compute, targets[s:e], softcap)
-            # d(weighted NLL)/d(logits) = (softmax - onehot) * weight_i, through tanh if softcapped.
+            soft = _soft_targets(targets[s:e], z.shape[1], location_smoothing)
+            losses[s:e] = nll[s:e] if soft is None else _soft_ce(z, lse, nll[s:e], targets[s:e], soft)
+            # d(weighted CE)/d(logits) = (softmax - target) * weight_i, through tanh if softcapped.
             g = torch.exp(z - lse[:, None])
-            g[torch.arange(e - s, device=g.device), targets[s:e]] -= 1.0
+            onehot = torch.ones(e - s, dtype=torch.bool, device=g.device)
+            if soft is not None:
+                rows, q, first = soft
+                onehot[rows] = False
+                g[rows, first : first + LOCATION_BINS] -= q
+            hard = onehot.nonzero(as_tuple=True)[0]
+            g[hard, targets[s:e][hard]] -= 1.0
             g *= weights[s:e, None]
             if squashed is not None:
                 g *= 1.0 - squashed * squashed
@@ -197,11 +253,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(nll)
-        return (nll * weights).sum(), nll
+        return (losses * weights).sum(), nll
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_nll):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None

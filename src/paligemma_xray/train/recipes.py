@@ -95,6 +95,10 @@ class TrainConfig:
     loss: str = "example"
     """``example``: mean NLL over each example's suffix tokens, then mean over the batch
     (big_vision); ``token``: mean over all suffix tokens of the batch."""
+    location_sigma: float = 0.0
+    """Train ``<loc>`` targets against a Gaussian of this width (in bins of 1024) around the
+    true bin instead of one-hot, so near misses cost less than far ones; 0 (default) is the
+    original loss. Helps a model that cannot localise yet; decoding is unchanged."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
     activation_checkpointing: bool = False
@@ -202,7 +206,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("eval_every", "checkpoint_every", "loss_chunk_tokens", "grad_clip", "momentum",
-                     "weight_decay"):
+                     "weight_decay", "location_sigma"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1 or self.lora_alpha <= 0 or self.adam_eps <= 0:
