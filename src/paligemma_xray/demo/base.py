@@ -320,6 +320,7 @@ def warm_up_vision(model, processor, settings: WarmupSettings, seed: int, progre
 
     from paligemma_xray.demo.shapes import CLASSES, make_example
     from paligemma_xray.model.processing import image_resolution, preprocess_images
+    from paligemma_xray.train.loss import location_distribution
 
     if settings.steps <= 0:
         return
@@ -356,7 +357,6 @@ def warm_up_vision(model, processor, settings: WarmupSettings, seed: int, progre
         optimizer,
         lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / settings.steps))),
     )
-    bins = torch.arange(1024, dtype=torch.float32)
     order = torch.Generator().manual_seed(seed)
     model.train()
     bar = tqdm(range(settings.steps), desc="pretrain 1/2 vision", unit="step", disable=not progress)
@@ -368,8 +368,7 @@ def warm_up_vision(model, processor, settings: WarmupSettings, seed: int, progre
         on_object = target_classes < len(CLASSES)
         loc_rows = embeddings[first_loc : first_loc + 1024]
         box_logits = box_head(tokens[on_object]).reshape(-1, 4, width) @ loc_rows.T
-        offsets = (bins - target_boxes[on_object][..., None]) / settings.location_sigma
-        target = torch.softmax(-0.5 * offsets**2, -1)
+        target = location_distribution(target_boxes[on_object], settings.location_sigma)
         box_loss = -(target * torch.log_softmax(box_logits, -1)).sum(-1).mean() if on_object.any() else 0.0
         loss = class_loss + box_loss
         optimizer.zero_grad(set_to_none=True)

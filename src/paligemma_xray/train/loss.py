@@ -189,9 +189,14 @@ def _soft_targets(
     rows = ((bins >= 0) & (bins < LOCATION_BINS) & (first + LOCATION_BINS <= vocab)).nonzero(as_tuple=True)[0]
     if rows.numel() == 0:
         return None
-    grid = torch.arange(LOCATION_BINS, device=targets.device, dtype=torch.float32)
-    q = torch.softmax(-0.5 * ((grid[None, :] - bins[rows, None].float()) / sigma) ** 2, dim=1)
-    return rows, q, first
+    return rows, location_distribution(bins[rows].float(), sigma), first
+
+
+def location_distribution(bins: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``(..., 1024)`` Gaussians of width ``sigma`` over the location bins, centred on each
+    (possibly fractional) value of ``bins``, each summing to 1: the smoothed target."""
+    grid = torch.arange(LOCATION_BINS, device=bins.device, dtype=torch.float32)
+    return torch.softmax(-0.5 * ((grid - bins[..., None]) / sigma) ** 2, dim=-1)
 
 
 def _soft_ce(z, lse, nll, targets, soft) -> torch.Tensor:
