@@ -181,7 +181,7 @@ def _detector(args: argparse.Namespace):
     w = world()  # under torchrun: one GPU per rank
     device = args.device or (w.device() if w.size > 1 else None)
     return Detector.load(args.model, device=device, dtype=args.dtype, box_or_stop=not args.plain_greedy,
-                         batch_size=args.batch_size)
+                         min_box_probability=args.min_box_probability, batch_size=args.batch_size)
 
 
 def _detector_flags(p: argparse.ArgumentParser) -> None:
@@ -197,6 +197,11 @@ def _detector_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain-greedy", action="store_true",
                    help="turn off 'emit a box or stop' (all location tokens' total probability against "
                         "EOS where a box may start): plain greedy decoding, as model.generate does")
+    p.add_argument("--min-box-probability", type=float, default=None, metavar="P",
+                   help="also start a box where the location tokens together reach probability P although\n"
+                        "EOS is likelier, scored by that probability: candidates below the greedy\n"
+                        "operating point, so mAP and FROC see the whole precision-recall curve\n"
+                        "(e.g. 0.05; default: only where they beat EOS)")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -418,18 +423,22 @@ def _add_demo(verbs) -> None:
                           "OUT/model/ (HF) and OUT/model.npz (big_vision), and OUT/metrics.json.\n"
                           "No network. Deterministic for a given --seed and --minutes.\n\n"
                           "  paligemma-xray demo pretrain --out DIR   rebuilds the base model (see --help).")
+    from paligemma_xray.demo.run import DemoSettings
+
+    demo_defaults = DemoSettings()
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: ./demo-out)")
     p.add_argument("--minutes", type=float, default=10.0, metavar="N",
                    help="time budget on a 2-core CPU; sets how many examples are trained on, at a fixed\n"
                         "nominal rate (not by the clock, so runs repeat exactly) (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the training order (default: 0)")
     p.add_argument("--images", type=int, default=None, metavar="N",
-                   help="training images to generate (default: 800)")
+                   help=f"training images to generate (default: {demo_defaults.train_images})")
     p.add_argument("--base", default=None, metavar="PATH",
                    help="model to start from (default: the base model shipped in the package)")
-    p.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="CPU threads for torch (default: 1; on a busy 2-core machine 2 threads ran\n"
-                        "10x slower, and float sums, hence results, depend on the thread count)")
+    p.add_argument("--threads", type=int, default=demo_defaults.threads, metavar="N",
+                   help=f"CPU threads for torch (default: {demo_defaults.threads}, for a 2-core machine\n"
+                        "the demo has to itself; use 1 on a busy one, where 2 threads ran 10x slower).\n"
+                        "Float sums, hence results, depend on the thread count")
     from paligemma_xray.demo.base import PretrainSettings
 
     defaults = PretrainSettings()

@@ -135,7 +135,10 @@ def test_pretrain_writes_a_loadable_float16_base(tmp_path):
 
 @pytest.mark.slow
 def test_shortened_demo_end_to_end(tmp_path):
-    settings = DemoSettings(train_images=16, valid_images=4, test_images=6, image_size=112, examples=32)
+    # One thread: the suite runs two workers on two cores.
+    settings = DemoSettings(
+        train_images=16, valid_images=4, test_images=6, image_size=112, examples=32, threads=1
+    )
     result = run_demo(tmp_path / "demo", settings, progress=False, bootstrap=0)
     out = tmp_path / "demo"
     saved = json.loads((out / "metrics.json").read_text())

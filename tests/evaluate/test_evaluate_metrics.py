@@ -11,6 +11,7 @@ import pytest
 from paligemma_xray.evaluate.metrics import (
     FROC_FP_RATES,
     _coco_dicts,
+    best_f1_threshold,
     evaluate_detections,
     match,
 )
@@ -170,3 +171,20 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
 def test_mismatched_lengths_raise():
     with pytest.raises(ValueError, match="ground-truth"):
         evaluate_detections([det([], [])], [], ["fracture"])
+
+
+def test_best_f1_threshold_is_the_best_of_every_possible_operating_point():
+    classes = ["fracture", "cast"]
+    for seed in range(4):
+        gts, prs = random_set(seed)
+        chosen = best_f1_threshold(gts, prs, classes)
+        assert chosen in {float(s) for p in prs for s in p.score}  # a score one can set
+        thresholds = np.unique(np.concatenate([p.score for p in prs])).tolist()
+        f1 = {t: evaluate_detections(gts, prs, classes, threshold=t, bootstrap=0)["f1"] for t in thresholds}
+        assert f1[chosen] == pytest.approx(max(f1.values()))
+
+
+def test_best_f1_threshold_is_none_without_a_true_positive():
+    truth = [det([[0, 0, 10, 10]], ["fracture"])]
+    wrong = [det([[100, 100, 120, 120]], ["fracture"], [0.9])]
+    assert best_f1_threshold(truth, wrong, ["fracture"]) is None

@@ -110,3 +110,16 @@ def test_box_or_stop_takes_the_location_mass_over_eos():
     assert int(token) == EOS and float(recorded) == pytest.approx(math.log(0.6), abs=1e-4)
     # Outside box positions (-1) the rule does nothing.
     assert int(_choose(logits, rule, torch.tensor([-1]))[0]) == EOS
+
+
+def test_min_box_probability_starts_a_box_below_eos_but_not_below_itself():
+    logits = spread_logits(eos_prob=0.6, loc_mass=0.35)  # greedy and the plain rule stop here
+    candidates = BoxOrStop(loc_ids=LOCS, min_box_probability=0.2)
+    token, recorded = _choose(logits, candidates, torch.tensor([0]))
+    assert int(token) == 400 and float(recorded) == pytest.approx(math.log(0.35), abs=1e-4)
+    # Under the threshold it stops; and the threshold only concerns where a box may start.
+    strict = BoxOrStop(loc_ids=LOCS, min_box_probability=0.5)
+    assert int(_choose(logits, strict, torch.tensor([0]))[0]) == EOS
+    assert int(_choose(logits, candidates, torch.tensor([-1]))[0]) == EOS
+    with pytest.raises(ValueError, match="min_box_probability"):
+        BoxOrStop(loc_ids=LOCS, min_box_probability=0.0)

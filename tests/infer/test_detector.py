@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from paligemma_xray.errors import ConfigError
 from paligemma_xray.evaluate.metrics import evaluate_detections
 from paligemma_xray.infer import Detector
 from paligemma_xray.locations import Detections
@@ -107,6 +108,24 @@ def test_box_or_stop_finds_the_box_greedy_misses_and_scores_its_mass(tiny):
     expected = math.exp(np.mean(np.log([0.7, peak * 0.99, peak * 0.99, peak * 0.99, 0.9])))
     assert float(found.score[0]) == pytest.approx(expected, rel=1e-3)
     assert generation.logprobs[0] == pytest.approx(math.log(0.7), abs=1e-4)
+
+
+def test_min_box_probability_emits_the_unlikely_box_with_its_probability_as_score(tiny):
+    model, processor = tiny
+    script = Script(processor, rows=1)
+    script.box(0, bins=(300, 200, 600, 500), sigma=40, box_mass=0.3)  # EOS 0.7 wins
+
+    model.lm_head = script.head()
+    assert len(Detector(model, processor).detect(images(1))[0]) == 0
+
+    model.lm_head = script.head()
+    generation, found = next(Detector(model, processor, min_box_probability=0.1).iter_detect(images(1)))
+    assert generation.text == "<loc0300><loc0200><loc0600><loc0500> fracture" and len(found) == 1
+    assert generation.logprobs[0] == pytest.approx(math.log(0.3), abs=1e-4)
+    with pytest.raises(ConfigError, match="plain greedy"):
+        Detector(model, processor, box_or_stop=False, min_box_probability=0.1)
+    with pytest.raises(ConfigError, match="probability"):
+        Detector(model, processor, min_box_probability=1.5)
 
 
 def test_our_scores_rank_better_than_a_constant(tiny):

@@ -6,9 +6,17 @@ predictions. The runner (and with it torch) is imported on first use, so that me
 alone stay light.
 """
 
-from paligemma_xray.evaluate.metrics import FROC_FP_RATES, evaluate_detections, match
+from paligemma_xray.evaluate.metrics import FROC_FP_RATES, best_f1_threshold, evaluate_detections, match
 
-__all__ = ["FROC_FP_RATES", "evaluate", "evaluate_detections", "load_metrics", "load_predictions", "match"]
+__all__ = [
+    "FROC_FP_RATES",
+    "best_f1_threshold",
+    "evaluate",
+    "evaluate_detections",
+    "load_metrics",
+    "load_predictions",
+    "match",
+]
 
 
 def __getattr__(name: str):

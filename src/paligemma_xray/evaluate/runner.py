@@ -117,6 +117,7 @@ def evaluate(
             "split": split,
             "max_new_tokens": max_new_tokens,
             "box_or_stop": detector.box_or_stop,
+            "min_box_probability": detector.min_box_probability,
             "unfinished_answers": sum(1 for row in rows if not row["finished"]),
             "seconds": round(seconds, 3),
             "world_size": w.size,

@@ -33,6 +33,7 @@ exactly this bin".
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -58,8 +59,16 @@ class BoxOrStop:
 
     loc_ids: torch.Tensor
     start_after: frozenset[int] = field(default_factory=frozenset)
+    min_box_probability: float | None = None
+    """Also start a box where the location tokens together have at least this probability,
+    even when another token (EOS) is likelier. ``None``: only where they beat it. A low
+    value turns the decoder into a candidate generator, as detectors are evaluated: boxes
+    below the greedy operating point come out with their (low) box probability as score, so
+    mAP and FROC see the whole precision-recall curve instead of one point of it."""
 
     def __post_init__(self) -> None:
+        if self.min_box_probability is not None and not 0 < self.min_box_probability <= 1:
+            raise ValueError(f"min_box_probability must be in (0, 1], got {self.min_box_probability}")
         self.loc_ids = torch.as_tensor(self.loc_ids, dtype=torch.long)
         self._lo = int(self.loc_ids.min())
         self._hi = int(self.loc_ids.max()) + 1
@@ -123,6 +132,8 @@ def _choose(
         other[:, rule.loc_ids.to(logp.device)] = -torch.inf
     best_other = other.max(dim=-1).values
     take_loc = active & (loc_mass > best_other)
+    if rule.min_box_probability is not None:
+        take_loc |= (box_state == 0) & (loc_mass >= math.log(rule.min_box_probability))
     token = torch.where(take_loc, best_loc_id, token)
     # Box start: the mass of "a box" is the confidence; inside a box: the bin's own.
     recorded = torch.where(box_state == 0, loc_mass, best_loc_value)

@@ -82,6 +82,12 @@ class Detector:
         box_or_stop: apply the "emit a box or stop" rule to detection prompts (default on;
             see :mod:`paligemma_xray.infer.decode`). Off: plain greedy decoding, exactly
             what ``model.generate(do_sample=False)`` produces.
+        min_box_probability: with ``box_or_stop``, also start a box wherever the location
+            tokens together reach this probability although EOS is likelier (``None``, the
+            default: only where they beat it). Evaluation sets a low value so that boxes
+            below the greedy operating point still come out, scored by their box
+            probability, and mAP/FROC measure the whole precision-recall curve; a
+            ``threshold`` on the score then picks the operating point.
         batch_size: images decoded together.
 
     Example (a tiny random model, so the boxes mean nothing; shapes and types do):
@@ -105,14 +111,22 @@ class Detector:
         *,
         model_id: str = "model",
         box_or_stop: bool = True,
+        min_box_probability: float | None = None,
         batch_size: int = 8,
     ) -> None:
         check_decoding(batch_size=batch_size)
+        if min_box_probability is not None and not 0 < min_box_probability <= 1:
+            raise ConfigError(f"min_box_probability is a probability in (0, 1], got {min_box_probability}")
+        if min_box_probability is not None and not box_or_stop:
+            raise ConfigError(
+                "min_box_probability belongs to the 'emit a box or stop' rule, not plain greedy"
+            )
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.model_id = model_id
         self.box_or_stop = box_or_stop
+        self.min_box_probability = min_box_probability
         self.batch_size = batch_size
         self._eos = self._eos_ids()
         self._rule = self._box_rule()
@@ -161,7 +175,11 @@ class Detector:
         sep = self.tokenizer(" ; <loc0000>", add_special_tokens=False)["input_ids"]
         starts = {i for i in sep[:-1]}
         starts.update(self.tokenizer(";", add_special_tokens=False)["input_ids"])
-        return BoxOrStop(loc_ids=torch.tensor(loc_ids), start_after=frozenset(starts))
+        return BoxOrStop(
+            loc_ids=torch.tensor(loc_ids),
+            start_after=frozenset(starts),
+            min_box_probability=self.min_box_probability,
+        )
 
     @property
     def device(self) -> torch.device:
