@@ -184,6 +184,17 @@ def test_run_folder_prefers_best_then_last(tmp_path, tiny_hf_dir):
     assert model.config.text_config.model_type == "gemma2"
 
 
+def test_progress_false_silences_transformers_bars_too(tmp_path, tiny_hf_dir, capfd):
+    from transformers.utils import logging as hf_logging
+
+    model, processor = load(tiny_hf_dir, progress=False)
+    save_hf(model, processor, tmp_path / "copy", progress=False)
+    assert capfd.readouterr().err == ""
+    assert hf_logging.is_progress_bar_enabled()  # the global switch is put back
+    load(tmp_path / "copy")
+    assert "Loading weights" in capfd.readouterr().err
+
+
 def test_lora_adapter_saves_loads_and_merges(tmp_path, tiny_hf_dir):
     from peft import LoraConfig, get_peft_model
 

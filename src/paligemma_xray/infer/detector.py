@@ -140,19 +140,21 @@ class Detector:
         path: str | Path,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        progress: bool = True,
         **options: Any,
     ) -> Detector:
         """Load a checkpoint (HF folder or big_vision ``.npz``) through ``model.load``.
 
         ``device`` defaults to CUDA when available; ``dtype`` to the checkpoint's (bfloat16
-        is the usual choice on a GPU). ``options`` go to the constructor.
+        is the usual choice on a GPU). ``progress``: loading bars. ``options`` go to the
+        constructor.
         """
         from paligemma_xray.model import load as load_model
 
         check_decoding(batch_size=options.get("batch_size"))  # before the (long) load
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, processor = load_model(path, dtype=dtype, device=device)
+        model, processor = load_model(path, dtype=dtype, device=device, progress=progress)
         return cls(model, processor, model_id=str(path), **options)
 
     def _eos_ids(self) -> list[int]:

@@ -99,9 +99,11 @@ def load(
     if path.is_file():
         model, processor = _load_npz(path, tokenizer, target, final_logit_softcapping, progress)
     elif (path / "adapter_config.json").is_file():
-        return _load_lora_folder(path, tokenizer, target, device, merge_lora)
+        with transformers_progress(progress):
+            return _load_lora_folder(path, tokenizer, target, device, merge_lora)
     elif (path / "config.json").is_file():
-        model, processor = _load_hf(path, tokenizer, target)
+        with transformers_progress(progress):
+            model, processor = _load_hf(path, tokenizer, target)
     else:
         for sub in ("best", "last"):
             if (path / sub / "config.json").is_file() or (path / sub / "adapter_config.json").is_file():
@@ -114,6 +116,28 @@ def load(
     if device is not None:
         model.to(device)
     return model.eval(), processor
+
+
+@contextlib.contextmanager
+def transformers_progress(enabled: bool):
+    """Inside: transformers' own progress bars (loading, writing shards) on or off, as ours.
+
+    transformers switches them globally; the previous state is restored on the way out.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if enabled:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()
 
 
 def _find_tokenizer(npz: Path, tokenizer: str | Path | None) -> Path:
@@ -343,7 +367,11 @@ def save_lora(peft_model, out_dir: str | Path, base: str | Path | None = None) -
 
 
 def save_hf(
-    model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor, out_dir: str | Path
+    model: PaliGemmaForConditionalGeneration,
+    processor: PaliGemmaProcessor,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
 ) -> Path:
     """``save_pretrained`` both (safetensors), plus the SentencePiece ``tokenizer.model`` when known.
 
@@ -354,7 +382,8 @@ def save_hf(
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):
         raise TypeError("save_hf takes a plain model: merge the LoRA adapter first, or use save_lora")
-    model.save_pretrained(out, safe_serialization=True)
+    with transformers_progress(progress):
+        model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     spm = getattr(processor.tokenizer, "spm_path", None)
     if spm and Path(spm).is_file() and Path(spm).resolve() != (out / "tokenizer.model").resolve():

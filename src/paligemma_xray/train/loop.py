@@ -357,7 +357,7 @@ def _records(config: TrainConfig) -> tuple[list, list]:
 def _load_model(config: TrainConfig):
     from paligemma_xray.model import load
 
-    return load(config.model, tokenizer=config.tokenizer)
+    return load(config.model, tokenizer=config.tokenizer, progress=config.progress)
 
 
 def _augment(config: TrainConfig) -> Augment:
@@ -634,11 +634,12 @@ def _save_weights(final: Path, model, processor, config, accelerator, step_modul
         tmp = final.with_name(f".tmp-{final.name}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_hf(target, processor, tmp)
+        # No shard-writing bar: it would cut through the training bar.
+        save_hf(target, processor, tmp, progress=False)
         if config.trainable == "lora":  # the adapter too, in PEFT's format, pointing at its base
             save_lora(model, tmp / "adapter", base=str(Path(config.model).resolve()))
         if npz:
-            save_npz(target, tmp / "model.npz")
+            save_npz(target, tmp / "model.npz", progress=False)
         _replace_dir(tmp, final)
     accelerator.wait_for_everyone()
 
