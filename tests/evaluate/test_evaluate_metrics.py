@@ -182,6 +182,7 @@ def test_best_f1_threshold_is_the_best_of_every_possible_operating_point():
         thresholds = np.unique(np.concatenate([p.score for p in prs])).tolist()
         f1 = {t: evaluate_detections(gts, prs, classes, threshold=t, bootstrap=0)["f1"] for t in thresholds}
         assert f1[chosen] == pytest.approx(max(f1.values()))
+        assert evaluate_detections(gts, prs, classes, bootstrap=0)["best_f1_threshold"] == chosen
 
 
 def test_best_f1_threshold_is_none_without_a_true_positive():

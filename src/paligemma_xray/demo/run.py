@@ -9,9 +9,9 @@ project's training engine, and evaluated again. Phases, each with its progress b
 2. evaluate the base model on the test split ("before"), at the operating point (score
    threshold) that gives it the best F1 on the valid split;
 3. fine-tune (:func:`paligemma_xray.train.run`, recipe :data:`DEMO_RECIPE`);
-4. evaluate the fine-tuned model ("after") the same way, write the HTML report (before and after side by
-   side, metrics, loss curve, gallery), the fine-tuned model as an HF folder and as a
-   big_vision ``.npz``, and ``metrics.json`` with the headline figures of both.
+4. evaluate the fine-tuned model ("after") the same way, write the HTML report (before and
+   after side by side, metrics, loss curve, gallery), the fine-tuned model as an HF folder
+   and as a big_vision ``.npz``, and ``metrics.json`` with the headline figures of both.
 
 Deterministic for a given seed: the data, the training order and the amount of training
 depend only on the seed and ``--minutes`` (converted to a number of training examples at a
@@ -39,9 +39,8 @@ with the shipped base and the demo's number of examples, big-vision reaches test
 0.03 and training the whole language model with the vision tower frozen
 (``frozen-vision``) 0.05, against 0.69 here, because the base's vision tower, pretrained on
 shapes, does not yet see fracture gaps; only a recipe that trains it too does (figures in
-docs/demo.md). With
-PaliGemma's real 3B checkpoint, whose SigLIP tower has seen billions of images, the
-attention-only recipe is the one to start from."""
+docs/demo.md). With PaliGemma's real 3B checkpoint, whose SigLIP tower has seen billions of
+images, the attention-only recipe is the one to start from."""
 
 DEMO_OVERRIDES: dict[str, Any] = {
     "lr": 1e-3,
@@ -146,10 +145,9 @@ def run_demo(
     resamples for the report's 95% intervals (0 turns them off).
     """
     from paligemma_xray.data import open_dataset
-    from paligemma_xray.data.synth import LABEL, generate
+    from paligemma_xray.data.synth import generate
     from paligemma_xray.demo.base import shipped_base
-    from paligemma_xray.evaluate import best_f1_threshold
-    from paligemma_xray.evaluate.runner import evaluate, load_predictions
+    from paligemma_xray.evaluate.runner import evaluate
     from paligemma_xray.infer import Detector
     from paligemma_xray.model import load, save_hf, save_npz
     from paligemma_xray.report import write_report
@@ -191,11 +189,8 @@ def run_demo(
     def assess(detector: Detector, name: str) -> dict[str, Any]:
         # The operating point (score threshold of precision, recall, image-level figures) is
         # chosen on the validation split, then the test split is reported at it.
-        evaluate(detector, dataset, "valid", out / "valid" / name, bootstrap=0, progress=progress)
-        rows = load_predictions(out / "valid" / name)
-        threshold = best_f1_threshold(
-            [row["ground_truth"] for row in rows], [row["prediction"] for row in rows], [LABEL]
-        )
+        valid = evaluate(detector, dataset, "valid", out / "valid" / name, bootstrap=0, progress=progress)
+        threshold = valid["best_f1_threshold"]
         return evaluate(
             detector,
             dataset,

@@ -289,6 +289,10 @@ def best_f1_threshold(
     0.2
     """
     flat, _ = _flatten(ground_truth, predictions, classes, iou_threshold)
+    return _best_f1_threshold(flat)
+
+
+def _best_f1_threshold(flat: _Flat) -> float | None:
     n_gt = int(flat.gt_per_image.sum())
     if not flat.tp.any() or n_gt == 0:
         return None
@@ -424,7 +428,8 @@ def evaluate_detections(
 
     Keys: ``map50``, ``map50_95``, ``ap_per_class`` (COCO-exact, faster-coco-eval);
     ``precision`` / ``recall`` / ``f1`` / ``tp`` / ``fp`` / ``fn`` for boxes scored ≥
-    ``threshold``; ``froc`` (sensitivity at :data:`FROC_FP_RATES` false positives per image
+    ``threshold``; ``best_f1_threshold`` (the score threshold that would maximise F1 here,
+    see :func:`best_f1_threshold`); ``froc`` (sensitivity at :data:`FROC_FP_RATES` false positives per image
     and their mean, ``froc.score``); ``image_level`` (any box ≥ threshold vs any fracture:
     sensitivity, specificity, confusion counts, ROC AUC of the highest box score);
     ``parse_failures`` (summed ``parse_issues``); ``ci95`` (percentile bootstrap over
@@ -478,6 +483,7 @@ def evaluate_detections(
             "sensitivity": froc_values,
             "score": float(np.mean(froc_values)) if n_gt else None,
         },
+        "best_f1_threshold": _best_f1_threshold(flat),
         "image_level": _image_level(flat.max_score, flat.positive, threshold),
         "parse_failures": {"total": sum(issues.values()), **issues},
     }

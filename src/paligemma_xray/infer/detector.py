@@ -56,7 +56,12 @@ class Generation:
 
 
 def check_decoding(
-    *, batch_size: int | None = None, max_new_tokens: int | None = None, threshold: float | None = None
+    *,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    threshold: float | None = None,
+    min_box_probability: float | None = None,
+    box_or_stop: bool = True,
 ) -> None:
     """Raise :class:`ConfigError` on decoding settings that cannot work (None: not given)."""
     if batch_size is not None and batch_size < 1:
@@ -65,6 +70,10 @@ def check_decoding(
         raise ConfigError(f"max new tokens must be at least 1, got {max_new_tokens}")
     if threshold is not None and not 0 <= threshold <= 1:
         raise ConfigError(f"threshold is a score between 0 and 1, got {threshold}")
+    if min_box_probability is not None and not 0 < min_box_probability <= 1:
+        raise ConfigError(f"min_box_probability is a probability in (0, 1], got {min_box_probability}")
+    if min_box_probability is not None and not box_or_stop:
+        raise ConfigError("min_box_probability belongs to the 'emit a box or stop' rule, not plain greedy")
 
 
 def is_detection_prompt(prompt: str) -> bool:
@@ -114,13 +123,9 @@ class Detector:
         min_box_probability: float | None = None,
         batch_size: int = 8,
     ) -> None:
-        check_decoding(batch_size=batch_size)
-        if min_box_probability is not None and not 0 < min_box_probability <= 1:
-            raise ConfigError(f"min_box_probability is a probability in (0, 1], got {min_box_probability}")
-        if min_box_probability is not None and not box_or_stop:
-            raise ConfigError(
-                "min_box_probability belongs to the 'emit a box or stop' rule, not plain greedy"
-            )
+        check_decoding(
+            batch_size=batch_size, min_box_probability=min_box_probability, box_or_stop=box_or_stop
+        )
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -151,7 +156,11 @@ class Detector:
         """
         from paligemma_xray.model import load as load_model
 
-        check_decoding(batch_size=options.get("batch_size"))  # before the (long) load
+        check_decoding(  # before the (long) load
+            batch_size=options.get("batch_size"),
+            min_box_probability=options.get("min_box_probability"),
+            box_or_stop=options.get("box_or_stop", True),
+        )
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model, processor = load_model(path, dtype=dtype, device=device, progress=progress)
