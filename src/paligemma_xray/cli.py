@@ -213,7 +213,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = predict(
         detector, args.paths, args.out, prompt=args.prompt, threshold=args.threshold,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, resume=args.resume,
-        annotated=not args.no_images,
+        annotated=not args.no_images, workers=args.workers,
         on_answer=(lambda name, text: print(f"{name}\t{text.strip()}", flush=True)) if free_form else None,
     )
     if "images" in summary:
@@ -242,6 +242,9 @@ def _add_predict(verbs) -> None:
                         "'answer en is there a fracture?')")
     p.add_argument("--resume", action="store_true", help="skip images whose OUT/json file exists")
     p.add_argument("--no-images", action="store_true", help="do not write annotated PNGs")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="threads decoding the next images while the model works (default: up to 4;\n"
+                        "0: decode on the main thread)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

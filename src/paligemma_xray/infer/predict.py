@@ -30,6 +30,7 @@ from paligemma_xray.data.images import DICOM_SUFFIXES, is_dicom
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, check_decoding, is_detection_prompt
 from paligemma_xray.infer.distributed import barrier, shard, world
+from paligemma_xray.infer.prefetch import Prefetch, default_workers
 from paligemma_xray.locations import Detections, classes_from_prefix
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"} | DICOM_SUFFIXES
@@ -112,11 +113,15 @@ def predict(
     annotated: bool = True,
     on_answer: Callable[[str, str], None] | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> dict:
     """Predict every image under ``paths`` into ``out_dir``; returns a small summary.
 
     ``threshold`` keeps boxes scored at least that much. ``on_answer(name, text)`` is
-    called for every image (the CLI prints free-form answers with it).
+    called for every image (the CLI prints free-form answers with it). ``workers``: threads
+    that decode the next images while the model works on this batch (default: up to 4;
+    0 decodes on this thread). The summary's ``input_wait_s`` is the time the model
+    waited for decoded images.
     """
     from paligemma_xray.data import load_image
 
@@ -135,12 +140,17 @@ def predict(
                 continue
             yield index, item
 
-    # Images of the batch being decoded, kept for drawing: never more than one batch.
+    # Images of the batch being decoded, kept for drawing: never more than one batch
+    # (plus the next batch, decoding in the loader's threads).
     pending: list[tuple[int, Item, object]] = []
+    workers = default_workers() if workers is None else workers
+    size = batch_size or detector.batch_size
+    # A whole next batch in flight while this one decodes.
+    ahead = size + 2 * workers
+    loader = Prefetch(todo(), lambda pair: load_image(pair[1].path), workers=workers, ahead=ahead)
 
     def images() -> Iterator:
-        for index, item in todo():
-            image = load_image(item.path)
+        for (index, item), image in loader:
             pending.append((index, item, image))
             yield image
 
@@ -175,7 +185,7 @@ def predict(
         bar.update(1)
     bar.close()
     barrier(w)
-    summary = {"predicted": done, "out": str(out), "world_size": w.size}
+    summary = {"predicted": done, "out": str(out), "world_size": w.size, "input_wait_s": loader.wait_s}
     if w.is_main:
         summary.update(_write_coco(out, paths, prompt if detecting else None))
     barrier(w)
