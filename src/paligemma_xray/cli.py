@@ -181,7 +181,8 @@ def _detector(args: argparse.Namespace):
     w = world()  # under torchrun: one GPU per rank
     device = args.device or (w.device() if w.size > 1 else None)
     return Detector.load(args.model, device=device, dtype=args.dtype, box_or_stop=not args.plain_greedy,
-                         min_box_probability=args.min_box_probability, batch_size=args.batch_size)
+                         min_box_probability=args.min_box_probability, batch_size=args.batch_size,
+                         attention=args.attention)
 
 
 def _detector_flags(p: argparse.ArgumentParser) -> None:
@@ -194,6 +195,9 @@ def _detector_flags(p: argparse.ArgumentParser) -> None:
                                     "under torchrun)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights' dtype (default: the checkpoint's)")
+    p.add_argument("--attention", choices=["sdpa", "eager"], default=None,
+                   help="attention kernel (default: transformers' own, sdpa; eager turns the fused\n"
+                        "kernel off, same tokens)")
     p.add_argument("--plain-greedy", action="store_true",
                    help="turn off 'emit a box or stop' (all location tokens' total probability against "
                         "EOS where a box may start): plain greedy decoding, as model.generate does")

@@ -26,6 +26,11 @@ ImageInput = Image.Image | str | Path | bytes
 
 DEFAULT_DETECT_TOKENS = 64  # ~8 boxes of 4 locations + label + separator
 DEFAULT_GENERATE_TOKENS = 64
+# Attention kernels a loaded model may be switched to: "sdpa" (PyTorch's fused
+# scaled-dot-product attention, flash/memory-efficient kernels on a GPU; transformers'
+# default) and "eager" (the reference matmul-softmax-matmul), the switch that turns the
+# fused path off. Both give the same tokens (tests/infer/test_detector_attention.py).
+ATTENTION_CHOICES = ("sdpa", "eager")
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -74,6 +79,24 @@ def check_decoding(
         raise ConfigError(f"min_box_probability is a probability in (0, 1], got {min_box_probability}")
     if min_box_probability is not None and not box_or_stop:
         raise ConfigError("min_box_probability belongs to the 'emit a box or stop' rule, not plain greedy")
+
+
+def set_attention(model: Any, attention: str) -> None:
+    """Switch ``model``'s vision tower and language model to the ``attention`` kernel.
+
+    Changes the kernel only, never the weights: our decoding loop follows the model's
+    setting (see ``infer.decode``), so both choices give the same tokens. Gemma 2 (the
+    language model of PaliGemma 2) has no SDPA path in transformers (its attention logits
+    are soft-capped), so there ``sdpa`` applies to the vision tower only.
+    """
+    if attention not in ATTENTION_CHOICES:
+        raise ConfigError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+    core = getattr(model, "model", model)
+    language_model = getattr(core, "language_model", None)
+    text = attention
+    if attention == "sdpa" and language_model is not None and not language_model._supports_sdpa:
+        text = "eager"
+    model.set_attn_implementation({"text_config": text, "vision_config": attention})
 
 
 def is_detection_prompt(prompt: str) -> bool:
@@ -146,13 +169,15 @@ class Detector:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         progress: bool = True,
+        attention: str | None = None,
         **options: Any,
     ) -> Detector:
         """Load a checkpoint (HF folder or big_vision ``.npz``) through ``model.load``.
 
         ``device`` defaults to CUDA when available; ``dtype`` to the checkpoint's (bfloat16
-        is the usual choice on a GPU). ``progress``: loading bars. ``options`` go to the
-        constructor.
+        is the usual choice on a GPU). ``progress``: loading bars. ``attention``: one of
+        :data:`ATTENTION_CHOICES` (None: transformers' default, SDPA). ``options`` go to
+        the constructor.
         """
         from paligemma_xray.model import load as load_model
 
@@ -161,9 +186,13 @@ class Detector:
             min_box_probability=options.get("min_box_probability"),
             box_or_stop=options.get("box_or_stop", True),
         )
+        if attention is not None and attention not in ATTENTION_CHOICES:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model, processor = load_model(path, dtype=dtype, device=device, progress=progress)
+        if attention is not None:
+            set_attention(model, attention)
         return cls(model, processor, model_id=str(path), **options)
 
     def _eos_ids(self) -> list[int]:
