@@ -185,7 +185,8 @@ def predict(
         bar.update(1)
     bar.close()
     barrier(w)
-    summary = {"predicted": done, "out": str(out), "world_size": w.size, "input_wait_s": loader.wait_s}
+    summary = {"predicted": done, "out": str(out), "world_size": w.size}
+    summary["input_wait_s"] = loader.wait_s  # time the model waited for decoded images
     if w.is_main:
         summary.update(_write_coco(out, paths, prompt if detecting else None))
     barrier(w)
