@@ -23,6 +23,9 @@ Random weights of the real shapes (``pg1-3b-224``: PaliGemma 1 3B at 224 px, fro
   else skipped with the reason);
 - ``resume``: a short training run (tiny model; bf16 on CUDA, float32 on CPU where bf16
   is refused) resumed from its middle checkpoint ends with bit-identical weights;
+- ``profile``: where the time of one ``big-vision`` training step (ours) and one decoding
+  batch goes: the top operators by self device time (torch.profiler), to say why a missed
+  target was missed;
 - ``fsdp``: one step of our training module wrapped by accelerate's FSDP plugin (the
   training loop's settings) in ONE process, against the unwrapped step (skipped where
   accelerate has no FSDP for the device, e.g. CPU).
@@ -94,7 +97,7 @@ PRESETS = {
         "resume_batch": 8,
     },
 }
-CASES = ("train", "decode", "attention", "predict", "qlora", "resume", "fsdp")
+CASES = ("train", "decode", "attention", "predict", "qlora", "resume", "profile", "fsdp")
 TRAIN_RECIPES = ("big-vision", "lora", "frozen-vision")
 
 
@@ -236,7 +239,8 @@ def case_predict(p: dict, device: torch.device, decode_model, work: Path) -> dic
     except ImportError:
         annotated = False  # the PNGs need supervision; a device without it times the rest
     # A warm-up on a few images (kernels, allocator) so that neither run pays it.
-    predict(detector, [folder], work / "warm", max_new_tokens=p["predict_tokens"], progress=False,
+    first = sorted(folder.glob("*.jpg"))[: p["predict_batch"]]
+    predict(detector, first, work / "warm", max_new_tokens=p["predict_tokens"], progress=False,
             workers=0, annotated=False)  # fmt: skip
     runs = {}
     for label, workers in (("inline", 0), ("threads", default_workers())):
@@ -460,6 +464,69 @@ def case_fsdp(p: dict, device: torch.device, work: Path) -> dict:
     }
 
 
+def _top_operators(profiler, device: torch.device, n: int = 15) -> list[dict]:
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = sorted(profiler.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    total = sum(getattr(e, key, 0) for e in rows) or 1
+    return [
+        {
+            "op": e.key,
+            "calls": e.count,
+            "self_ms": round(getattr(e, key, 0) / 1000, 3),
+            "share": round(getattr(e, key, 0) / total, 4),
+        }
+        for e in rows[:n]
+    ]
+
+
+def case_profile(p: dict, device: torch.device) -> dict:
+    """Top operators of one training step (ours, big-vision) and one decoding batch."""
+    from torch.profiler import ProfilerActivity, profile
+    from train_step import make_batch
+
+    from paligemma_xray.infer import Detector
+    from paligemma_xray.train.loss import suffix_loss
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    model, _, bf16 = build_model(p["train_dims"], device, "big-vision")
+    batch = {k: v.to(device) for k, v in make_batch(p["train_dims"], p["batch_size"], 0).items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def step(model) -> None:
+        with autocast:
+            loss = suffix_loss(model, batch).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step(model)  # warm-up
+    _sync(device)
+    with profile(activities=activities) as train_profile:
+        step(model)
+        _sync(device)
+    del model
+    _free(device)
+    out = {"train_step_big_vision": _top_operators(train_profile, device)}
+
+    import numpy as np
+    from PIL import Image
+
+    decode_model = build_decode_model(
+        p["decode_model"], str(device), torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    rng = np.random.default_rng(2)
+    batch_size = max(p["decode_batches"])
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(batch_size)]
+    detector = Detector(*decode_model, box_or_stop=False, batch_size=batch_size)
+    detector.generate(images, "detect fracture", max_new_tokens=p["new_tokens"])  # warm-up
+    _sync(device)
+    with profile(activities=activities) as decode_profile:
+        detector.generate(images, "detect fracture", max_new_tokens=p["new_tokens"])
+        _sync(device)
+    out[f"decode_batch_{batch_size}"] = _top_operators(decode_profile, device)
+    out["time_kind"] = "self device (CUDA) time" if device.type == "cuda" else "self CPU time"
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # driver
 
@@ -574,6 +641,8 @@ def _run_case(name: str, p: dict, device: torch.device, decode_model, work: Path
         return case_qlora(p, device)
     if name == "resume":
         return case_resume(p, device, work)
+    if name == "profile":
+        return case_profile(p, device)
     return case_fsdp(p, device, work)
 
 

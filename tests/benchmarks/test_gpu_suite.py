@@ -34,9 +34,9 @@ def test_every_case_runs_or_says_why_not(suite):
     code, result, stderr = suite
     assert code == 0, stderr
     cases = result["cases"]
-    assert list(cases) == ["train", "decode", "attention", "predict", "qlora", "resume", "fsdp"]
+    assert list(cases) == ["train", "decode", "attention", "predict", "qlora", "resume", "profile", "fsdp"]
     assert result["failed"] == [] and result["invariants_broken"] == []
-    for name in ("train", "decode", "attention", "predict", "resume"):
+    for name in ("train", "decode", "attention", "predict", "resume", "profile"):
         assert cases[name]["status"] == "ok", (name, cases[name])
     # On CPU the GPU-only paths are skipped, each with its reason.
     assert cases["qlora"]["status"] == "skipped" and "CUDA" in cases["qlora"]["reason"]
@@ -83,6 +83,12 @@ def test_decoding_predict_and_resume_invariants(suite):
     resume = cases["resume"]
     assert resume["bit_identical"] is True and resume["resumed_from_step"] < resume["steps"]
     assert resume["final_loss"]["uninterrupted"] == resume["final_loss"]["resumed"]
+
+    profile = cases["profile"]
+    for key in ("train_step_big_vision", "decode_batch_32"):
+        top = profile[key]
+        assert top and all(row["self_ms"] >= 0 and 0 <= row["share"] <= 1 for row in top)
+        assert sum(row["share"] for row in top) <= 1 + 1e-6
 
 
 def test_claimed_flops_match_torch_flop_counter():
