@@ -110,3 +110,43 @@ def test_predict_reports_an_undecodable_image_by_name_with_loading_threads(tiny_
     detector = Detector.load(tiny_hf_dir, device="cpu", progress=False)
     with pytest.raises(ImageLoadError, match=r"b\.png"):
         predict(detector, [folder], tmp_path / "out", max_new_tokens=4, workers=2, progress=False)
+
+
+def test_background_writes_everything_and_raises_the_first_error_on_the_callers_thread(tmp_path):
+    from paligemma_xray.infer.prefetch import Background
+
+    with Background(workers=2, pending=2) as writer:
+        for i in range(6):
+            writer.submit((tmp_path / f"{i}.txt").write_text, str(i))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.txt" for i in range(6)]
+
+    def fail(i: int) -> None:
+        if i == 2:
+            raise OSError(f"disk full writing {i}")
+
+    with pytest.raises(OSError, match="disk full writing 2"), Background(workers=2) as writer:
+        for i in range(4):
+            writer.submit(fail, i)
+
+
+def test_background_bounds_the_tasks_in_flight():
+    from paligemma_xray.infer.prefetch import Background
+
+    release = threading.Event()
+    started = []
+
+    def task(i: int) -> None:
+        started.append(i)
+        release.wait(5)
+
+    writer = Background(workers=1, pending=2)
+    writer.submit(task, 0)
+    writer.submit(task, 1)
+    blocked = threading.Thread(target=writer.submit, args=(task, 2))
+    blocked.start()
+    blocked.join(0.2)
+    assert blocked.is_alive()  # a third task waits: memory stays bounded
+    release.set()
+    blocked.join(5)
+    writer.close()
+    assert started == [0, 1, 2] and writer.wait_s > 0

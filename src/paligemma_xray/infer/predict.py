@@ -30,7 +30,7 @@ from paligemma_xray.data.images import DICOM_SUFFIXES, is_dicom
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, check_decoding, is_detection_prompt
 from paligemma_xray.infer.distributed import barrier, shard, world
-from paligemma_xray.infer.prefetch import Prefetch, default_workers
+from paligemma_xray.infer.prefetch import Background, Prefetch, default_workers
 from paligemma_xray.locations import Detections, classes_from_prefix
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"} | DICOM_SUFFIXES
@@ -119,9 +119,10 @@ def predict(
 
     ``threshold`` keeps boxes scored at least that much. ``on_answer(name, text)`` is
     called for every image (the CLI prints free-form answers with it). ``workers``: threads
-    that decode the next images while the model works on this batch (default: up to 4;
-    0 decodes on this thread). The summary's ``input_wait_s`` is the time the model
-    waited for decoded images.
+    that decode the next images while the model works on this batch, and as many that
+    write the annotated PNGs and JSON files of the previous ones (default: up to 4; 0 does
+    both on this thread). The summary's ``input_wait_s`` / ``output_wait_s`` are the
+    times the model waited for decoded images / for files to be written.
     """
     from paligemma_xray.data import load_image
 
@@ -154,6 +155,17 @@ def predict(
             pending.append((index, item, image))
             yield image
 
+    def write_outputs(item: Item, image, found: Detections | None, record: dict) -> None:
+        # In the writer's threads (PNG encoding outlasts decoding a batch); JSON last.
+        if found is not None:
+            record["detections"] = found.to_json()
+            if annotated:
+                png = out / "annotated" / f"{item.name}.png"
+                png.parent.mkdir(parents=True, exist_ok=True)
+                annotate(image, found).save(png)
+        _write_atomic(out / "json" / f"{item.name}.json", json.dumps(record) + "\n")
+
+    writer = Background(workers)
     bar = tqdm(desc="predict", unit="img", disable=not progress or not w.is_main)
     done = 0
     if detecting:
@@ -172,21 +184,17 @@ def predict(
             "tokens": generation.tokens,
             "logprobs": [round(v, 5) for v in generation.logprobs],
         }
-        if found is not None:
-            record["detections"] = found.to_json()
-            if annotated:
-                png = out / "annotated" / f"{item.name}.png"
-                png.parent.mkdir(parents=True, exist_ok=True)
-                annotate(image, found).save(png)
-        _write_atomic(out / "json" / f"{item.name}.json", json.dumps(record) + "\n")
+        writer.submit(write_outputs, item, image, found, record)
         if on_answer is not None:
             on_answer(item.name, generation.text)
         done += 1
         bar.update(1)
+    writer.close()  # every file written (or the first write error raised)
     bar.close()
     barrier(w)
     summary = {"predicted": done, "out": str(out), "world_size": w.size}
     summary["input_wait_s"] = loader.wait_s  # time the model waited for decoded images
+    summary["output_wait_s"] = writer.wait_s  # ... and for earlier images' files to be written
     if w.is_main:
         summary.update(_write_coco(out, paths, prompt if detecting else None))
     barrier(w)
