@@ -146,8 +146,12 @@ class Background:
 
     def submit(self, fn: Callable[..., object], *args: object) -> None:
         """Run ``fn(*args)`` in the background (raises an earlier task's error, if any)."""
-        if self._pool is None:
-            fn(*args)
+        if self._pool is None:  # inline: the caller waits the whole task
+            start = time.perf_counter()
+            try:
+                fn(*args)
+            finally:
+                self.wait_s += time.perf_counter() - start
             return
         self._reap(block=len(self._futures) >= self.pending)
         self._futures.append(self._pool.submit(fn, *args))
