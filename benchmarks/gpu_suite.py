@@ -228,11 +228,19 @@ def case_predict(p: dict, device: torch.device, decode_model, work: Path) -> dic
 
     model, processor = decode_model
     start = time.perf_counter()
-    root = work / f"synth-{p['predict_images']}-{p['predict_size']}"
+    # Rendering a radiograph costs more than decoding it: at most 32 distinct ones, each
+    # written under several names (every file is still read and decoded on its own).
+    unique = min(p["predict_images"], 32)
+    root = work / f"synth-{unique}-{p['predict_size']}"
     if not (root / "dataset").is_dir():  # a --work folder kept from an earlier run is reused
-        generate(root, n=p["predict_images"], seed=0, size=p["predict_size"], progress=False)
+        generate(root, n=unique, seed=0, size=p["predict_size"], progress=False)
     synth_s = time.perf_counter() - start
-    folder = root / "dataset"
+    sources = sorted((root / "dataset").glob("*.jpg"))
+    folder = work / f"predict-inputs-{p['predict_images']}-{p['predict_size']}"
+    if not folder.is_dir():
+        folder.mkdir()
+        for i in range(p["predict_images"]):
+            shutil.copyfile(sources[i % len(sources)], folder / f"{i:04d}-{sources[i % len(sources)].name}")
     detector = Detector(model, processor, batch_size=p["predict_batch"])
     try:
         import supervision  # noqa: F401
@@ -241,7 +249,7 @@ def case_predict(p: dict, device: torch.device, decode_model, work: Path) -> dic
     except ImportError:
         annotated = False  # the PNGs need supervision; a device without it times the rest
     # A warm-up on a few images (kernels, allocator) so that neither run pays it.
-    first = sorted(folder.glob("*.jpg"))[: p["predict_batch"]]
+    first = sorted(folder.glob("*.jpg"))[: p["predict_batch"]]  # warm-up on one batch
     predict(detector, first, work / "warm", max_new_tokens=p["predict_tokens"], progress=False,
             workers=0, annotated=False)  # fmt: skip
     runs = {}
@@ -282,6 +290,7 @@ def case_predict(p: dict, device: torch.device, decode_model, work: Path) -> dic
         "batch_size": p["predict_batch"],
         "max_new_tokens": p["predict_tokens"],
         "annotated_pngs": annotated,
+        "distinct_images": unique,
         "synthesis_s": round(synth_s, 3),
         "runs": runs,
         "speedup_threads": round(runs["threads"]["images_per_s"] / runs["inline"]["images_per_s"], 3),
