@@ -247,8 +247,8 @@ def _add_predict(verbs) -> None:
     p.add_argument("--resume", action="store_true", help="skip images whose OUT/json file exists")
     p.add_argument("--no-images", action="store_true", help="do not write annotated PNGs")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="threads decoding the next images while the model works (default: up to 4;\n"
-                        "0: decode on the main thread)")
+                   help="threads decoding the next images, and as many writing the finished ones' files,\n"
+                        "while the model works (default: up to 4; 0: all on the main thread)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
