@@ -36,6 +36,7 @@ bench: setup
 	$(PY) benchmarks/decode.py --out benchmarks/results/decode.json
 	$(PY) benchmarks/serve.py --out benchmarks/results/serve.json
 	$(PY) benchmarks/load_memory.py --out benchmarks/results/load_memory.json
+	$(PY) benchmarks/gpu_suite.py --preset tiny --out benchmarks/results/gpu_suite_cpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
