@@ -213,12 +213,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = predict(
         detector, args.paths, args.out, prompt=args.prompt, threshold=args.threshold,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, resume=args.resume,
-        annotated=not args.no_images,
+        annotated=not args.no_images, dicom_sr=args.dicom_sr, secondary_capture=args.secondary_capture,
         on_answer=(lambda name, text: print(f"{name}\t{text.strip()}", flush=True)) if free_form else None,
     )
     if "images" in summary:
         print(f"predicted {summary['predicted']} image(s) into {summary['out']} "
               f"({summary['images']} with detections files, {summary['boxes']} boxes)", file=sys.stderr)
+    if "dicom_sr" in summary:
+        print(f"wrote DICOM for {summary['dicom_sr']} DICOM image(s); {summary['not_dicom']} input(s) "
+              "were not DICOM and got none", file=sys.stderr)
     return 0
 
 
@@ -242,6 +245,71 @@ def _add_predict(verbs) -> None:
                         "'answer en is there a fracture?')")
     p.add_argument("--resume", action="store_true", help="skip images whose OUT/json file exists")
     p.add_argument("--no-images", action="store_true", help="do not write annotated PNGs")
+    p.add_argument("--dicom-sr", action="store_true",
+                   help="for each DICOM input also write OUT/dicom-sr/<name>.sr.dcm: a DICOM Structured\n"
+                        "Report (TID 1500) with one region per box, for PACS and viewers")
+    p.add_argument("--secondary-capture", action="store_true",
+                   help="for each DICOM input also write OUT/dicom-sc/<name>.sc.dcm: the image with its\n"
+                        "boxes drawn, as a DICOM Secondary Capture (for viewers without SR)")
+
+
+def cmd_pacs(args: argparse.Namespace) -> int:
+    from paligemma_xray import pacs
+
+    credentials = pacs.load_credentials(args.credentials)
+    since, modalities = pacs.parse_since(args.since), pacs.parse_modalities(args.modality)
+    pacs.connect(args.url, credentials)  # a bad URL is refused before the model loads
+    detector = _detector(args)
+    totals = pacs.run(
+        detector, args.url, studies=args.study, since=since, modalities=modalities, prompt=args.prompt,
+        threshold=args.threshold, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        secondary_capture=args.secondary_capture, state_path=args.state, credentials=credentials,
+        retries=args.retries, backoff_s=args.backoff, timeout_s=args.timeout, watch=args.watch,
+        interval_s=args.interval, log=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    print(f"pacs: {totals['studies']} study(ies) processed, {totals['images']} image(s) detected, "
+          f"{totals['srs']} SR(s) stored; skipped {totals['skipped_studies']} study(ies) and "
+          f"{totals['skipped_images']} image(s) that already had our report", file=sys.stderr)
+    return 0
+
+
+def _add_pacs(verbs) -> None:
+    from paligemma_xray import pacs
+
+    p = _verb(verbs, "pacs", cmd_pacs,
+              help="detect on a PACS's radiographs over DICOMweb and store DICOM SRs back",
+              description="Query studies on the DICOMweb server URL (QIDO-RS), retrieve their CR/DX images\n"
+                          "(WADO-RS), detect, and store one DICOM SR per image back in the study\n"
+                          "(STOW-RS), in a series of its own. Never changes or deletes anything else.\n"
+                          "Idempotent (images that already have our SR for this model are skipped) and\n"
+                          "resumable (--state). Credentials: $" + pacs.ENV_USER + " and $" + pacs.ENV_PASSWORD
+                          + ",\nor $" + pacs.ENV_TOKEN + ", or --credentials FILE; never printed.")
+    p.add_argument("--url", required=True, metavar="URL",
+                   help="DICOMweb root, e.g. http://orthanc:8042/dicom-web")
+    p.add_argument("--study", action="append", metavar="UID",
+                   help="only this Study Instance UID (repeatable; default: every study)")
+    p.add_argument("--since", metavar="DATE", help="only studies from DATE (YYYY-MM-DD) on, by Study Date")
+    p.add_argument("--modality", default=",".join(pacs.DEFAULT_MODALITIES), metavar="M,M",
+                   help="series modalities to detect on (default CR,DX)")
+    _detector_flags(p)
+    p.add_argument("--prompt", default="detect fracture", metavar="P", help="detection prompt")
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="report boxes scored at least T (default: all)")
+    p.add_argument("--secondary-capture", action="store_true",
+                   help="also store the image with its boxes drawn (Secondary Capture)")
+    p.add_argument("--state", default="pacs-state.json", metavar="FILE",
+                   help="progress file for resuming (default ./pacs-state.json)")
+    p.add_argument("--credentials", metavar="FILE",
+                   help='JSON file {"user": …, "password": …} or {"token": …}')
+    p.add_argument("--retries", type=int, default=5, metavar="N",
+                   help="retries of a failed request, with exponential backoff (default 5)")
+    p.add_argument("--backoff", type=float, default=1.0, metavar="S",
+                   help="first wait between retries in seconds, doubled each time (default 1)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="seconds to wait for one HTTP answer (default 60)")
+    p.add_argument("--watch", action="store_true", help="keep polling for new studies (Ctrl-C stops)")
+    p.add_argument("--interval", type=float, default=60.0, metavar="S",
+                   help="seconds between polls with --watch (default 60)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -481,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Each entry adds one top-level verb (with its own sub-verbs where it has them).
 _VERBS: list[Callable] = [
     _add_data, _add_convert, _add_train, _add_predict, _add_evaluate, _add_report, _add_serve, _add_demo,
+    _add_pacs,
 ]
 
 

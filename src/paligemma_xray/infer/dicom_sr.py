@@ -171,12 +171,12 @@ def read_source(source: str | Path | bytes | Any, *, name: str | Path | None = N
         try:
             ds = pydicom.dcmread(raw, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError, TypeError, KeyError) as error:
-            raise DataError(f"a DICOM SR needs a DICOM source image; this one cannot be read: {error}", path=label) from None
+            raise DataError(
+                f"a DICOM SR needs a DICOM source image; this one cannot be read: {error}", path=label
+            ) from None
     missing = [keyword for keyword in REQUIRED if not ds.get(keyword)]
     if missing:
-        raise DataError(
-            f"cannot write a DICOM SR for this image: it lacks {', '.join(missing)}", path=label
-        )
+        raise DataError(f"cannot write a DICOM SR for this image: it lacks {', '.join(missing)}", path=label)
     return ds
 
 
@@ -214,19 +214,29 @@ def polyline(box: Sequence[float]) -> np.ndarray:
     return np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], dtype=np.float64)
 
 
-def sr_uids(ds: Any, algorithm: Algorithm, settings: str = "") -> tuple[str, str]:
-    """(Series Instance UID, SOP Instance UID) of our SR for the image ``ds``.
+def settings_key(prompt: str, threshold: float | None) -> str:
+    """The decoding settings that make a different report of the same image with the same model."""
+    return f"prompt={prompt}|threshold={threshold}"
+
+
+def sr_uids(study_uid: str, sop_uid: str, algorithm: Algorithm, settings: str = "") -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of our SR for the image ``sop_uid`` of ``study_uid``.
 
     The series is one per (study, model); the instance one per (image, model, settings), so
     the same run twice produces the same object and a PACS keeps one copy.
     """
     from pydicom.uid import generate_uid
 
-    series = generate_uid(entropy_srcs=["pxr-sr-series", str(ds.StudyInstanceUID), algorithm.checksum])
-    instance = generate_uid(
-        entropy_srcs=["pxr-sr", str(ds.SOPInstanceUID), algorithm.checksum, settings]
-    )
+    series = generate_uid(entropy_srcs=["pxr-sr-series", str(study_uid), algorithm.checksum])
+    instance = generate_uid(entropy_srcs=["pxr-sr", str(sop_uid), algorithm.checksum, settings])
     return str(series), str(instance)
+
+
+def sc_series_uid(study_uid: str, algorithm: Algorithm) -> str:
+    """Series Instance UID of our Secondary Captures in ``study_uid`` (one per study and model)."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=["pxr-sc-series", str(study_uid), algorithm.checksum]))
 
 
 def _library_ready(ds: Any) -> bool:
@@ -293,7 +303,7 @@ def build_sr(
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name, version=algorithm.version, parameters=algorithm.parameters
     )
-    series_uid, sop_uid = sr_uids(ds, algorithm, settings)
+    series_uid, sop_uid = sr_uids(ds.StudyInstanceUID, ds.SOPInstanceUID, algorithm, settings)
     device_uid = str(generate_uid(entropy_srcs=["pxr-device", algorithm.checksum]))
     observer = hd.sr.ObserverContext(
         observer_type=codes["device"],
@@ -338,10 +348,14 @@ def build_sr(
     for i in range(len(detections)):
         measurements = []
         if score_of(i) is not None:
-            measurements.append(hd.sr.Measurement(name=codes["score"], value=score_of(i), unit=codes["no_units"]))
+            measurements.append(
+                hd.sr.Measurement(name=codes["score"], value=score_of(i), unit=codes["no_units"])
+            )
         if probability is not None:
             measurements.append(
-                hd.sr.Measurement(name=codes["probability"], value=float(probability[i]), unit=codes["no_units"])
+                hd.sr.Measurement(
+                    name=codes["probability"], value=float(probability[i]), unit=codes["no_units"]
+                )
             )
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -384,8 +398,15 @@ def build_sr(
     return sr
 
 
-def build_secondary_capture(source: Any, image: Any, detections: Detections, algorithm: Algorithm,
-                            *, settings: str = "", name: str | Path | None = None) -> Any:
+def build_secondary_capture(
+    source: Any,
+    image: Any,
+    detections: Detections,
+    algorithm: Algorithm,
+    *,
+    settings: str = "",
+    name: str | Path | None = None,
+) -> Any:
     """A Secondary Capture (RGB) of ``image`` with the boxes drawn, in the source's study.
 
     ``image``: the decoded source (``data.load_image``). For viewers that do not render SR.
@@ -398,8 +419,10 @@ def build_secondary_capture(source: Any, image: Any, detections: Detections, alg
     ds = read_source(source, name=name)
     evidence = _evidence(ds)
     pixels = np.ascontiguousarray(np.asarray(annotate(image, detections).convert("RGB"), dtype=np.uint8))
-    series = str(generate_uid(entropy_srcs=["pxr-sc-series", str(ds.StudyInstanceUID), algorithm.checksum]))
-    instance = str(generate_uid(entropy_srcs=["pxr-sc", str(ds.SOPInstanceUID), algorithm.checksum, settings]))
+    series = sc_series_uid(ds.StudyInstanceUID, algorithm)
+    instance = str(
+        generate_uid(entropy_srcs=["pxr-sc", str(ds.SOPInstanceUID), algorithm.checksum, settings])
+    )
     orientation = ds.get("PatientOrientation")
     given = tuple(str(v) for v in orientation) if orientation is not None and len(orientation) == 2 else None
     arguments: dict[str, Any] = {
@@ -431,3 +454,45 @@ def to_bytes(dataset: Any) -> bytes:
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """Whether ``path`` is a DICOM Part 10 file (its preamble, or a DICOM suffix)."""
+    from paligemma_xray.data.images import is_dicom
+
+    try:
+        with Path(path).open("rb") as handle:
+            return is_dicom(handle.read(132), path)
+    except OSError:
+        return False
+
+
+def write_for_image(
+    out_dir: str | Path,
+    name: str,
+    source: str | Path,
+    image: Any,
+    detections: Detections,
+    algorithm: Algorithm,
+    *,
+    settings: str = "",
+    sr: bool = True,
+    secondary_capture: bool = False,
+) -> list[Path]:
+    """``predict --dicom-sr``'s files for one image: ``dicom-sr/<name>.sr.dcm``, ``dicom-sc/<name>.sc.dcm``.
+
+    Written atomically (:mod:`paligemma_xray.atomic`); returns the paths written.
+    """
+    from paligemma_xray.atomic import write_bytes
+
+    out = Path(out_dir)
+    written = []
+    if sr:
+        report = build_sr(source, detections, algorithm, settings=settings, name=source)
+        written.append(write_bytes(out / "dicom-sr" / f"{name}.sr.dcm", to_bytes(report)))
+    if secondary_capture:
+        capture = build_secondary_capture(
+            source, image, detections, algorithm, settings=settings, name=source
+        )
+        written.append(write_bytes(out / "dicom-sc" / f"{name}.sc.dcm", to_bytes(capture)))
+    return written

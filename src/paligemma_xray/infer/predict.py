@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from paligemma_xray.data.images import DICOM_SUFFIXES, is_dicom
-from paligemma_xray.errors import DataError, check_output
+from paligemma_xray.errors import ConfigError, DataError, check_output
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, check_decoding, is_detection_prompt
 from paligemma_xray.infer.distributed import barrier, shard, world
 from paligemma_xray.locations import Detections, classes_from_prefix
@@ -99,6 +99,32 @@ def annotate(image, detections: Detections):
     return Image.fromarray(frame)
 
 
+class _DicomOutputs:
+    """The DICOM SR / Secondary Capture of each DICOM input (``--dicom-sr``); others are counted."""
+
+    def __init__(self, detector, out: Path, prompt: str, threshold, sr: bool, sc: bool) -> None:
+        self.detector, self.out, self.sr, self.sc = detector, out, sr, sc
+        from paligemma_xray.infer.dicom_sr import settings_key
+
+        self.settings = settings_key(prompt, threshold)
+        self.algorithm = None
+        self.counts = {"dicom_sr": 0, "not_dicom": 0}
+
+    def write(self, item: Item, image, found: Detections) -> None:
+        if not (self.sr or self.sc):
+            return
+        from paligemma_xray.infer import dicom_sr
+
+        if not dicom_sr.is_dicom_file(item.path):
+            self.counts["not_dicom"] += 1
+            return
+        if self.algorithm is None:
+            self.algorithm = dicom_sr.algorithm_of(self.detector)
+        dicom_sr.write_for_image(self.out, item.name, item.path, image, found, self.algorithm,
+                                 settings=self.settings, sr=self.sr, secondary_capture=self.sc)
+        self.counts["dicom_sr"] += 1
+
+
 def predict(
     detector: Detector,
     paths: Sequence[str | Path],
@@ -112,11 +138,15 @@ def predict(
     annotated: bool = True,
     on_answer: Callable[[str, str], None] | None = None,
     progress: bool = True,
+    dicom_sr: bool = False,
+    secondary_capture: bool = False,
 ) -> dict:
     """Predict every image under ``paths`` into ``out_dir``; returns a small summary.
 
     ``threshold`` keeps boxes scored at least that much. ``on_answer(name, text)`` is
-    called for every image (the CLI prints free-form answers with it).
+    called for every image (the CLI prints free-form answers with it). ``dicom_sr`` /
+    ``secondary_capture``: for each DICOM input also write ``dicom-sr/<name>.sr.dcm`` (a TID 1500
+    Structured Report) / ``dicom-sc/<name>.sc.dcm`` (boxes drawn); see :mod:`.dicom_sr`.
     """
     from paligemma_xray.data import load_image
 
@@ -127,6 +157,9 @@ def predict(
         raise DataError(f"no image files here (looked for {suffixes})", path=paths[0] if paths else ".")
     w = world()
     detecting = is_detection_prompt(prompt)
+    if (dicom_sr or secondary_capture) and not detecting:
+        raise ConfigError(f"--dicom-sr needs a detection prompt ('detect …'), not {prompt!r}")
+    dicom_outputs = _DicomOutputs(detector, out, prompt, threshold, dicom_sr, secondary_capture)
     mine = shard(iter_inputs(paths), w)
 
     def todo() -> Iterator[tuple[int, Item]]:
@@ -168,6 +201,7 @@ def predict(
                 png = out / "annotated" / f"{item.name}.png"
                 png.parent.mkdir(parents=True, exist_ok=True)
                 annotate(image, found).save(png)
+            dicom_outputs.write(item, image, found)
         _write_atomic(out / "json" / f"{item.name}.json", json.dumps(record) + "\n")
         if on_answer is not None:
             on_answer(item.name, generation.text)
@@ -176,6 +210,8 @@ def predict(
     bar.close()
     barrier(w)
     summary = {"predicted": done, "out": str(out), "world_size": w.size}
+    if dicom_sr or secondary_capture:
+        summary.update(dicom_outputs.counts)
     if w.is_main:
         summary.update(_write_coco(out, paths, prompt if detecting else None))
     barrier(w)
