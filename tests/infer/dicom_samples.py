@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    ExplicitVRLittleEndian,
     JPEGLSLossless,
     RLELossless,
-    ExplicitVRLittleEndian,
     generate_uid,
 )
 
@@ -42,6 +42,7 @@ def radiograph(
     monochrome1: bool = False,
     compression: str | None = None,  # None, "rle", "jpegls"
     drop: tuple[str, ...] = (),
+    patient_id: str = "PX0001",
     **attrs,
 ) -> Path:
     """Write one radiograph; returns ``path``."""
@@ -58,7 +59,7 @@ def radiograph(
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = modality
     ds.PatientName = "Phantom^Wrist"
-    ds.PatientID = f"PX{seed:04d}"
+    ds.PatientID = patient_id
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "O"
     ds.AccessionNumber = f"ACC{seed:04d}"
@@ -97,7 +98,15 @@ def study(folder: Path, n: int = 3, seed: int = 0, modality: str = "CR") -> list
         {"monochrome1": True, "compression": "jpegls"},
     ]
     return [
-        radiograph(folder / f"im{seed + i}.dcm", study_uid=uid, modality=modality, seed=seed + i,
-                   width=96 + 8 * i, height=128 - 8 * i, **kinds[i % len(kinds)])
+        radiograph(
+            folder / f"im{seed + i}.dcm",
+            study_uid=uid,
+            modality=modality,
+            seed=seed + i,
+            width=96 + 8 * i,
+            height=128 - 8 * i,
+            patient_id=f"PX{seed:04d}",
+            **kinds[i % len(kinds)],
+        )
         for i in range(n)
     ]
