@@ -215,3 +215,40 @@ def test_option_values_are_checked():
         pacs.parse_since("last week")
     with pytest.raises(ConfigError, match="modality"):
         pacs.parse_modalities("CR;DROP")
+
+
+def test_study_since_and_watch_select_what_is_processed(orthanc, tiny_boxes_hf_dir, tmp_path):
+    import datetime
+
+    from paligemma_xray.infer import Detector
+
+    first, second = study(tmp_path / "a", n=1, seed=0), study(tmp_path / "b", n=1, seed=10)
+    orthanc.upload(first)
+    detector = Detector.load(tiny_boxes_hf_dir, device="cpu", progress=False)
+    options = {"credentials": pacs.Credentials(user=USER, password=PASSWORD), "progress": False}
+
+    later = datetime.date(2027, 1, 1)  # the studies are from 2026-01-05
+    assert (
+        pacs.run(detector, orthanc.url, since=later, state_path=tmp_path / "s1.json", **options)["srs"] == 0
+    )
+    with pytest.raises(pacs.PacsError, match=r"no study 1\.2\.3\.4"):
+        pacs.run(detector, orthanc.url, studies=["1.2.3.4"], state_path=tmp_path / "s2.json", **options)
+
+    # --watch: a study that arrives between two polls is picked up by the second.
+    def arrives(message: str) -> None:
+        orthanc.upload(second)
+
+    totals = pacs.run(
+        detector,
+        orthanc.url,
+        watch=True,
+        interval_s=0.01,
+        max_polls=2,
+        log=arrives,
+        state_path=tmp_path / "s3.json",
+        **options,
+    )
+    assert totals["studies"] == 2 and totals["srs"] == 2 and totals["skipped_studies"] == 1
+    only = pydicom.dcmread(second[0]).StudyInstanceUID
+    again = pacs.run(detector, orthanc.url, studies=[only], state_path=tmp_path / "s4.json", **options)
+    assert again["studies"] == 1 and again["srs"] == 0 and again["skipped_images"] == 1
