@@ -24,13 +24,13 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "chromium not installed: browser tests will be skipped"; }
 
-# Orthanc with its DICOMweb plugin (a real PACS for the pacs tests) and dicom3tools (dciodvfy,
-# an independent DICOM validator for the SR tests); installed when we may.
+# Orthanc with its DICOMweb plugin (a real PACS for the pacs tests), dicom3tools (dciodvfy, an
+# independent DICOM validator) and DCMTK (dsrdump, a second SR reader); installed when we may.
 pacs-deps:
-	@{ [ -x /usr/sbin/Orthanc ] && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && command -v dciodvfy >/dev/null 2>&1; } || \
+	@{ [ -x /usr/sbin/Orthanc ] && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && command -v dciodvfy >/dev/null 2>&1 && command -v dsrdump >/dev/null 2>&1; } || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools >/dev/null) || \
-	  echo "orthanc / orthanc-dicomweb / dicom3tools not installed: the PACS and DICOM validator tests will be skipped"; }
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools dcmtk >/dev/null) || \
+	  echo "orthanc / orthanc-dicomweb / dicom3tools / dcmtk not installed: the PACS and DICOM validator tests will be skipped"; }
 
 lint: setup
 	$(VENV)/bin/ruff check .

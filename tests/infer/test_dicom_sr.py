@@ -150,6 +150,19 @@ def test_predict_writes_one_sr_per_dicom_image_with_the_json_boxes(predicted, ti
     assert n_boxes > 0  # the tiny model draws boxes, so the regions above were really checked
 
 
+@pytest.mark.skipif(shutil.which("dsrdump") is None, reason="DCMTK (dsrdump) is not installed")
+def test_dcmtk_reads_the_sr_back_without_complaint(predicted):
+    sources, out = predicted
+    path = out / "dicom-sr" / "in" / "study" / f"{sources[0].name}.sr.dcm"
+    result = subprocess.run(["dsrdump", "-v", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not [line for line in result.stderr.splitlines() if line.startswith(("W:", "E:", "F:"))]
+    assert (
+        "Comprehensive SR Document" in result.stdout and '(125605004,SCT,"Fracture of bone")' in result.stdout
+    )
+    assert "POLYLINE" in result.stdout
+
+
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) is not installed")
 def test_sr_and_secondary_capture_pass_an_independent_validator(predicted):
     sources, out = predicted

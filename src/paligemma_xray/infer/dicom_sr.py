@@ -320,8 +320,8 @@ def build_sr(
         "referenced_sop_instance_uid": str(ds.SOPInstanceUID),
     }
 
-    def score_of(i: int) -> float | None:
-        return None if scores is None else float(scores[i])
+    def score_of(i: int) -> float | None:  # 6 decimals: not float32's noise (0.89999997…)
+        return None if scores is None else round(float(scores[i]), 6)
 
     kept_scores = [s for s in (score_of(i) for i in range(len(detections))) if s is not None]
     image_measurements = []
@@ -354,7 +354,7 @@ def build_sr(
         if probability is not None:
             measurements.append(
                 hd.sr.Measurement(
-                    name=codes["probability"], value=float(probability[i]), unit=codes["no_units"]
+                    name=codes["probability"], value=round(float(probability[i]), 6), unit=codes["no_units"]
                 )
             )
         region = hd.sr.ImageRegion(
