@@ -503,8 +503,17 @@ class _Job:
         found = self.detector.detect(images, self.prompt, **kwargs)
         outputs = []
         for (name, data), image, detections in zip(sources, images, found):
+            boxes, whole = dicom_sr.calibrated(self.detector, detections)
             outputs.append(
-                dicom_sr.build_sr(data, detections, self.algorithm, settings=self.settings, name=name)
+                dicom_sr.build_sr(
+                    data,
+                    detections,
+                    self.algorithm,
+                    probability=boxes,
+                    image_probability=whole,
+                    settings=self.settings,
+                    name=name,
+                )
             )
             if self.secondary_capture:
                 outputs.append(

@@ -266,3 +266,37 @@ def test_weights_checksum_follows_the_weights(tiny_model_v1):
     with torch.no_grad():
         next(changed.parameters()).add_(1e-3)
     assert dicom_sr.weights_checksum(changed) != dicom_sr.weights_checksum(model)
+
+
+class _HalfCalibration:
+    """Stands in for the calibration saved with a model: probability = score / 2."""
+
+    def box_probability(self, scores):
+        return np.asarray(scores) / 2
+
+    def image_probability(self, detections):
+        return float(np.max(detections.score, initial=0)) / 2
+
+
+def test_a_model_calibration_puts_probabilities_in_the_sr(tmp_path):
+    class Calibrated:
+        model_id, calibration = "calibrated-model", _HalfCalibration()
+
+    path = radiograph(tmp_path / "a.dcm")
+    found = _det([[1, 2, 30, 40], [5, 5, 20, 20]], [0.8, 0.4], (96, 128))
+    boxes, whole = dicom_sr.calibrated(Calibrated(), found)
+    sr = _reread(
+        dicom_sr.build_sr(
+            path, found, dicom_sr.algorithm_of(Calibrated()), probability=boxes, image_probability=whole
+        )
+    )
+    per_box = [
+        {m.name.meaning: m.value for m in g.get_measurements()}["Calibrated probability"]
+        for g in sr.content.get_planar_roi_measurement_groups()
+    ]
+    assert per_box == pytest.approx([0.4, 0.2])
+    (image_group,) = sr.content.get_image_measurement_groups()
+    assert {m.name.meaning: m.value for m in image_group.get_measurements()}["Calibrated probability"] == (
+        pytest.approx(0.4)
+    )
+    assert dicom_sr.calibrated(object(), found) == (None, None)  # no calibration: no probabilities

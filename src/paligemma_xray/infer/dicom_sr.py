@@ -132,6 +132,22 @@ def weights_checksum(model: Any) -> str:
     return _CHECKSUMS[model]
 
 
+def calibrated(detector: Any, detections: Detections) -> tuple[np.ndarray | None, float | None]:
+    """(per-box, image-level) calibrated probabilities from the calibration saved with the model.
+
+    ``detector.calibration`` (:mod:`paligemma_xray.infer.calibration`, read by
+    ``Detector.load``) maps scores to probabilities; ``(None, None)`` where the model has none.
+    """
+    calibration = getattr(detector, "calibration", None)
+    if calibration is None or not hasattr(calibration, "box_probability"):
+        return None, None
+    boxes = None
+    if detections.score is not None and len(detections):
+        boxes = np.asarray(calibration.box_probability(np.asarray(detections.score)), dtype=np.float64)
+    image = calibration.image_probability(detections) if hasattr(calibration, "image_probability") else None
+    return boxes, None if image is None else float(image)
+
+
 def algorithm_of(detector: Any) -> Algorithm:
     """The :class:`Algorithm` of a Detector (its ``model_id`` and its weights' checksum).
 
@@ -271,6 +287,7 @@ def build_sr(
     algorithm: Algorithm,
     *,
     probability: Sequence[float] | np.ndarray | None = None,
+    image_probability: float | None = None,
     settings: str = "",
     name: str | Path | None = None,
 ) -> Any:
@@ -282,6 +299,8 @@ def build_sr(
         algorithm: :func:`algorithm_of` the detector.
         probability: calibrated probabilities, one per box, where a calibrator exists
             (defaults to ``detections.probability`` when Detections carry one).
+        image_probability: the calibrated probability that the image shows a fracture,
+            reported with the image-level finding (see :func:`calibrated`).
         settings: decoding settings (prompt, threshold…) that make a different report of the
             same image with the same model; enters the SR's UID.
         name: what errors call the source.
@@ -328,6 +347,12 @@ def build_sr(
     if kept_scores:
         image_measurements.append(
             hd.sr.Measurement(name=codes["score"], value=max(kept_scores), unit=codes["no_units"])
+        )
+    if image_probability is not None:
+        image_measurements.append(
+            hd.sr.Measurement(
+                name=codes["probability"], value=round(float(image_probability), 6), unit=codes["no_units"]
+            )
         )
     groups: list[Any] = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -478,6 +503,8 @@ def write_for_image(
     settings: str = "",
     sr: bool = True,
     secondary_capture: bool = False,
+    probability: Sequence[float] | np.ndarray | None = None,
+    image_probability: float | None = None,
 ) -> list[Path]:
     """``predict --dicom-sr``'s files for one image: ``dicom-sr/<name>.sr.dcm``, ``dicom-sc/<name>.sc.dcm``.
 
@@ -488,7 +515,15 @@ def write_for_image(
     out = Path(out_dir)
     written = []
     if sr:
-        report = build_sr(source, detections, algorithm, settings=settings, name=source)
+        report = build_sr(
+            source,
+            detections,
+            algorithm,
+            probability=probability,
+            image_probability=image_probability,
+            settings=settings,
+            name=source,
+        )
         written.append(write_bytes(out / "dicom-sr" / f"{name}.sr.dcm", to_bytes(report)))
     if secondary_capture:
         capture = build_secondary_capture(

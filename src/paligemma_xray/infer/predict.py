@@ -120,8 +120,10 @@ class _DicomOutputs:
             return
         if self.algorithm is None:
             self.algorithm = dicom_sr.algorithm_of(self.detector)
+        boxes, whole = dicom_sr.calibrated(self.detector, found)
         dicom_sr.write_for_image(self.out, item.name, item.path, image, found, self.algorithm,
-                                 settings=self.settings, sr=self.sr, secondary_capture=self.sc)
+                                 settings=self.settings, sr=self.sr, secondary_capture=self.sc,
+                                 probability=boxes, image_probability=whole)
         self.counts["dicom_sr"] += 1
 
 

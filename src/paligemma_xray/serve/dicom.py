@@ -49,10 +49,13 @@ def sr_response(
     if threshold is not None and detections.score is not None:
         detections = detections[np.asarray(detections.score) >= threshold]
     try:
+        boxes, whole = dicom_sr.calibrated(detector, detections)
         report = dicom_sr.build_sr(
             data,
             detections,
             dicom_sr.algorithm_of(detector),
+            probability=boxes,
+            image_probability=whole,
             settings=dicom_sr.settings_key(prompt, threshold),
             name=filename or "upload",
         )
