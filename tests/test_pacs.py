@@ -176,6 +176,20 @@ def test_a_pacs_answering_503_is_retried_with_backoff_then_reported(tiny_boxes_h
                 progress=False,
             )
         assert _Answers503.hits == 4  # the first try and three retries
+        # --watch waits an outage out instead of stopping (and says so).
+        said: list[str] = []
+        totals = pacs.run(
+            _FakeDetector(),
+            url,
+            state_path=tmp_path / "s.json",
+            retries=0,
+            progress=False,
+            watch=True,
+            interval_s=0.01,
+            max_polls=2,
+            log=said.append,
+        )
+        assert totals["studies"] == 0 and len(said) == 2 and all("HTTP 503" in line for line in said)
     finally:
         server.shutdown()
         server.server_close()

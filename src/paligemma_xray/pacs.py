@@ -63,7 +63,18 @@ _NOT_IMAGES = {"SR", "PR", "KO", "SEG", "RTSTRUCT", "DOC", "REG"}
 
 
 class PacsError(PaligemmaXrayError):
-    """The PACS could not be reached, refused us, or answered what we could not use."""
+    """The PACS could not be reached, refused us, or answered what we could not use.
+
+    ``transient``: down, timing out or answering 429/5xx (``--watch`` waits and tries again).
+    """
+
+    transient = False
+
+
+class PacsUnavailable(PacsError):
+    """The PACS is down or overloaded, after the retries."""
+
+    transient = True
 
 
 @dataclass(frozen=True)
@@ -187,11 +198,14 @@ def _call(what: str, url: str, retries: int, fn: Callable[[], Any]) -> Any:
             raise PacsError(
                 f"PACS at {display_url(url)} refused the credentials (HTTP {status}) while {what}"
             ) from None
-        tries = f" after {retries} retries" if status in RETRY_STATUS else ""
-        raise PacsError(f"PACS at {display_url(url)} answered HTTP {status}{tries} while {what}") from None
+        if status in RETRY_STATUS:
+            raise PacsUnavailable(
+                f"PACS at {display_url(url)} answered HTTP {status} after {retries} retries while {what}"
+            ) from None
+        raise PacsError(f"PACS at {display_url(url)} answered HTTP {status} while {what}") from None
     except (requests.ConnectionError, requests.Timeout) as error:
         reason = type(error).__name__
-        raise PacsError(
+        raise PacsUnavailable(
             f"PACS at {display_url(url)} is unreachable ({reason}) after {retries} retries while {what}; "
             "rerun the same command to resume"
         ) from None
@@ -315,7 +329,8 @@ def run(
     """Query, retrieve, detect and store back; returns counts (studies, images, srs, skipped…).
 
     ``watch``: poll again every ``interval_s`` seconds for new studies until interrupted
-    (``max_polls`` bounds the number of polls, for tests). See the module docstring.
+    (``max_polls`` bounds the number of polls, for tests); an outage (after the retries) is
+    logged and waited out, a refused login still stops it. See the module docstring.
 
     Raises:
         PacsError: the PACS is unreachable after the retries, refuses the credentials, or
@@ -352,8 +367,25 @@ def run(
     polls = 0
     while True:
         polls += 1
-        found = job.find_studies(studies, since)
-        bar = tqdm(found, desc="pacs", unit="study", disable=not progress)
+        try:
+            _poll(job, state, studies, since, totals, progress)
+        except PacsError as error:
+            if not (watch and error.transient):
+                raise
+            # Watching: an outage is waited out (what was done is in the state file).
+            say(f"pacs: {error}; trying again in {interval_s:g} s")
+        else:
+            if watch:
+                say(f"pacs: {totals['srs']} SR(s) stored so far; next poll in {interval_s:g} s")
+        if not watch or (max_polls is not None and polls >= max_polls):
+            return totals
+        time.sleep(interval_s)
+
+
+def _poll(job: _Job, state: PacsState, studies, since, totals: dict[str, int], progress: bool) -> None:
+    """One pass over the studies found now."""
+    found = job.find_studies(studies, since)
+    with tqdm(found, desc="pacs", unit="study", disable=not progress) as bar:
         for study_uid in bar:
             if state.done(study_uid):
                 totals["skipped_studies"] += 1
@@ -366,11 +398,6 @@ def run(
                 totals["skipped_studies"] += 1
             state.record(study_uid, **counts)
             bar.set_postfix(images=totals["images"], srs=totals["srs"])
-        bar.close()
-        if not watch or (max_polls is not None and polls >= max_polls):
-            return totals
-        say(f"pacs: {totals['srs']} SR(s) stored so far; next poll in {interval_s:g} s")
-        time.sleep(interval_s)
 
 
 @dataclass
