@@ -255,6 +255,16 @@ def sc_series_uid(study_uid: str, algorithm: Algorithm) -> str:
     return str(generate_uid(entropy_srcs=["pxr-sc-series", str(study_uid), algorithm.checksum]))
 
 
+def _multiframe_class(sop_class_uid: str) -> bool:
+    """Whether the SOP class is a multi-frame IOD (then a region names its frame; else it must not)."""
+    try:
+        from highdicom._standard_utils import is_attribute_in_iod  # the check highdicom applies itself
+
+        return bool(is_attribute_in_iod("NumberOfFrames", sop_class_uid))
+    except (ImportError, KeyError):
+        return False
+
+
 def _library_ready(ds: Any) -> bool:
     """Whether highdicom can describe ``ds`` in the image library (TID 1601).
 
@@ -334,10 +344,12 @@ def build_sr(
         ),
     )
     context = hd.sr.ObservationContext(observer_device_context=observer)
-    source_ref = {
+    source_ref: dict[str, Any] = {
         "referenced_sop_class_uid": str(ds.SOPClassUID),
         "referenced_sop_instance_uid": str(ds.SOPInstanceUID),
     }
+    if _multiframe_class(str(ds.SOPClassUID)):  # boxes are on the first frame (what load_image decodes)
+        source_ref["referenced_frame_numbers"] = [1]
 
     def score_of(i: int) -> float | None:  # 6 decimals: not float32's noise (0.89999997…)
         return None if scores is None else round(float(scores[i]), 6)
