@@ -300,3 +300,22 @@ def test_a_model_calibration_puts_probabilities_in_the_sr(tmp_path):
         pytest.approx(0.4)
     )
     assert dicom_sr.calibrated(object(), found) == (None, None)  # no calibration: no probabilities
+
+
+def test_regions_on_a_multi_frame_image_name_its_first_frame(tmp_path):
+    xa = radiograph(
+        tmp_path / "xa.dcm", modality="XA", SOPClassUID="1.2.840.10008.5.1.4.1.1.12.1", NumberOfFrames=1
+    )
+    found = _det([[1, 2, 30, 40]], [0.5], (96, 128))
+    sr = dicom_sr.build_sr(xa, found, dicom_sr.Algorithm(model_id="m", checksum="3" * 64))
+    (group,) = _reread(sr).content.get_planar_roi_measurement_groups()
+    assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber == 1
+    single = dicom_sr.build_sr(
+        radiograph(tmp_path / "cr.dcm"), found, dicom_sr.Algorithm(model_id="m", checksum="3" * 64)
+    )
+    (group,) = _reread(single).content.get_planar_roi_measurement_groups()
+    assert "ReferencedFrameNumber" not in group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+    if shutil.which("dciodvfy"):
+        for name, report in (("xa", sr), ("cr", single)):
+            (tmp_path / f"{name}.sr.dcm").write_bytes(dicom_sr.to_bytes(report))
+            assert _validator_errors(tmp_path / f"{name}.sr.dcm") == []
