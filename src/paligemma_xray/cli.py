@@ -185,8 +185,9 @@ def _detector(args: argparse.Namespace):
                          revision=args.revision)
 
 
-_MODEL_HELP = ("checkpoint: HF folder, big_vision .npz, run folder, or a model name: Hugging Face Hub id\n"
-               "(google/paligemma2-3b-pt-224) or Kaggle handle (kaggle:google/paligemma/jax/paligemma-3b-pt-224)")
+_MODEL_HELP = ("checkpoint: HF folder, big_vision .npz, run folder, or a model name: Hugging Face\n"
+               "Hub id (google/paligemma2-3b-pt-224) or Kaggle handle\n"
+               "(kaggle:google/paligemma/jax/paligemma-3b-pt-224)")
 
 
 def _revision_flag(p: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ that fails (no network: a second or two; a network that drops packets: huggingfa
 ``HF_HUB_ETAG_TIMEOUT``, 10 s), and a cached commit is used without asking, so there is no
 retry storm.
 
->>> is_model_name("google/paligemma-3b-mix-224"), is_model_name("kaggle:google/paligemma/jax/paligemma-3b-pt-224")
+>>> is_model_name("google/paligemma-3b-mix-224"), is_model_name("kaggle:google/paligemma/jax/pg-3b-pt-224")
 (True, True)
 >>> is_model_name("runs/r1.npz"), is_model_name("/models/pg2"), is_model_name("runs/r1/best")
 (False, False, False)
@@ -240,14 +240,16 @@ def _hub_errors(repo_id: str, revision: str | None, cache: Path, offline: bool) 
     try:
         yield
     except hf.GatedRepoError as error:
-        who = "the token in use (HF_TOKEN or `hf auth login`) has not been granted it" if get_token() else (
-            "no Hugging Face token is set: set HF_TOKEN or run `hf auth login`"
+        who = (
+            "the token in use (HF_TOKEN or `hf auth login`) has not been granted it"
+            if get_token()
+            else ("no Hugging Face token is set: set HF_TOKEN or run `hf auth login`")
         )
         raise CheckpointError(f"{repo_id} is a gated repo and {who}; accept its licence at {url}") from error
     except hf.RepositoryNotFoundError as error:
         raise CheckpointError(
             f"{repo_id}: no such local path, and no Hugging Face repo of that name "
-            f"(or it is private and {'the token in use cannot see it' if get_token() else 'no HF_TOKEN is set'})"
+            f"(or it is private and {'the token in use cannot see it' if get_token() else 'no token is set'})"
         ) from error
     except hf.RevisionNotFoundError as error:
         raise CheckpointError(f"{repo_id} has no revision {revision!r} (a branch, tag or commit)") from error
@@ -268,7 +270,7 @@ def _hub_errors(repo_id: str, revision: str | None, cache: Path, offline: bool) 
             "check the network (or the proxy), or fill the cache where there is one"
         ) from error
     except hf.HFValidationError as error:
-        raise CheckpointError(f"{repo_id!r} is not a valid Hugging Face repo id: {_first_line(error)}") from error
+        raise CheckpointError(f"{repo_id!r} is not a valid Hub repo id: {_first_line(error)}") from error
     except hf.HfHubHTTPError as error:
         raise CheckpointError(f"{repo_id}: Hugging Face Hub error: {_first_line(error)}") from error
     except OSError as error:  # writing the cache (disk full, read-only) or a token file that cannot be read
@@ -293,7 +295,7 @@ def _from_kaggle(text: str, revision: str | None, dtype: str | None, progress: b
         handle = parse_model_handle(text)
     except ValueError:
         raise CheckpointError(
-            f"{name} is not a Kaggle model handle: expected kaggle:OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION], "
+            f"{name} is not a Kaggle model handle: kaggle:OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION], "
             "e.g. kaggle:google/paligemma/jax/paligemma-3b-pt-224"
         ) from None
     if revision is not None:
@@ -313,7 +315,9 @@ def _from_kaggle(text: str, revision: str | None, dtype: str | None, progress: b
         if folder is None:
             raise
         reason = type(error.__cause__).__name__ if error.__cause__ else error.message
-        logger.warning("%s: Kaggle did not answer (%s); using the newest cached version, %s", name, reason, folder)
+        logger.warning(
+            "%s: Kaggle did not answer (%s); using the newest cached version %s", name, reason, folder
+        )
     return _pick_npz(folder, name, handle.variation, dtype), _find_tokenizer(folder)
 
 
@@ -384,10 +388,12 @@ def _npz_tag(path: Path) -> str:
 
 def _pick_npz(folder: Path, name: str, variation: str, dtype: str | None) -> Path:
     """The variation's big_vision ``.npz`` in a download: of precision ``dtype``, else 16-bit first."""
-    found = sorted(folder.rglob("*.npz")) if folder.is_dir() else ([folder] if folder.suffix == ".npz" else [])
+    if not folder.is_dir():  # a single-file download
+        folder = folder.parent
+    found = sorted(folder.rglob("*.npz"))
     if not found:
-        listing = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) if folder.is_dir() else folder.name
-        raise CheckpointError(f"{name}: the download has no big_vision .npz file (it holds: {listing or 'nothing'})")
+        listing = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+        raise CheckpointError(f"{name}: the download has no big_vision .npz file (it holds: {listing})")
     named = [p for p in found if p.name.startswith(variation)] or found
     if dtype is not None:
         wanted = [p for p in named if _npz_tag(p) in _NPZ_TAGS.get(str(dtype).removeprefix("torch."), ())]

@@ -38,7 +38,8 @@ def serve(
 ) -> None:
     """Load the detector at ``model`` and serve it on ``host:port`` until interrupted.
 
-    ``device``, ``dtype``, ``box_or_stop`` and ``revision`` (of a Hub id) go to :meth:`paligemma_xray.infer.Detector.load`.
+    ``device``, ``dtype``, ``box_or_stop`` and ``revision`` (of a Hub id) go to
+    :meth:`paligemma_xray.infer.Detector.load`.
     """
     from paligemma_xray.infer import Detector  # torch and the model load only when serving
 
