@@ -248,7 +248,7 @@ def _hub_errors(repo_id: str, revision: str | None, cache: Path, offline: bool) 
         raise CheckpointError(f"{repo_id} is a gated repo and {who}; accept its licence at {url}") from error
     except hf.RepositoryNotFoundError as error:
         raise CheckpointError(
-            f"{repo_id}: no such local path, and no Hugging Face repo of that name "
+            f"{repo_id}: not found: no such local path, and no Hugging Face repo of that name "
             f"(or it is private and {'the token in use cannot see it' if get_token() else 'no token is set'})"
         ) from error
     except hf.RevisionNotFoundError as error:
@@ -262,11 +262,11 @@ def _hub_errors(repo_id: str, revision: str | None, cache: Path, offline: bool) 
         rev = f" at revision {revision}" if revision else ""
         if offline:
             raise CheckpointError(
-                f"{repo_id}{rev} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE is set: "
+                f"{repo_id}{rev}: not found in the Hugging Face cache {cache}, and HF_HUB_OFFLINE is set: "
                 f"download it once with network (`hf download {repo_id}`), or unset HF_HUB_OFFLINE"
             ) from error
         raise CheckpointError(
-            f"{repo_id}{rev}: cannot reach the Hugging Face Hub and it is not in the cache {cache}: "
+            f"{repo_id}{rev}: not found in the Hugging Face cache {cache}, and cannot reach the Hub: "
             "check the network (or the proxy), or fill the cache where there is one"
         ) from error
     except hf.HFValidationError as error:
@@ -360,8 +360,8 @@ def _kaggle_errors(name: str) -> Iterator[None]:
         from kagglehub.config import get_cache_folder
 
         raise CheckpointError(
-            f"{name}: cannot reach Kaggle and it is not in the kagglehub cache {get_cache_folder()} "
-            "(KAGGLEHUB_CACHE): check the network, or fill the cache where there is one"
+            f"{name}: not found in the kagglehub cache {get_cache_folder()} (KAGGLEHUB_CACHE), and "
+            "cannot reach Kaggle: check the network, or fill the cache where there is one"
         ) from error
     except UnauthenticatedError as error:
         raise CheckpointError(f"{name}: Kaggle needs credentials: {needs}") from error
