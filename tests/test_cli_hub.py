@@ -36,6 +36,8 @@ def hub_cache(tmp_path, monkeypatch, tiny_boxes_hf_dir):
     for name in ("HF_HUB_CACHE", "HF_TOKEN", "PALIGEMMA_XRAY_API_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    # In-process callers other than ours (peft checks a Hub base's config) stay offline too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     write_hub_cache(home, MIX, tiny_boxes_hf_dir)
     write_hub_cache(home, FT, tiny_boxes_hf_dir)
     return home

@@ -41,6 +41,8 @@ def hf_home(tmp_path, monkeypatch):
 
     # Not the user's own login (the library fixes the token file's path when imported).
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    # In-process callers other than ours (peft checks a Hub base's config) stay offline too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return home
 
 
@@ -85,7 +87,11 @@ def test_a_local_path_of_the_same_spelling_wins(hf_home, tmp_path, monkeypatch):
     assert _same_weights(load(MIX, progress=False)[0], tiny_model(1, seed=5)[0])
 
 
-def test_missing_id_offline_is_one_clear_line(hf_home):
+def test_missing_id_offline_is_one_clear_line(hf_home, monkeypatch):
+    import huggingface_hub.constants
+
+    # HF_HUB_OFFLINE set after huggingface_hub was imported (as here) is honoured all the same.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(CheckpointError) as caught:
         load("google/no-such-model", progress=False)
     message = str(caught.value)
