@@ -189,6 +189,20 @@ def test_lora_adapter_repo_whose_base_is_a_hub_id(hf_home, tmp_path):
     assert torch.allclose(logits, tuned, atol=1e-4)
 
 
+def test_a_hub_repo_of_big_vision_weights_gives_its_npz(hf_home, tmp_path):
+    jax = tmp_path / "jax"
+    write_tiny_npz(jax / "paligemma-3b-pt-224.f16.npz", dtype="float16", seed=6)
+    write_tiny_npz(tmp_path / "f32" / "paligemma-3b-pt-224.npz", dtype="float32", seed=6)
+    (jax / "paligemma-3b-pt-224.npz").write_bytes((tmp_path / "f32" / "paligemma-3b-pt-224.npz").read_bytes())
+    (jax / "README.md").write_text("big_vision weights")
+    snapshot = write_hub_cache(hf_home, "google/paligemma-3b-pt-224-jax", jax)
+    model, processor = load("google/paligemma-3b-pt-224-jax", progress=False)
+    assert model.dtype == torch.float16  # 16-bit first, as the colab
+    assert processor.tokenizer.spm_path == str((snapshot / "paligemma_tokenizer.model").resolve())
+    model32, _ = load("google/paligemma-3b-pt-224-jax", dtype="float32", progress=False)
+    assert _same_weights(model32, load(tmp_path / "f32" / "paligemma-3b-pt-224.npz", progress=False)[0])
+
+
 def test_portable_ref_keeps_names_and_absolutises_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pg.npz").write_bytes(b"")

@@ -14,6 +14,8 @@ them:
   when the Hub cannot be reached. Only what :func:`~paligemma_xray.model.load` reads is
   fetched (JSON configs, safetensors, the SentencePiece model), and ``config.json`` first,
   so that a repo that is not PaliGemma is refused before its weights are downloaded.
+  A repo of big_vision weights (``google/paligemma-3b-pt-224-jax``) gives its ``.npz``, chosen
+  as for Kaggle, and the SentencePiece model beside it.
 * Kaggle: ``kagglehub.model_download`` (the optional ``kaggle`` extra) into its cache
   (``KAGGLEHUB_CACHE``), credentials from ``KAGGLE_USERNAME``/``KAGGLE_KEY`` or
   ``~/.kaggle/kaggle.json``; the newest cached version when Kaggle cannot be reached. The
@@ -42,13 +44,15 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
+from typing import TypeVar
 
 from huggingface_hub import snapshot_download
 
 from paligemma_xray.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
+PurePathT = TypeVar("PurePathT", bound=PurePath)
 
 KAGGLE_PREFIX = "kaggle:"
 TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")
@@ -113,7 +117,7 @@ def resolve_checkpoint(
     text = str(ref)
     if text.startswith(KAGGLE_PREFIX):
         return _from_kaggle(text.removeprefix(KAGGLE_PREFIX), revision, dtype, progress)
-    return _from_hub(text, revision, progress), None
+    return _from_hub(text, revision, dtype, progress)
 
 
 def portable_ref(ref: str | Path) -> str:
@@ -175,7 +179,9 @@ def _hub_cache() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _from_hub(repo_id: str, revision: str | None, progress: bool) -> Path:
+def _from_hub(
+    repo_id: str, revision: str | None, dtype: str | None, progress: bool
+) -> tuple[Path, Path | None]:
     cache, offline = _hub_cache(), _hub_offline()
     with _hub_progress(progress), _hub_errors(repo_id, revision, cache, offline):
         # A commit never changes: one already in the cache is used without asking the Hub.
@@ -184,13 +190,33 @@ def _from_hub(repo_id: str, revision: str | None, progress: bool) -> Path:
         if (head / "config.json").is_file():
             check_paligemma_folder(head, repo_id)
         elif not (head / "adapter_config.json").is_file():
-            raise CheckpointError(
-                f"{repo_id} has no config.json (transformers weights) nor adapter_config.json (a PEFT "
-                "adapter): not a PaliGemma checkpoint this tool reads (big_vision .npz files: "
-                "use a kaggle: handle, or download the file and pass its path)"
-            )
+            # big_vision's weights on the Hub (google/paligemma-3b-pt-224-jax): one .npz of
+            # the repo, and the SentencePiece model beside it.
+            files = [PurePosixPath(f) for f in _hub_files(repo_id, head, cache) if f.endswith(".npz")]
+            if not files:
+                raise CheckpointError(
+                    f"{repo_id} has no config.json (transformers weights), adapter_config.json (a PEFT "
+                    "adapter) or big_vision .npz: not a PaliGemma checkpoint this tool reads"
+                )
+            npz = _choose_npz(files, repo_id.split("/")[1].removesuffix("-jax"), dtype).as_posix()
+            patterns = [npz, *TOKENIZER_NAMES]
+            folder = _snapshot(repo_id, head.name, patterns, cache, offline, local_first=True)
+            return folder / npz, _find_tokenizer(folder)
         # The snapshot folder is named by its commit: the weights come from that same commit.
-        return _snapshot(repo_id, head.name, HUB_FILES, cache, offline, local_first=True)
+        return _snapshot(repo_id, head.name, HUB_FILES, cache, offline, local_first=True), None
+
+
+def _hub_files(repo_id: str, snapshot: Path, cache: Path) -> list[str]:
+    """The repo's files at the snapshot's commit: the listing huggingface_hub cached with it
+    (no network call), else what the snapshot folder holds (a cache filled by hand)."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    try:
+        return [f.path for f in get_cached_repo_tree(repo_id, revision=snapshot.name, cache_dir=cache)]
+    except (CachedRepoTreeNotFoundError, OSError, ValueError):
+        found = snapshot.rglob("*") if snapshot.is_dir() else []
+        return [p.relative_to(snapshot).as_posix() for p in found if p.is_file()]
 
 
 def _snapshot(
@@ -380,7 +406,7 @@ def _kaggle_errors(name: str) -> Iterator[None]:
         raise CheckpointError(f"{name}: cannot download it: {error}") from error
 
 
-def _npz_tag(path: Path) -> str:
+def _npz_tag(path: PurePath) -> str:
     stem = path.name.removesuffix(".npz")
     tag = stem.rsplit(".", 1)[1] if "." in stem else ""
     return tag if tag in _NPZ_PREFERENCE else ""
@@ -394,11 +420,16 @@ def _pick_npz(folder: Path, name: str, variation: str, dtype: str | None) -> Pat
     if not found:
         listing = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
         raise CheckpointError(f"{name}: the download has no big_vision .npz file (it holds: {listing})")
+    return _choose_npz(found, variation, dtype)
+
+
+def _choose_npz(found: list[PurePathT], variation: str, dtype: str | None) -> PurePathT:
+    """Of the variation's files: the one of precision ``dtype``, else 16-bit first (as the colab)."""
     named = [p for p in found if p.name.startswith(variation)] or found
     if dtype is not None:
         wanted = [p for p in named if _npz_tag(p) in _NPZ_TAGS.get(str(dtype).removeprefix("torch."), ())]
         if wanted:
-            return wanted[0]
+            return sorted(wanted)[0]
     return min(named, key=lambda p: (_NPZ_PREFERENCE.index(_npz_tag(p)), p.name))
 
 
