@@ -9,6 +9,10 @@ the same commands (or library calls) on the local folders the caches were made f
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +166,25 @@ def test_names_that_do_not_resolve_end_in_one_line(hub_cache, image, tmp_path, c
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
         assert "HF_HUB_OFFLINE" in err
+
+
+@pytest.mark.slow
+def test_as_a_user_runs_it_with_the_environment_set_before_the_process(tiny_boxes_hf_dir, image, tmp_path):
+    home = tmp_path / "hf-home"
+    write_hub_cache(home, MIX, tiny_boxes_hf_dir)
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
+    for name in ("HF_HUB_CACHE", "HF_TOKEN"):
+        env.pop(name, None)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "paligemma_xray.cli", "predict", "--prompt", "caption en", str(image)]
+    done = subprocess.run(
+        [*command, "--model", MIX, "--out", str(out), "--max-new-tokens", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "json" / "bee.jpg.json").read_text())["prompt"] == "caption en"
