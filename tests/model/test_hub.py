@@ -66,6 +66,20 @@ def test_hub_id_loads_from_the_cache_offline(hf_home, tmp_path, repo_id, version
     assert Detector.load(repo_id, device="cpu", progress=False).model_id == repo_id
 
 
+def test_a_cache_laid_out_by_hand_with_plain_files(hf_home, tmp_path):
+    """models--org--name/snapshots/<sha>/… as plain copies, refs/main written with a newline."""
+    import shutil
+
+    folder = write_tiny_hf(tmp_path / "src", version=2, seed=7)
+    repo = hf_home / "hub" / "models--google--paligemma2-3b-mix-448"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha + "\n")
+    model, _ = load("google/paligemma2-3b-mix-448", progress=False)
+    assert _same_weights(model, tiny_model(2, seed=7)[0])
+
+
 def test_revision_picks_branch_tag_or_commit(hf_home, tmp_path):
     _cache(hf_home, tmp_path, MIX, seed=0)
     commit = _cache(hf_home, tmp_path, MIX, seed=1, revision="v2").name

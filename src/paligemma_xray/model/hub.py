@@ -48,6 +48,7 @@ from pathlib import Path, PurePath, PurePosixPath
 from typing import TypeVar
 
 from huggingface_hub import snapshot_download
+from huggingface_hub.file_download import repo_folder_name
 
 from paligemma_xray.errors import CheckpointError
 
@@ -231,11 +232,20 @@ def _snapshot(
     """
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    options = {"revision": revision, "allow_patterns": patterns, "cache_dir": cache}
+    options = {"allow_patterns": patterns, "cache_dir": cache}
     if local_first and not offline:
         with contextlib.suppress(LocalEntryNotFoundError):
-            return Path(snapshot_download(repo_id, local_files_only=True, **options))
-    return Path(snapshot_download(repo_id, local_files_only=offline, **options))
+            return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, **options))
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=offline, **options))
+    except LocalEntryNotFoundError:
+        # A ref written by hand with a trailing newline (`echo SHA > refs/main`): the library
+        # reads it verbatim and misses the snapshot; the commit it names is used instead.
+        ref = cache / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / (revision or "main")
+        commit = ref.read_text().strip() if ref.is_file() else ""
+        if not _COMMIT.fullmatch(commit) or commit == ref.read_text():
+            raise
+        return Path(snapshot_download(repo_id, revision=commit, local_files_only=True, **options))
 
 
 @contextlib.contextmanager
