@@ -159,7 +159,7 @@ def _add_train(verbs) -> None:
                           "cosine with 10% warm-up, batch 8, 512 examples, text length 128.\n"
                           "Values: preset (--recipe) < --config YAML < flags. Several GPUs:\n"
                           "  torchrun --nproc_per_node N -m paligemma_xray.cli train ...")
-    p.add_argument("--model", metavar="M", help="base checkpoint: HF folder or big_vision .npz")
+    p.add_argument("--model", metavar="M", help="base " + _MODEL_HELP)
     p.add_argument("--data", metavar="D", help="data set folder (Roboflow 'paligemma' export or similar)")
     p.add_argument("--out", metavar="RUN", help="run folder to create")
     p.add_argument("--recipe", choices=list(PRESETS), default=None,
@@ -181,11 +181,23 @@ def _detector(args: argparse.Namespace):
     w = world()  # under torchrun: one GPU per rank
     device = args.device or (w.device() if w.size > 1 else None)
     return Detector.load(args.model, device=device, dtype=args.dtype, box_or_stop=not args.plain_greedy,
-                         min_box_probability=args.min_box_probability, batch_size=args.batch_size)
+                         min_box_probability=args.min_box_probability, batch_size=args.batch_size,
+                         revision=args.revision)
+
+
+_MODEL_HELP = ("checkpoint: HF folder, big_vision .npz, run folder, or a model name: Hugging Face\n"
+               "Hub id (google/paligemma2-3b-pt-224) or Kaggle handle\n"
+               "(kaggle:google/paligemma/jax/paligemma-3b-pt-224)")
+
+
+def _revision_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", metavar="R", default=None,
+                   help="of a Hub id: branch, tag or commit (default main); of a kaggle: handle: version")
 
 
 def _detector_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="M", required=True, help="checkpoint: HF folder or big_vision .npz")
+    p.add_argument("--model", metavar="M", required=True, help=_MODEL_HELP)
+    _revision_flag(p)
     p.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help="images decoded together (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
@@ -385,7 +397,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_upload_mb=args.max_upload_mb, max_new_tokens=args.max_new_tokens,
                          api_key=api_key_from_env())
     serve(args.model, host=args.host, port=args.port, config=config, device=args.device, dtype=args.dtype,
-          box_or_stop=not args.plain_greedy, log_level=args.log_level)
+          box_or_stop=not args.plain_greedy, log_level=args.log_level, revision=args.revision)
     return 0
 
 
@@ -399,7 +411,8 @@ def _add_serve(verbs) -> None:
                           "most --max-wait-ms for companions); past --queue waiting: 503 + Retry-After.\n"
                           "API key: set PALIGEMMA_XRAY_API_KEY to require it (X-API-Key or Authorization:\n"
                           "Bearer) on /v1/*; it is never printed or logged. Uploads stay in memory.")
-    p.add_argument("--model", metavar="M", required=True, help="checkpoint: HF folder or big_vision .npz")
+    p.add_argument("--model", metavar="M", required=True, help=_MODEL_HELP)
+    _revision_flag(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -429,7 +442,8 @@ def _add_serve(verbs) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from paligemma_xray.model.checkpoints import convert
 
-    print(convert(args.src, args.out, to=args.to, dtype=args.dtype, tokenizer=args.tokenizer))
+    print(convert(args.src, args.out, to=args.to, dtype=args.dtype, tokenizer=args.tokenizer,
+                  revision=args.revision))
     return 0
 
 
@@ -441,7 +455,8 @@ def _add_convert(verbs) -> None:
                           "as an HF save_pretrained folder or a big_vision .npz (its keys, shapes and\n"
                           "dtype; bfloat16 stored as |V2; embedding cut back to the SentencePiece size).\n"
                           "Sizes, depth, heads, resolution and PaliGemma 1/2 are read from the weights.")
-    p.add_argument("src", metavar="IN", help="checkpoint to read")
+    p.add_argument("src", metavar="IN", help="checkpoint to read (path, Hub id or kaggle: handle)")
+    _revision_flag(p)
     p.add_argument("out", metavar="OUT", help="HF folder or .npz file to write")
     p.add_argument("--to", choices=["hf", "npz"], default=None,
                    help="output format (default: npz if OUT ends in .npz, else hf)")

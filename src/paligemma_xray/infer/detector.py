@@ -146,10 +146,13 @@ class Detector:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         progress: bool = True,
+        revision: str | None = None,
         **options: Any,
     ) -> Detector:
         """Load a checkpoint (HF folder or big_vision ``.npz``) through ``model.load``.
 
+        ``path`` may be a Hub id or a ``kaggle:`` handle (``revision``: its branch, tag,
+        commit or version; see ``model.load``), which is then the ``model_id``.
         ``device`` defaults to CUDA when available; ``dtype`` to the checkpoint's (bfloat16
         is the usual choice on a GPU). ``progress``: loading bars. ``options`` go to the
         constructor.
@@ -163,8 +166,9 @@ class Detector:
         )
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, processor = load_model(path, dtype=dtype, device=device, progress=progress)
-        return cls(model, processor, model_id=str(path), **options)
+        model, processor = load_model(path, dtype=dtype, device=device, progress=progress, revision=revision)
+        model_id = f"{path}@{revision}" if revision else str(path)
+        return cls(model, processor, model_id=model_id, **options)
 
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
