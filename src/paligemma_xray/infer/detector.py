@@ -169,11 +169,14 @@ class Detector:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         progress: bool = True,
+        revision: str | None = None,
         attention: str | None = None,
         **options: Any,
     ) -> Detector:
         """Load a checkpoint (HF folder or big_vision ``.npz``) through ``model.load``.
 
+        ``path`` may be a Hub id or a ``kaggle:`` handle (``revision``: its branch, tag,
+        commit or version; see ``model.load``), which is then the ``model_id``.
         ``device`` defaults to CUDA when available; ``dtype`` to the checkpoint's (bfloat16
         is the usual choice on a GPU). ``progress``: loading bars. ``attention``: one of
         :data:`ATTENTION_CHOICES` (None: transformers' default, SDPA). ``options`` go to
@@ -190,10 +193,11 @@ class Detector:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, processor = load_model(path, dtype=dtype, device=device, progress=progress)
+        model, processor = load_model(path, dtype=dtype, device=device, progress=progress, revision=revision)
         if attention is not None:
             set_attention(model, attention)
-        return cls(model, processor, model_id=str(path), **options)
+        model_id = f"{path}@{revision}" if revision else str(path)
+        return cls(model, processor, model_id=model_id, **options)
 
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}

@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from paligemma_xray.data.images import DICOM_SUFFIXES, is_dicom
-from paligemma_xray.errors import DataError, check_output
+from paligemma_xray.errors import ConfigError, DataError, check_output
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, check_decoding, is_detection_prompt
 from paligemma_xray.infer.distributed import barrier, shard, world
 from paligemma_xray.infer.prefetch import Background, Prefetch, default_workers
@@ -100,6 +100,34 @@ def annotate(image, detections: Detections):
     return Image.fromarray(frame)
 
 
+class _DicomOutputs:
+    """The DICOM SR / Secondary Capture of each DICOM input (``--dicom-sr``); others are counted."""
+
+    def __init__(self, detector, out: Path, prompt: str, threshold, sr: bool, sc: bool) -> None:
+        self.detector, self.out, self.sr, self.sc = detector, out, sr, sc
+        from paligemma_xray.infer.dicom_sr import settings_key
+
+        self.settings = settings_key(prompt, threshold)
+        self.algorithm = None
+        self.counts = {"dicom_sr": 0, "not_dicom": 0}
+
+    def write(self, item: Item, image, found: Detections) -> None:
+        if not (self.sr or self.sc):
+            return
+        from paligemma_xray.infer import dicom_sr
+
+        if not dicom_sr.is_dicom_file(item.path):
+            self.counts["not_dicom"] += 1
+            return
+        if self.algorithm is None:
+            self.algorithm = dicom_sr.algorithm_of(self.detector)
+        boxes, whole = dicom_sr.calibrated(self.detector, found)
+        dicom_sr.write_for_image(self.out, item.name, item.path, image, found, self.algorithm,
+                                 settings=self.settings, sr=self.sr, secondary_capture=self.sc,
+                                 probability=boxes, image_probability=whole)
+        self.counts["dicom_sr"] += 1
+
+
 def predict(
     detector: Detector,
     paths: Sequence[str | Path],
@@ -113,16 +141,20 @@ def predict(
     annotated: bool = True,
     on_answer: Callable[[str, str], None] | None = None,
     progress: bool = True,
+    dicom_sr: bool = False,
+    secondary_capture: bool = False,
     workers: int | None = None,
 ) -> dict:
     """Predict every image under ``paths`` into ``out_dir``; returns a small summary.
 
     ``threshold`` keeps boxes scored at least that much. ``on_answer(name, text)`` is
-    called for every image (the CLI prints free-form answers with it). ``workers``: threads
-    that decode the next images while the model works on this batch, and as many that
-    write the annotated PNGs and JSON files of the previous ones (default: up to 4; 0 does
-    both on this thread). The summary's ``input_wait_s`` / ``output_wait_s`` are the
-    times the model waited for decoded images / for files to be written.
+    called for every image (the CLI prints free-form answers with it). ``dicom_sr`` /
+    ``secondary_capture``: for each DICOM input also write ``dicom-sr/<name>.sr.dcm`` (a TID 1500
+    Structured Report) / ``dicom-sc/<name>.sc.dcm`` (boxes drawn); see :mod:`.dicom_sr`.
+    ``workers``: threads that decode the next images while the model works on this batch,
+    and as many that write the annotated PNGs and JSON files of the previous ones (default:
+    up to 4; 0 does both on this thread). The summary's ``input_wait_s`` / ``output_wait_s``
+    are the times the model waited for decoded images / for files to be written.
     """
     from paligemma_xray.data import load_image
 
@@ -133,6 +165,9 @@ def predict(
         raise DataError(f"no image files here (looked for {suffixes})", path=paths[0] if paths else ".")
     w = world()
     detecting = is_detection_prompt(prompt)
+    if (dicom_sr or secondary_capture) and not detecting:
+        raise ConfigError(f"--dicom-sr needs a detection prompt ('detect …'), not {prompt!r}")
+    dicom_outputs = _DicomOutputs(detector, out, prompt, threshold, dicom_sr, secondary_capture)
     mine = shard(iter_inputs(paths), w)
 
     def todo() -> Iterator[tuple[int, Item]]:
@@ -185,6 +220,8 @@ def predict(
             "tokens": generation.tokens,
             "logprobs": [round(v, 5) for v in generation.logprobs],
         }
+        if found is not None:
+            dicom_outputs.write(item, image, found)  # here: it keeps counts; before the JSON
         writer.submit(write_outputs, item, image, found, record)
         if on_answer is not None:
             on_answer(item.name, generation.text)
@@ -196,6 +233,8 @@ def predict(
     summary = {"predicted": done, "out": str(out), "world_size": w.size}
     summary["input_wait_s"] = loader.wait_s  # time the model waited for decoded images
     summary["output_wait_s"] = writer.wait_s  # ... and for earlier images' files to be written
+    if dicom_sr or secondary_capture:
+        summary.update(dicom_outputs.counts)
     if w.is_main:
         summary.update(_write_coco(out, paths, prompt if detecting else None))
     barrier(w)

@@ -363,7 +363,7 @@ def _records(config: TrainConfig) -> tuple[list, list]:
 def _load_model(config: TrainConfig):
     from paligemma_xray.model import load
 
-    return load(config.model, tokenizer=config.tokenizer, progress=config.progress)
+    return load(config.model, tokenizer=config.tokenizer, progress=config.progress, revision=config.revision)
 
 
 def _augment(config: TrainConfig) -> Augment:
@@ -632,6 +632,7 @@ def _load_checkpoint(out: Path, model, optimizer, scheduler, rank: int) -> dict[
 def _save_weights(final: Path, model, processor, config, accelerator, step_module, npz: bool = False) -> None:
     """Write an HF folder (LoRA folded in) that ``model.load`` reads, atomically."""
     from paligemma_xray.model import save_hf, save_lora, save_npz
+    from paligemma_xray.model.hub import portable_ref
 
     full_fsdp = accelerator.distributed_type.name == "FSDP"
     state = accelerator.get_state_dict(step_module) if full_fsdp else None
@@ -643,7 +644,8 @@ def _save_weights(final: Path, model, processor, config, accelerator, step_modul
         # No shard-writing bar: it would cut through the training bar.
         save_hf(target, processor, tmp, progress=False)
         if config.trainable == "lora":  # the adapter too, in PEFT's format, pointing at its base
-            save_lora(model, tmp / "adapter", base=str(Path(config.model).resolve()))
+            base = portable_ref(config.model)  # a Hub id stays one, with its revision
+            save_lora(model, tmp / "adapter", base=base, revision=config.revision)
         if npz:
             save_npz(target, tmp / "model.npz", progress=False)
         _replace_dir(tmp, final)

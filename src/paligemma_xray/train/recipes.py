@@ -36,6 +36,9 @@ class TrainConfig:
     # --- where ---------------------------------------------------------------------------
     model: str = ""
     """Base checkpoint: an HF folder or a big_vision ``.npz`` (read by ``model.load``)."""
+    revision: str | None = None
+    """Revision of a Hub id --model (branch, tag or commit; default main) or version of a
+    kaggle: handle."""
     data: str = ""
     """Data set folder (any layout ``data.open_dataset`` detects)."""
     out: str = ""
