@@ -150,9 +150,9 @@ class Detector:
     ) -> Detector:
         """Load a checkpoint (HF folder or big_vision ``.npz``) through ``model.load``.
 
-        ``device`` defaults to CUDA when available; ``dtype`` to the checkpoint's (bfloat16
-        is the usual choice on a GPU). ``progress``: loading bars. ``options`` go to the
-        constructor.
+        ``device`` defaults to CUDA when available (under ``torchrun``: this rank's GPU);
+        ``dtype`` to the checkpoint's (bfloat16 is the usual choice on a GPU). ``progress``:
+        loading bars. ``options`` go to the constructor.
         """
         from paligemma_xray.model import load as load_model
 
@@ -162,7 +162,10 @@ class Detector:
             box_or_stop=options.get("box_or_stop", True),
         )
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            from paligemma_xray.infer.distributed import world
+
+            w = world()  # under a launcher: one GPU per rank
+            device = w.device() if w.size > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
         model, processor = load_model(path, dtype=dtype, device=device, progress=progress)
         return cls(model, processor, model_id=str(path), **options)
 
