@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -21,6 +21,9 @@ from PIL import Image
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
 from paligemma_xray.locations import Detections, classes_from_prefix, parse
+
+if TYPE_CHECKING:
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 ImageInput = Image.Image | str | Path | bytes
 
@@ -115,8 +118,8 @@ class Detector:
 
     def __init__(
         self,
-        model: Any,
-        processor: Any,
+        model: PaliGemmaForConditionalGeneration,
+        processor: PaliGemmaProcessor,
         *,
         model_id: str = "model",
         box_or_stop: bool = True,

@@ -21,7 +21,7 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,10 +29,12 @@ from torch import nn
 
 from paligemma_xray.atomic import remove_stale_temporaries, staged_dir, write_json, write_text
 from paligemma_xray.errors import ConfigError, check_output
-from paligemma_xray.train.loss import unwrap
 from paligemma_xray.train.recipes import TrainConfig
 from paligemma_xray.train.state import TrainState
-from paligemma_xray.train.strategies import merged_state_dict, trainable_state
+from paligemma_xray.train.strategies import merged_state_dict, trainable_state, unwrap
+
+if TYPE_CHECKING:
+    from transformers import PaliGemmaForConditionalGeneration
 
 
 def prepare_run_dir(out: Path, *, resume: bool, main: bool) -> None:
@@ -199,7 +201,9 @@ def save_weights(
     accelerator.wait_for_everyone()
 
 
-def _export_model(model: nn.Module, config: TrainConfig, fsdp_state: dict | None) -> nn.Module:
+def _export_model(
+    model: nn.Module, config: TrainConfig, fsdp_state: dict | None
+) -> PaliGemmaForConditionalGeneration:
     if config.trainable == "lora":
         fresh, _ = load_base(config)
         fresh.load_state_dict(merged_state_dict(model, fresh.state_dict()))
