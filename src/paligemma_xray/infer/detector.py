@@ -20,7 +20,7 @@ from PIL import Image
 
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
-from paligemma_xray.locations import Detections, classes_from_prefix, parse
+from paligemma_xray.locations import LOC_BINS, Detections, classes_from_prefix, loc_token, parse
 
 if TYPE_CHECKING:
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
@@ -185,7 +185,7 @@ class Detector:
 
     def _box_rule(self) -> BoxOrStop | None:
         convert = self.tokenizer.convert_tokens_to_ids
-        loc_ids = [convert(f"<loc{i:04d}>") for i in range(1024)]
+        loc_ids = [convert(loc_token(i)) for i in range(LOC_BINS)]
         if any(i is None or i == self.tokenizer.unk_token_id for i in loc_ids):
             return None  # a tokenizer without location tokens: nothing to decide
         # Pieces that can precede a new box: those of " ; " before a location token.
@@ -270,6 +270,19 @@ class Detector:
         if chunk:
             yield chunk
 
+    def _prompted_batches(
+        self, images: Iterable[ImageInput], prompt: str | Sequence[str], batch_size: int
+    ) -> Iterator[tuple[list[Image.Image], list[str]]]:
+        """Batches of loaded images with their prompts (``prompt``: one for all, or one per image)."""
+        index = 0
+        for chunk in self._batches(images, batch_size):
+            if isinstance(prompt, str):
+                prompts = [prompt] * len(chunk)
+            else:
+                prompts = list(prompt[index : index + len(chunk)])
+            index += len(chunk)
+            yield chunk, prompts
+
     def generate(
         self,
         images: Sequence[ImageInput],
@@ -295,14 +308,7 @@ class Detector:
     ) -> Iterator[Generation]:
         """:meth:`generate` as a stream: one batch of images in memory at a time."""
         check_decoding(batch_size=batch_size, max_new_tokens=max_new_tokens)
-        size = batch_size or self.batch_size
-        index = 0
-        for chunk in self._batches(images, size):
-            if isinstance(prompt, str):
-                prompts = [prompt] * len(chunk)
-            else:
-                prompts = list(prompt[index : index + len(chunk)])
-            index += len(chunk)
+        for chunk, prompts in self._prompted_batches(images, prompt, batch_size or self.batch_size):
             yield from self._decode_batch(chunk, prompts, max_new_tokens, box_or_stop)
 
     def detect(
@@ -335,13 +341,7 @@ class Detector:
         ``prompt`` may also be one prompt per image (e.g. each record's own prefix).
         """
         check_decoding(batch_size=batch_size, max_new_tokens=max_new_tokens, threshold=threshold)
-        size = batch_size or self.batch_size
-        index = 0
-        for chunk in self._batches(images, size):
-            prompts = (
-                [prompt] * len(chunk) if isinstance(prompt, str) else list(prompt[index : index + len(chunk)])
-            )
-            index += len(chunk)
+        for chunk, prompts in self._prompted_batches(images, prompt, batch_size or self.batch_size):
             rule = self.box_or_stop and all(is_detection_prompt(p) for p in prompts)
             generations = self._decode_batch(chunk, prompts, max_new_tokens, rule)
             for image, text_prompt, generation in zip(chunk, prompts, generations):
