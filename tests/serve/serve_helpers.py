@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from dicom_builder import write_dicom
 from PIL import Image, ImageDraw
 
 from paligemma_xray.locations import encode, parse
@@ -25,30 +26,14 @@ def xray_png(width: int = 96, height: int = 128, seed: int = 0, fmt: str = "PNG"
 
 def dicom_bytes(with_pixels: bool, width: int = 64, height: int = 80) -> bytes:
     """A DICOM Part 10 file (CR, 12-bit MONOCHROME2), with or without its pixel data."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR image storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.PatientName = "Synthetic^Phantom"
-    if with_pixels:
-        pixels = (np.arange(width * height, dtype=np.uint16).reshape(height, width) * 7) % 4096
-        ds.Rows, ds.Columns = height, width
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-        ds.PixelRepresentation = 0
-        ds.PixelData = pixels.tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    pixels = (np.arange(width * height, dtype=np.uint16).reshape(height, width) * 7) % 4096
+    return write_dicom(
+        None,
+        pixels if with_pixels else None,
+        modality="CR",
+        sop_class="1.2.840.10008.5.1.4.1.1.1",  # CR image storage
+        PatientName="Synthetic^Phantom",
+    )
 
 
 def bad_corpus() -> dict[str, tuple[bytes, str, str, int]]:
