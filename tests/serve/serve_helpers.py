@@ -8,7 +8,7 @@ import numpy as np
 from dicom_builder import write_dicom
 from PIL import Image, ImageDraw
 
-from paligemma_xray.locations import encode, parse
+from paligemma_xray.locations import classes_from_prefix, encode, parse
 
 
 def xray_png(width: int = 96, height: int = 128, seed: int = 0, fmt: str = "PNG") -> bytes:
@@ -73,24 +73,30 @@ def bad_corpus() -> dict[str, tuple[bytes, str, str, int]]:
 
 
 class FakeDetector:
-    """The Detector interface with a fixed answer: two boxes, scores 0.9 and 0.2.
+    """The Detector interface with a fixed answer: two boxes, scores 0.9 and 0.2, labelled
+    with the classes the prompt asks for in turn (``detect fracture ; cast``: a fracture, a
+    cast), so that a test sees the prompt reach the model.
 
     Used where the test is about the HTTP contract (status codes, limits, auth), not the
     model; end-to-end tests use the real Detector.
     """
 
     model_id = "fake-detector"
-    TEXT = encode([[10, 20, 40, 60], [50, 10, 90, 30]], ["fracture", "fracture"], (100, 100))
+    BOXES = ([10, 20, 40, 60], [50, 10, 90, 30])
 
     def __init__(self) -> None:
         self.calls: list[int] = []
+        self.prompts: list[str] = []
 
     def detect(self, images, prompt="detect fracture", **kwargs):
         self.calls.append(len(images))
+        self.prompts.append(prompt)
+        classes = classes_from_prefix(prompt) or ["fracture"]
+        labels = [classes[i % len(classes)] for i in range(len(self.BOXES))]
+        text = encode(list(self.BOXES), labels, (100, 100))
         results = []
         for image in images:
-            pieces = [(piece, 0.0) for piece in [self.TEXT]]
-            detections = parse(self.TEXT, (100, 100), ["fracture"], pieces)
+            detections = parse(text, (100, 100), classes, [(text, 0.0)])
             # Rescale the 100×100 answer to the image and give the two boxes fixed scores.
             scale = np.array([image.width / 100, image.height / 100] * 2, np.float32)
             detections.xyxy = detections.xyxy * scale
