@@ -9,9 +9,9 @@ import pytest
 from dicom_builder import write_dicom as _dicom
 from PIL import Image
 from pydicom import examples
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import RLELossless
 
 from paligemma_xray.data import load_image
 from paligemma_xray.errors import ImageLoadError
@@ -210,15 +210,7 @@ def test_dicom_compressed_rle(tmp_path):
 
 
 def test_dicom_without_pixel_data_is_an_image_load_error(tmp_path):
-    path = tmp_path / "report.dcm"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.PatientName = "Nobody"
-    ds.save_as(path, enforce_file_format=True)
+    path = _dicom(tmp_path / "report.dcm", None, PatientName="Nobody")
     with pytest.raises(ImageLoadError, match="no pixel data") as info:
         load_image(path)
     assert "report.dcm" in str(info.value)
