@@ -38,11 +38,12 @@ URL that carries a password is refused, and :class:`Credentials` hides them in i
 from __future__ import annotations
 
 import datetime
+import functools
 import io
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,9 @@ class Credentials:
         return f"Credentials({kind}, hidden)"
 
 
-def load_credentials(path: str | Path | None = None, env: dict[str, str] | None = None) -> Credentials | None:
+def load_credentials(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> Credentials | None:
     """Credentials from ``path`` (JSON) if given, else from the environment; ``None`` when neither."""
     env = os.environ if env is None else env
     if path is not None:
@@ -427,8 +430,10 @@ class _Job:
             for uid in studies:
                 hits = self._call(
                     f"looking up study {uid}",
-                    lambda uid=uid: self.client.search_for_studies(
-                        search_filters={**filters, "StudyInstanceUID": uid}, get_remaining=True
+                    functools.partial(
+                        self.client.search_for_studies,
+                        search_filters={**filters, "StudyInstanceUID": uid},
+                        get_remaining=True,
                     ),
                 )
                 if not hits:
@@ -463,8 +468,8 @@ class _Job:
                 continue
             instances = self._call(
                 f"listing the instances of series {series_uid}",
-                lambda series_uid=series_uid: self.client.search_for_instances(
-                    study_uid, series_uid, get_remaining=True
+                functools.partial(
+                    self.client.search_for_instances, study_uid, series_uid, get_remaining=True
                 ),
             )
             for inst in sorted(instances, key=lambda i: str(_value(i, SOP_UID))):
@@ -498,7 +503,7 @@ class _Job:
             outputs = self._detect_and_build(sources)
             self._call(
                 f"storing {len(outputs)} report(s) in study {study_uid}",
-                lambda outputs=outputs: self.client.store_instances(outputs, study_uid),
+                functools.partial(self.client.store_instances, outputs, study_uid),
             )
             counts["images"] += len(chunk)
             counts["srs"] += len(chunk)

@@ -384,10 +384,9 @@ def build_sr(
     ]
     for i in range(len(detections)):
         measurements = []
-        if score_of(i) is not None:
-            measurements.append(
-                hd.sr.Measurement(name=codes["score"], value=score_of(i), unit=codes["no_units"])
-            )
+        score = score_of(i)
+        if score is not None:
+            measurements.append(hd.sr.Measurement(name=codes["score"], value=score, unit=codes["no_units"]))
         if probability is not None:
             measurements.append(
                 hd.sr.Measurement(
@@ -461,7 +460,11 @@ def build_secondary_capture(
         generate_uid(entropy_srcs=["pxr-sc", str(ds.SOPInstanceUID), algorithm.checksum, settings])
     )
     orientation = ds.get("PatientOrientation")
-    given = tuple(str(v) for v in orientation) if orientation is not None and len(orientation) == 2 else None
+    given = (
+        (str(orientation[0]), str(orientation[1]))
+        if orientation is not None and len(orientation) == 2
+        else None
+    )
     arguments: dict[str, Any] = {
         "ref_dataset": evidence,
         "pixel_array": pixels,
@@ -481,8 +484,8 @@ def build_secondary_capture(
         given = None
         sc = hd.sc.SCImage.from_ref_dataset(patient_orientation=("A", "F"), **arguments)
     if given is None:
-        sc.PatientOrientation = None  # Type 2C: unknown stays empty rather than guessed
-    sc.Laterality = ds.get("Laterality") or None  # Type 2C: the source's, else empty
+        sc.PatientOrientation = None  # type: ignore[assignment]  # Type 2C: unknown stays empty rather than guessed
+    sc.Laterality = ds.get("Laterality") or None  # type: ignore[assignment]  # Type 2C: the source's, else empty
     return sc
 
 

@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from paligemma_xray.errors import ConfigError
 
@@ -94,7 +94,7 @@ class Prefetch(Generic[T, R]):
                     if item is _END:
                         exhausted = True
                         break
-                    queue.append((item, pool.submit(self.load, item)))
+                    queue.append((cast(T, item), pool.submit(self.load, cast(T, item))))
                 if not queue:
                     return
                 item, future = queue.popleft()

@@ -45,7 +45,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path, PurePath, PurePosixPath
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.file_download import repo_folder_name
@@ -232,7 +232,7 @@ def _snapshot(
     """
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    options = {"allow_patterns": patterns, "cache_dir": cache}
+    options: dict[str, Any] = {"allow_patterns": patterns, "cache_dir": cache}
     if local_first and not offline:
         with contextlib.suppress(LocalEntryNotFoundError):
             return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, **options))
@@ -317,7 +317,9 @@ def _hub_errors(repo_id: str, revision: str | None, cache: Path, offline: bool) 
 # Kaggle
 
 
-def _from_kaggle(text: str, revision: str | None, dtype: str | None, progress: bool) -> tuple[Path, Path]:
+def _from_kaggle(
+    text: str, revision: str | None, dtype: str | None, progress: bool
+) -> tuple[Path, Path | None]:
     try:
         import kagglehub
         from kagglehub.handle import parse_model_handle
@@ -347,9 +349,10 @@ def _from_kaggle(text: str, revision: str | None, dtype: str | None, progress: b
     except CheckpointError as error:
         # As huggingface_hub does: when Kaggle cannot say which version is current (no
         # network, no credentials, Kaggle down), a version already in the cache serves.
-        folder = _cached_kaggle(handle)
-        if folder is None:
+        cached = _cached_kaggle(handle)
+        if cached is None:
             raise
+        folder = cached
         reason = type(error.__cause__).__name__ if error.__cause__ else error.message
         logger.warning(
             "%s: Kaggle did not answer (%s); using the newest cached version %s", name, reason, folder
