@@ -19,6 +19,37 @@ from paligemma_xray.errors import PaligemmaXrayError
 
 Handler = Callable[[argparse.Namespace], int]
 
+# The end of each verb's --help: a command or two to start from (keyed by the verb's prog).
+_EXAMPLES: dict[str, list[str]] = {
+    "data synth": ["paligemma-xray data synth synth-data --n 200",
+                   "paligemma-xray data synth synth-data --n 50 --overwrite   # replace the set"],
+    "data check": ["paligemma-xray data check my-set --html check.html"],
+    "data import": ["paligemma-xray data import --format coco coco-export/ my-set"],
+    "data download": ["paligemma-xray data download --workspace W --project P --version 1"],
+    "convert": ["paligemma-xray convert pt_224.npz hf-model/",
+                "paligemma-xray convert runs/r1 r1.npz --dtype bfloat16"],
+    "train": ["paligemma-xray train --model hf-model --data my-set --out runs/r1",
+              "paligemma-xray train --resume runs/r1"],
+    "predict": ["paligemma-xray predict --model runs/r1 xrays/ --out preds",
+                "paligemma-xray predict --model runs/r1 xrays/ --out preds --resume"],
+    "evaluate": ["paligemma-xray evaluate --model runs/r1 --data my-set --out eval-r1"],
+    "report": ["paligemma-xray report eval-r1 --compare eval-base"],
+    "serve": ["PALIGEMMA_XRAY_API_KEY=secret paligemma-xray serve --model runs/r1 --port 8000"],
+    "demo": ["paligemma-xray demo --out demo-out", "paligemma-xray demo --minutes 2 --out quick-demo"],
+    "demo pretrain": ["paligemma-xray demo pretrain --out my-base"],
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line and a pointer to ``--help``.
+
+    argparse prints the whole usage (dozens of lines for ``train``) before the error; the
+    line that says what is wrong then scrolls away.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def _verb(subparsers, name: str, handler: Handler, help: str, description: str | None = None):
     parser = subparsers.add_parser(
@@ -26,7 +57,13 @@ def _verb(subparsers, name: str, handler: Handler, help: str, description: str |
         help=help,
         description=description or help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        conflict_handler="resolve",  # a verb may declare its own --no-progress (train's recipe field)
     )
+    verb = parser.prog.removeprefix("paligemma-xray ")
+    if verb in _EXAMPLES:
+        parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in _EXAMPLES[verb])
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (without a terminal they are plain lines every 30 s)")
     parser.set_defaults(handler=handler)
     return parser
 
@@ -38,7 +75,8 @@ def _verb(subparsers, name: str, handler: Handler, help: str, description: str |
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from paligemma_xray.data.synth import generate
 
-    root = generate(args.out, n=args.n, seed=args.seed, size=args.size, image_format=args.format)
+    root = generate(args.out, n=args.n, seed=args.seed, size=args.size, image_format=args.format,
+                    overwrite=args.overwrite)
     print(f"wrote {args.n} synthetic radiographs to {root / 'dataset'}")
     return 0
 
@@ -54,7 +92,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_data_import(args: argparse.Namespace) -> int:
     from paligemma_xray.data.importers import import_dataset
 
-    print(import_dataset(args.format, args.src, args.out).summary())
+    print(import_dataset(args.format, args.src, args.out, overwrite=args.overwrite).summary())
     return 0
 
 
@@ -85,6 +123,8 @@ def _add_data(verbs) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: 0)")
     p.add_argument("--size", type=int, default=448, metavar="PX", help="image side in pixels (default: 448)")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image file format (default: jpg)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT/dataset (whole: the two sets are never merged)")
 
     p = _verb(sub, "check", cmd_data_check,
               help="check a data set: counts, problems with file and line, leakage, gallery",
@@ -107,6 +147,8 @@ def _add_data(verbs) -> None:
     p.add_argument("--format", required=True, choices=("coco", "yolo", "voc"), help="format of SRC")
     p.add_argument("src", metavar="SRC", help="source data set folder (or a COCO .json file)")
     p.add_argument("out", metavar="OUT", help="output folder (the set lands in OUT/dataset/)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT/dataset (whole: no split of the old set is kept)")
 
     p = _verb(sub, "download", cmd_data_download,
               help="download a Roboflow project version in the 'paligemma' format",
@@ -206,19 +248,25 @@ def _detector_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from paligemma_xray.infer.detector import is_detection_prompt
-    from paligemma_xray.infer.predict import predict
+    from paligemma_xray.infer.predict import check_inputs, predict
 
+    check_inputs(args.paths, args.out, threshold=args.threshold, batch_size=args.batch_size,
+                 max_new_tokens=args.max_new_tokens, resume=args.resume, overwrite=args.overwrite)
     detector = _detector(args)
     free_form = not is_detection_prompt(args.prompt)
     summary = predict(
         detector, args.paths, args.out, prompt=args.prompt, threshold=args.threshold,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, resume=args.resume,
-        annotated=not args.no_images,
+        overwrite=args.overwrite, annotated=not args.no_images,
         on_answer=(lambda name, text: print(f"{name}\t{text.strip()}", flush=True)) if free_form else None,
     )
     if "images" in summary:
+        notes = "".join(f", {summary[key]} {what}" for key, what in (
+            ("already_done", "done before (--resume)"), ("duplicates", "given twice, predicted once"))
+            if summary.get(key))
         print(f"predicted {summary['predicted']} image(s) into {summary['out']} "
-              f"({summary['images']} with detections files, {summary['boxes']} boxes)", file=sys.stderr)
+              f"({summary['images']} with detections files, {summary['boxes']} boxes{notes})",
+              file=sys.stderr)
     return 0
 
 
@@ -228,7 +276,9 @@ def _add_predict(verbs) -> None:
               description="Run MODEL on every image under PATH… (files, folders walked recursively, DICOM).\n"
                           "Writes OUT/json/<name>.json per image (boxes, scores, text, token log-probs),\n"
                           "OUT/annotated/<name>.png, and OUT/predictions.coco.json (COCO results) with\n"
-                          "OUT/images.json. Streams folders of any size; --resume skips images done.\n"
+                          "OUT/images.json; <name> is the input's path relative to the folder holding\n"
+                          "all inputs. OUT/manifest.json records the model (and its checksum), prompt and\n"
+                          "decoding flags. Streams folders of any size; --resume skips images done.\n"
                           "Free-form prompts ('caption en', 'answer en …') print NAME<TAB>ANSWER lines.\n"
                           "Several GPUs: torchrun --nproc_per_node N -m paligemma_xray.cli predict …")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, DICOM file or folder")
@@ -240,7 +290,10 @@ def _add_predict(verbs) -> None:
     p.add_argument("--prompt", default="detect fracture", metavar="P",
                    help="prompt (default 'detect fracture'; e.g. 'caption en', "
                         "'answer en is there a fracture?')")
-    p.add_argument("--resume", action="store_true", help="skip images whose OUT/json file exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue OUT: skip images whose OUT/json file exists (refused if OUT was made\n"
+                        "with another model, prompt or decoding flags)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in OUT")
     p.add_argument("--no-images", action="store_true", help="do not write annotated PNGs")
 
 
@@ -442,7 +495,7 @@ def _add_demo(verbs) -> None:
     from paligemma_xray.demo.base import PretrainSettings
 
     defaults = PretrainSettings()
-    sub = p.add_subparsers(title="demo verbs", metavar="DEMO_VERB")
+    sub = p.add_subparsers(title="demo verbs (optional)", metavar="[pretrain]")
     q = _verb(sub, "pretrain", cmd_demo_pretrain,
               help="rebuild the demo's base model: pretrain on synthetic shapes (about 35 min, 1 CPU core)",
               description="Pretrain the demo's small PaliGemma (the real architecture and tokenizer layout)\n"
@@ -465,7 +518,7 @@ def _add_demo(verbs) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="paligemma-xray",
         description="Fine-tune, evaluate and serve PaliGemma bone-fracture detectors.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -487,6 +540,10 @@ _VERBS: list[Callable] = [
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "no_progress", False):
+        from paligemma_xray import progress
+
+        progress.set_enabled(False)
     try:
         return int(args.handler(args) or 0)
     except PaligemmaXrayError as error:

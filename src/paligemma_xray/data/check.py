@@ -42,12 +42,12 @@ from typing import Any
 import imagehash
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from paligemma_xray.data.images import load_image
 from paligemma_xray.data.layouts import open_dataset
 from paligemma_xray.data.records import Dataset, Problem, Record, record_targets
 from paligemma_xray.errors import DataError, ImageLoadError, check_output
+from paligemma_xray.progress import bar as progress_bar
 
 # Perceptual hash of 16x16 = 256 bits. Re-encoded, resized, brightened or slightly cropped
 # (~2%) copies of one radiograph stay within 26 bits; distinct radiographs of the same kind
@@ -407,7 +407,7 @@ def check_dataset(
     cache: dict[str, _ImageInfo] = {}
     infos: list[_ImageInfo] = []
     problems = list(dataset.problems)
-    for record in tqdm(records, desc="check", unit="img", disable=not progress):
+    for record in progress_bar(records, desc="check", unit="img", enabled=progress):
         key = str(record.image)
         if key not in cache:
             cache[key] = _inspect(record)

@@ -316,10 +316,9 @@ def warm_up_vision(model, processor, settings: WarmupSettings, seed: int, progre
     embeddings train with them; the rest of the decoder is untouched. Deterministic for a
     given seed and thread count.
     """
-    from tqdm import tqdm
-
     from paligemma_xray.demo.shapes import CLASSES, make_example
     from paligemma_xray.model.processing import image_resolution, preprocess_images
+    from paligemma_xray.progress import bar as progress_bar
     from paligemma_xray.train.loss import location_distribution
 
     if settings.steps <= 0:
@@ -359,7 +358,7 @@ def warm_up_vision(model, processor, settings: WarmupSettings, seed: int, progre
     )
     order = torch.Generator().manual_seed(seed)
     model.train()
-    bar = tqdm(range(settings.steps), desc="pretrain 1/2 vision", unit="step", disable=not progress)
+    bar = progress_bar(range(settings.steps), desc="pretrain 1/2 vision", unit="step", enabled=progress)
     for _ in bar:
         pick = torch.randint(0, len(pixels_all), (settings.batch_size,), generator=order)
         tokens = model.model.get_image_features(pixels_all[pick].float()).pooler_output.reshape(-1, width)

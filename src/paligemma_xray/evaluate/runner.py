@@ -22,14 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from paligemma_xray.data import Dataset, load_image, record_targets
 from paligemma_xray.errors import check_output
 from paligemma_xray.evaluate.metrics import _coco_dicts, check_options, evaluate_detections
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector
 from paligemma_xray.infer.distributed import barrier, gather_indexed, shard, world
 from paligemma_xray.locations import Detections, classes_from_prefix
+from paligemma_xray.progress import bar as progress_bar
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -76,7 +75,7 @@ def evaluate(
     mine = list(shard(records, w))
     started = time.perf_counter()
     results: list[tuple[int, dict]] = []
-    bar = tqdm(total=len(mine), desc=f"evaluate {split}", unit="img", disable=not progress or not w.is_main)
+    bar = progress_bar(total=len(mine), desc=f"evaluate {split}", unit="img", enabled=progress and w.is_main)
     stream = detector.iter_detect(
         (load_image(record.image) for _, record in mine),
         prompt=[record.prefix for _, record in mine],

@@ -25,10 +25,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-from paligemma_xray.errors import CheckpointError, check_output
+from paligemma_xray.errors import CheckpointError, ConfigError, check_output
 from paligemma_xray.model.bigvision import (
     NpzArrays,
     NpzWriter,
@@ -45,6 +44,7 @@ from paligemma_xray.model.bigvision import (
 )
 from paligemma_xray.model.processing import make_processor
 from paligemma_xray.model.tokenizer import load_tokenizer, sentencepiece_size
+from paligemma_xray.progress import bar as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,31 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``--device`` checked before any weights are read: a name torch knows, and there.
+
+    Raises :class:`ConfigError` for an unknown name (``--device foo``), CUDA asked for on a
+    build or machine without it, or a GPU index past the last one. ``None`` passes.
+    """
+    if device is None:
+        return None
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"device {str(device)!r} asked for, but {build}; use --device cpu")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {str(device)!r} asked for, but MPS is not available; use --device cpu")
+    elif chosen.type not in ("cpu", "cuda", "mps", "meta"):
+        raise ConfigError(f"unsupported device {str(device)!r}: use cpu, cuda, cuda:N or mps")
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +119,7 @@ def load(
     """
     path = Path(path)
     target = resolve_dtype(dtype)
+    check_device(device)
     if not path.exists():
         raise CheckpointError("checkpoint not found", path=path)
     if path.is_file():
@@ -126,8 +152,10 @@ def transformers_progress(enabled: bool):
     """
     from transformers.utils import logging as hf_logging
 
+    from paligemma_xray.progress import is_enabled, is_terminal
+
     was_enabled = hf_logging.is_progress_bar_enabled()
-    if enabled:
+    if is_enabled(enabled) and is_terminal():  # their bars redraw in place: only on a terminal
         hf_logging.enable_progress_bar()
     else:
         hf_logging.disable_progress_bar()
@@ -182,7 +210,7 @@ def _load_npz(path, tokenizer, target, final_logit_softcapping, progress):
         used = set()
         state: dict[str, torch.Tensor] = {}
         total = sum(len(list(iter_layers(f, dims))) for f in fams)
-        with tqdm(total=total, desc=f"loading {path.name}", unit="array", disable=not progress) as bar:
+        with progress_bar(total=total, desc=f"loading {path.name}", unit="array", enabled=progress) as bar:
             for family in fams:
                 used.add(bv_key(family))
                 for layer in iter_layers(family, dims):
@@ -433,7 +461,7 @@ def save_npz(
     try:
         with (
             NpzWriter(tmp, prefix=prefix) as writer,
-            tqdm(total=total, desc=f"writing {path.name}", unit="array", disable=not progress) as bar,
+            progress_bar(total=total, desc=f"writing {path.name}", unit="array", enabled=progress) as bar,
         ):
             for family in fams:
                 if not family.per_layer:
