@@ -84,7 +84,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from paligemma_xray.data.check import check_dataset
 
-    report = check_dataset(args.dir, json_path=args.json, html_path=args.html, gallery=args.gallery)
+    report = check_dataset(args.dir, json_path=args.json, html_path=args.html, gallery=args.gallery,
+                           allow_outside_images=args.allow_outside_images)
     print(report.summary())
     return report.exit_code
 
@@ -137,6 +138,7 @@ def _add_data(verbs) -> None:
     p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with a gallery to FILE")
     p.add_argument("--gallery", type=int, default=16, metavar="N",
                    help="number of example images with boxes drawn in the HTML report (default: 16)")
+    _outside_flag(p)
 
     p = _verb(sub, "import", cmd_data_import,
               help="convert a COCO, YOLO or Pascal VOC detection set to the Roboflow 'paligemma' layout",
@@ -297,14 +299,34 @@ def _add_predict(verbs) -> None:
     p.add_argument("--no-images", action="store_true", help="do not write annotated PNGs")
 
 
+def _outside_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="use records whose image lies outside the data set's folder (../.., absolute\n"
+                        "paths, symlinks pointing out); by default they are skipped as errors")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from paligemma_xray.data import open_dataset
     from paligemma_xray.evaluate import evaluate
+    from paligemma_xray.evaluate.runner import check_evaluation, load_metrics
+    from paligemma_xray.infer.detector import check_decoding
     from paligemma_xray.infer.distributed import world
 
-    metrics = evaluate(_detector(args), open_dataset(args.data), args.split, args.out,
+    # Everything that needs no model first: a typo must not cost the model's loading time.
+    check_decoding(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    dataset = open_dataset(args.data, allow_outside_images=args.allow_outside_images)
+    check_evaluation(dataset, args.split, args.out, threshold=args.threshold, bootstrap=args.bootstrap,
+                     overwrite=args.overwrite, max_bad_records=args.max_bad_records)
+    if args.compare:
+        load_metrics(args.compare)
+    if args.run and not Path(args.run).is_dir():
+        from paligemma_xray.errors import ConfigError
+
+        raise ConfigError("no such training run folder (--run)", path=args.run)
+    metrics = evaluate(_detector(args), dataset, args.split, args.out,
                        threshold=args.threshold, bootstrap=args.bootstrap, seed=args.seed,
-                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       overwrite=args.overwrite, max_bad_records=args.max_bad_records)
     if world().is_main:
         from paligemma_xray.report import write_report
 
@@ -334,6 +356,10 @@ def _add_evaluate(verbs) -> None:
     p.add_argument("--compare", metavar="DIR",
                    help="another evaluation folder shown beside this one in the report")
     p.add_argument("--run", metavar="RUN", help="training run folder: adds its loss curve to the report")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in OUT")
+    p.add_argument("--max-bad-records", type=int, default=10, metavar="N",
+                   help="skip (and count) records whose image cannot be decoded; stop past N (default 10)")
+    _outside_flag(p)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
