@@ -440,7 +440,8 @@ def _add_serve(verbs) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from paligemma_xray.model.checkpoints import convert
 
-    print(convert(args.src, args.out, to=args.to, dtype=args.dtype, tokenizer=args.tokenizer))
+    print(convert(args.src, args.out, to=args.to, dtype=args.dtype, tokenizer=args.tokenizer,
+                  overwrite=args.overwrite))
     return 0
 
 
@@ -461,6 +462,7 @@ def _add_convert(verbs) -> None:
     p.add_argument("--tokenizer", metavar="F",
                    help="SentencePiece .model for an npz input (default: paligemma_tokenizer.model or "
                         "tokenizer.model beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +475,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = DemoSettings(seed=args.seed, minutes=args.minutes, threads=args.threads)
     if args.images is not None:
         settings.train_images = args.images
-    result = run_demo(args.out, settings, base=args.base)
+    result = run_demo(args.out, settings, base=args.base, overwrite=args.overwrite)
     print(format_summary(result))
     return 0
 
@@ -506,6 +508,7 @@ def _add_demo(verbs) -> None:
 
     demo_defaults = DemoSettings()
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: ./demo-out)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in DIR")
     p.add_argument("--minutes", type=float, default=10.0, metavar="N",
                    help="time budget on a 2-core CPU; sets how many examples are trained on, at a fixed\n"
                         "nominal rate (not by the clock, so runs repeat exactly) (default: 10)")

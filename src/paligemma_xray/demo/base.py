@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from paligemma_xray.errors import CheckpointError, ConfigError
+from paligemma_xray.errors import CheckpointError, ConfigError, check_output
 
 BASE_SIZES: dict[str, int] = {
     "image_size": 112,  # 8×8 = 64 image tokens of 14-px patches: fast on a CPU
@@ -204,7 +204,7 @@ def pretrain(
     settings = settings or PretrainSettings()
     if settings.examples < settings.batch_size or settings.train_images < 1:
         raise ConfigError("pretrain needs at least one batch of examples and one training image")
-    out = Path(out)
+    out = check_output(out, folder=True)  # a read-only folder: one line now, not after 35 minutes
     keep_work = work is not None
     work_dir = Path(work) if work is not None else Path(tempfile.mkdtemp(prefix="demo-pretrain-"))
     torch.set_num_threads(settings.threads)
@@ -247,23 +247,22 @@ def pretrain(
         trained, processor = load(work_dir / "run" / "last", dtype="float32", progress=False)
         final_eval = _last_eval(work_dir / "run" / "metrics.jsonl")
         cast(trained, "float16")
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_hf(trained, processor, tmp)
-        size = (tmp / "model.safetensors").stat().st_size
-        if size > MAX_BYTES:
-            raise ConfigError(f"the base model takes {size} bytes, more than the {MAX_BYTES} allowed")
-        result = PretrainSummary(
-            out=str(out),
-            seconds=time.perf_counter() - started,
-            settings=asdict(settings),
-            final_loss=summary.final_loss,
-            valid=final_eval,
-            bytes=size,
-        )
-        (tmp / "pretrain.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        from paligemma_xray import atomic
+
+        with atomic.staged_dir(out) as tmp:  # replaces `out` only once complete
+            save_hf(trained, processor, tmp)
+            size = (tmp / "model.safetensors").stat().st_size
+            if size > MAX_BYTES:
+                raise ConfigError(f"the base model takes {size} bytes, more than the {MAX_BYTES} allowed")
+            result = PretrainSummary(
+                out=str(out),
+                seconds=time.perf_counter() - started,
+                settings=asdict(settings),
+                final_loss=summary.final_loss,
+                valid=final_eval,
+                bytes=size,
+            )
+            (tmp / "pretrain.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
         return result
     finally:
         if not keep_work:

@@ -25,8 +25,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
+from paligemma_xray import atomic
 from paligemma_xray.errors import CheckpointError, ConfigError, check_output
 from paligemma_xray.model.bigvision import (
     NpzArrays,
@@ -90,6 +92,67 @@ def check_device(device: str | torch.device | None) -> torch.device | None:
     return chosen
 
 
+def describe_file(path: Path) -> str:
+    """What a file is, from its first bytes: for messages about a file given as a checkpoint."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(140)
+    except OSError as error:
+        return f"an unreadable file ({error.strerror or error})"
+    suffix = path.suffix.lower()
+    if head.startswith(b"PK\x03\x04"):
+        return "a PyTorch checkpoint (zip)" if suffix in (".pt", ".pth", ".bin", ".ckpt") else "a zip archive"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "a JPEG image"
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    if head[128:132] == b"DICM" or suffix in (".dcm", ".dicom"):
+        return "a DICOM file"
+    if len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
+        return ("a lone safetensors weights file (an HF checkpoint is the folder holding it, with its "
+                "config.json and tokenizer)")
+    if head.startswith(b"GGUF"):
+        return "a GGUF file (llama.cpp)"
+    if not head:
+        return "an empty file"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a binary file of an unknown kind"
+    return "a text file"
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """Raise :class:`CheckpointError` now, before minutes of work, when ``path`` is no checkpoint.
+
+    Reads no weights: only whether ``path`` is what :func:`load` takes (a big_vision .npz, an
+    HF, LoRA or run folder), saying what a wrong file is (an image, a lone .safetensors …).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError("checkpoint not found", path=path)
+    if path.is_file():
+        with path.open("rb") as handle:
+            is_zip = handle.read(4) == b"PK\x03\x04"
+        if not is_zip or path.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt"):
+            raise CheckpointError(
+                f"is {describe_file(path)}, not a checkpoint: expected a big_vision .npz file, or a folder "
+                "(HF save_pretrained with config.json, LoRA adapter, or a training run)",
+                path=path,
+            )
+        return path
+    if any((path / name).is_file() for name in ("adapter_config.json", "config.json")):
+        return path
+    for sub in ("best", "last"):
+        if (path / sub / "config.json").is_file() or (path / sub / "adapter_config.json").is_file():
+            return path
+    raise CheckpointError(
+        "not a checkpoint: expected a .npz file, or a folder with config.json (HF), "
+        "adapter_config.json (LoRA), or best/ or last/ (a run folder)",
+        path=path,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # load
 
@@ -120,8 +183,7 @@ def load(
     path = Path(path)
     target = resolve_dtype(dtype)
     check_device(device)
-    if not path.exists():
-        raise CheckpointError("checkpoint not found", path=path)
+    check_checkpoint(path)
     if path.is_file():
         model, processor = _load_npz(path, tokenizer, target, final_logit_softcapping, progress)
     elif (path / "adapter_config.json").is_file():
@@ -306,7 +368,8 @@ def cast(model: torch.nn.Module, dtype: str | torch.dtype) -> torch.nn.Module:
 def _load_hf(path: Path, tokenizer, target):
     try:
         model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=target or "auto")
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        # SafetensorError: a truncated or corrupt model.safetensors (e.g. a copy cut short).
         raise CheckpointError(f"cannot load the HF model: {error}", path=path) from error
     restore_rope_float32(model)
     image_size = model.config.vision_config.image_size
@@ -407,16 +470,28 @@ def save_hf(
     and ``AutoProcessor.from_pretrained``) and in :func:`load`.
     """
     out = check_output(out_dir, folder=True)
-    out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):
         raise TypeError("save_hf takes a plain model: merge the LoRA adapter first, or use save_lora")
-    with transformers_progress(progress):
-        model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    spm = getattr(processor.tokenizer, "spm_path", None)
-    if spm and Path(spm).is_file() and Path(spm).resolve() != (out / "tokenizer.model").resolve():
-        shutil.copyfile(spm, out / "tokenizer.model")
+    # Written whole into a temporary sibling, renamed when complete: a full disk never leaves
+    # a folder holding only config files under the final name.
+    with atomic.staged_dir(out) as tmp:
+        with transformers_progress(progress):
+            model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        spm = getattr(processor.tokenizer, "spm_path", None)
+        if spm and Path(spm).is_file():
+            shutil.copyfile(spm, tmp / "tokenizer.model")
+        _usual_modes(tmp)
     return out
+
+
+def _usual_modes(folder: Path) -> None:
+    """Files as the umask makes them (safetensors writes its file 0600, the rest are 0644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~mask)
 
 
 def save_npz(
@@ -444,7 +519,6 @@ def save_npz(
     state = model.state_dict()  # references to the live tensors, no copy
     qkv = dims.kv_heads == dims.heads
     path = check_output(path, folder=False)
-    tmp = path.with_name(path.name + ".partial")
     fams = families(dims, qkv)
     total = sum(len(list(iter_layers(f, dims))) for f in fams)
 
@@ -458,24 +532,19 @@ def save_npz(
         bar.update(1)
         return to_numpy(array, dtype)
 
-    try:
-        with (
-            NpzWriter(tmp, prefix=prefix) as writer,
-            progress_bar(total=total, desc=f"writing {path.name}", unit="array", enabled=progress) as bar,
-        ):
-            for family in fams:
-                if not family.per_layer:
-                    writer.write(bv_key(family), bv_array(family, None))
-                elif scanned:
-                    layers = list(iter_layers(family, dims))
-                    writer.write_layers(bv_key(family), len(layers), (bv_array(family, i) for i in layers))
-                else:
-                    for i in iter_layers(family, dims):
-                        writer.write(bv_key(family, i), bv_array(family, i))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with (
+        atomic.staged_path(path) as tmp, NpzWriter(tmp, prefix=prefix) as writer,
+        progress_bar(total=total, desc=f"writing {path.name}", unit="array", enabled=progress) as bar,
+    ):
+        for family in fams:
+            if not family.per_layer:
+                writer.write(bv_key(family), bv_array(family, None))
+            elif scanned:
+                layers = list(iter_layers(family, dims))
+                writer.write_layers(bv_key(family), len(layers), (bv_array(family, i) for i in layers))
+            else:
+                for i in iter_layers(family, dims):
+                    writer.write(bv_key(family, i), bv_array(family, i))
     return path
 
 
@@ -491,8 +560,11 @@ def convert(
     dtype: str | None = None,
     tokenizer: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Convert any checkpoint :func:`load` reads into an HF folder (``to="hf"``) or a big_vision npz.
+
+    An existing ``out`` is refused unless ``overwrite``; the output appears only once complete.
 
     ``to`` defaults to ``npz`` when ``out`` ends in ``.npz``, else ``hf``. ``dtype`` defaults to
     the source's. LoRA adapters are merged first. An npz output gets the SentencePiece file
@@ -507,9 +579,15 @@ def convert(
         raise CheckpointError(f"unknown target format {to!r}; use hf or npz")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    if Path(src).resolve() == out.resolve():
+    try:
+        same = Path(src).resolve() == out.resolve()
+    except (OSError, RuntimeError) as error:  # a symlink loop: RuntimeError before Python 3.13
+        raise CheckpointError(f"cannot resolve the path: {error}", path=src) from None
+    if same:
         raise CheckpointError("output would overwrite the input", path=out)
     check_output(out, folder=to == "hf")  # before the (long) load
+    atomic.check_fresh(out, overwrite=overwrite, what="output")
+    check_checkpoint(src)
     model, processor = load(src, tokenizer=tokenizer, dtype=dtype, progress=progress)
     if to == "hf":
         return save_hf(model, processor, out)
@@ -519,5 +597,6 @@ def convert(
     spm = getattr(processor.tokenizer, "spm_path", None)
     beside = out.parent / "paligemma_tokenizer.model"
     if spm and Path(spm).is_file() and not beside.exists():
-        shutil.copyfile(spm, beside)
+        with atomic.staged_path(beside) as tmp:
+            shutil.copyfile(spm, tmp)
     return path
