@@ -172,19 +172,10 @@ def _add_data(verbs) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from paligemma_xray import train
-    from paligemma_xray.errors import ConfigError
 
-    given = train.recipes.overrides(args)
-    if args.resume:
-        if given or args.recipe or args.config or args.model or args.data or args.out:
-            raise ConfigError("--resume RUN continues RUN with its saved config.yaml; give no other flags")
-        summary = train.run(train.from_run(args.resume), resume=True)
-    else:
-        where = {"model": args.model, "data": args.data, "out": args.out}
-        missing = [f"--{k}" for k, v in where.items() if not v]
-        if missing:
-            raise ConfigError(f"train needs {', '.join(missing)} (or --resume RUN)")
-        summary = train.run(train.resolve(args.recipe, args.config, {**given, **where}))
+    flags = {**train.recipes.overrides(args), "model": args.model, "data": args.data, "out": args.out}
+    config = train.recipes.for_command(args.recipe, args.config, flags, resume=args.resume)
+    summary = train.run(config, resume=args.resume is not None)
     best = f"{summary.best_metric} {summary.best_value:.4f} at step {summary.best_step}" if (
         summary.best_value is not None) else "no evaluation"
     loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"

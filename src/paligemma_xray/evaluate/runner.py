@@ -30,7 +30,7 @@ from pathlib import Path
 from paligemma_xray import atomic
 from paligemma_xray.data import Dataset, Record, record_targets
 from paligemma_xray.data.bad_records import DEFAULT_MAX_BAD_RECORDS, BadRecords
-from paligemma_xray.errors import check_output
+from paligemma_xray.errors import ConfigError, DataError, check_output
 from paligemma_xray.evaluate.metrics import _coco_dicts, check_options, evaluate_detections
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector
 from paligemma_xray.infer.distributed import barrier, gather_indexed, shard, world
@@ -72,18 +72,14 @@ def check_evaluation(
     BadRecords(max_bad_records)  # a negative limit is refused here
     out = check_output(out_dir, folder=True)
     if not overwrite and any((out / name).exists() for name in (METRICS_FILE, PREDICTIONS_FILE)):
-        from paligemma_xray.errors import ConfigError
-
         raise ConfigError("holds an earlier evaluation; add --overwrite to replace it, or give another --out",
                           path=out)
     return dataset.usable(split)  # DataError when missing or empty
 
 
-def evaluate(
+def evaluate_records(
     detector: Detector,
-    dataset: Dataset,
-    split: str,
-    out_dir: str | Path,
+    records: Sequence[Record],
     *,
     threshold: float = 0.5,
     bootstrap: int = 1000,
@@ -91,24 +87,26 @@ def evaluate(
     batch_size: int | None = None,
     max_new_tokens: int = DEFAULT_DETECT_TOKENS,
     progress: bool = True,
-    overwrite: bool = False,
+    curves: bool = True,
+    desc: str = "evaluate",
     max_bad_records: int | None = DEFAULT_MAX_BAD_RECORDS,
-) -> dict:
-    """Detect on every image of ``split``, write the files above, return the metrics.
+) -> tuple[list[dict], dict]:
+    """Detect on ``records`` and score them: ``(rows, metrics)``, writing nothing.
 
-    Each image is prompted with its own record's prefix (``detect fracture`` in the usual
-    set), so multi-class sets are evaluated with the classes they ask for.
+    The one evaluation procedure: :func:`evaluate` writes its result, and training's
+    validation calls it on the model being trained, so that the mAP a run records is the
+    mAP ``paligemma-xray evaluate`` reports for the same weights. ``rows``: one dict per
+    record, in record order (see :func:`save_evaluation`); ``metrics``: what
+    :func:`~paligemma_xray.evaluate.metrics.evaluate_detections` returns. Under a launcher
+    each rank decodes its shard and every rank gets the merged result.
+
+    A record whose image cannot be decoded is skipped, named by ``file:line`` in
+    ``metrics["skipped_records"]``; more than ``max_bad_records`` raise a DataError.
     """
-    records = check_evaluation(  # before hours of decoding
-        dataset, split, out_dir, threshold=threshold, bootstrap=bootstrap, overwrite=overwrite,
-        max_bad_records=max_bad_records,
-    )
-    out = Path(out_dir).expanduser()
     w = world()
     mine = list(shard(records, w))
-    started = time.perf_counter()
     results: list[tuple[int, dict]] = []
-    bar = progress_bar(total=len(mine), desc=f"evaluate {split}", unit="img", enabled=progress and w.is_main)
+    bar = progress_bar(total=len(mine), desc=desc, unit="img", enabled=progress and w.is_main)
     bad = BadRecords(max_bad_records)
     kept: list[tuple[int, Record]] = []
     prompts: list[str] = []  # grows with `kept`: the detector slices it batch by batch
@@ -150,18 +148,58 @@ def evaluate(
     rows = gather_indexed(results, w)
     skipped = gather_indexed(skipped_here, w)
     if not rows:
-        from paligemma_xray.errors import DataError
-
-        raise DataError(f"not one image of the {split!r} split could be read; the first: {skipped[0]}",
-                        path=dataset.root)
-    seconds = time.perf_counter() - started
-
+        raise DataError(f"not one image of these {len(records)} records could be read; the first: "
+                        f"{skipped[0]}")
     ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
     predictions = [Detections.from_json(row["prediction"]) for row in rows]
     classes = dataset_classes([record.prefix for record in records])
     metrics = evaluate_detections(
-        ground_truth, predictions, classes, threshold=threshold, bootstrap=bootstrap, seed=seed
+        ground_truth, predictions, classes, threshold=threshold, bootstrap=bootstrap, seed=seed, curves=curves
     )
+    metrics["skipped_records"] = {"count": len(skipped), "records": skipped}
+    return rows, metrics
+
+
+def evaluate(
+    detector: Detector,
+    dataset: Dataset,
+    split: str,
+    out_dir: str | Path,
+    *,
+    threshold: float = 0.5,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    batch_size: int | None = None,
+    max_new_tokens: int = DEFAULT_DETECT_TOKENS,
+    progress: bool = True,
+    overwrite: bool = False,
+    max_bad_records: int | None = DEFAULT_MAX_BAD_RECORDS,
+) -> dict:
+    """Detect on every image of ``split``, write the files above, return the metrics.
+
+    Each image is prompted with its own record's prefix (``detect fracture`` in the usual
+    set), so multi-class sets are evaluated with the classes they ask for.
+    """
+    records = check_evaluation(  # before hours of decoding
+        dataset, split, out_dir, threshold=threshold, bootstrap=bootstrap, overwrite=overwrite,
+        max_bad_records=max_bad_records,
+    )
+    out = Path(out_dir).expanduser()
+    w = world()
+    started = time.perf_counter()
+    rows, metrics = evaluate_records(
+        detector,
+        records,
+        threshold=threshold,
+        bootstrap=bootstrap,
+        seed=seed,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+        desc=f"evaluate {split}",
+        max_bad_records=max_bad_records,
+    )
+    seconds = time.perf_counter() - started
     metrics.update(
         {
             "model": detector.model_id,
@@ -171,7 +209,6 @@ def evaluate(
             "box_or_stop": detector.box_or_stop,
             "min_box_probability": detector.min_box_probability,
             "unfinished_answers": sum(1 for row in rows if not row["finished"]),
-            "skipped_records": {"count": len(skipped), "records": skipped},
             "seconds": round(seconds, 3),
             "world_size": w.size,
         }
