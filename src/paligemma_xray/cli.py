@@ -175,12 +175,50 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     flags = {**train.recipes.overrides(args), "model": args.model, "data": args.data, "out": args.out}
     config = train.recipes.for_command(args.recipe, args.config, flags, resume=args.resume)
-    summary = train.run(config, resume=args.resume is not None)
+    try:
+        summary = train.run(config, resume=args.resume is not None)
+    except KeyboardInterrupt:
+        print(_train_interrupted(Path(config.out)), file=sys.stderr)
+        return 130
     best = f"{summary.best_metric} {summary.best_value:.4f} at step {summary.best_step}" if (
         summary.best_value is not None) else "no evaluation"
-    loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
-    print(f"trained {summary.steps} steps into {summary.run_dir}: final loss {loss}, best {best}")
+    final_loss = summary.final_loss
+    if final_loss is None:  # a resume of a finished run trains no step: report its last loss
+        final_loss = _last_train_loss(Path(summary.run_dir))
+    if final_loss is None:
+        print(f"nothing to train: {summary.run_dir} has no train steps logged, best {best}")
+        return 0
+    print(f"trained {summary.steps} steps into {summary.run_dir}: final loss {final_loss:.4f}, best {best}")
     return 0
+
+
+def _last_train_loss(run_dir: Path) -> float | None:
+    """The last logged training loss of a run (a resume of a finished run trains no step)."""
+    loss = None
+    try:
+        with (run_dir / "metrics.jsonl").open() as handle:
+            for line in handle:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if row.get("kind") == "train" and isinstance(row.get("loss"), (int, float)):
+                    loss = float(row["loss"])
+    except OSError:
+        return None
+    return loss
+
+
+def _train_interrupted(run_dir: Path) -> str:
+    """What Ctrl-C leaves: the last checkpoint saved and the command that continues from it."""
+    from paligemma_xray.train.run_folder import checkpoints
+
+    saved = checkpoints(run_dir) if run_dir.is_dir() else []
+    if not saved:
+        return f"interrupted before the first checkpoint of {run_dir}: nothing saved to resume from"
+    step = saved[-1].name.split("-")[1]
+    return (f"interrupted; the last checkpoint saved is step {step} ({saved[-1]}). "
+            f"Continue with: paligemma-xray train --resume {run_dir}")
 
 
 def _add_train(verbs) -> None:

@@ -61,17 +61,25 @@ class BadRecords:
         try:
             return load_image(record.image)
         except ImageLoadError as error:
-            why = error.message
-            self.skipped.append((record, why))
-            if self.limit is not None and self.count > self.limit:
-                raise DataError(
-                    f"image {record.image} cannot be read ({why}); {self.count} records skipped so far, "
-                    f"more than --max-bad-records {self.limit} (`paligemma-xray data check` lists them)",
-                    path=record.source,
-                    line=record.line,
-                ) from None
-            logger.warning("%s: record skipped, its image cannot be read: %s", record.where, error)
+            self.note(record, error)
             return None
+
+    def note(self, record: Record, error: ImageLoadError) -> None:
+        """Count ``record`` as skipped because of ``error`` (for callers that load themselves).
+
+        Raises:
+            DataError: naming the record's ``file:line`` once more than ``limit`` were skipped.
+        """
+        why = error.message
+        self.skipped.append((record, why))
+        if self.limit is not None and self.count > self.limit:
+            raise DataError(
+                f"image {record.image} cannot be read ({why}); {self.count} records skipped so far, "
+                f"more than --max-bad-records {self.limit} (`paligemma-xray data check` lists them)",
+                path=record.source,
+                line=record.line,
+            ) from None
+        logger.warning("%s: record skipped, its image cannot be read: %s", record.where, error)
 
     def images(self, records: Iterable[Record]) -> Iterator[tuple[Record, Image.Image]]:
         """``(record, image)`` for every record whose image can be read."""
