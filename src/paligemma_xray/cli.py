@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +50,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def format_help(self) -> str:
+        # Flag help taken from docstrings carries reST (``x``, :func:`y`); a terminal shows it raw.
+        text = re.sub(r":[a-z]+:`~?([^`]*)`", r"\1", super().format_help())
+        return re.sub(r"``([^`]*)``", r"\1", text)
 
 
 def _verb(subparsers, name: str, handler: Handler, help: str, description: str | None = None):
