@@ -55,7 +55,8 @@ def test_cli_no_progress_and_no_opencv_warning(tmp_path):
         "from paligemma_xray.infer.predict import annotate; "
         "from paligemma_xray.locations import Detections; from PIL import Image; "
         "annotate(Image.new('RGB', (8, 8)), Detections.empty((8, 8))); "
-        f"sys.exit(main(['data', 'synth', {str(tmp_path / 's')!r}, '--n', '2', '--size', '64', '--no-progress']))"
+        f"sys.exit(main(['data', 'synth', {str(tmp_path / 's')!r}, '--n', '2', '--size', '64', "
+        "'--no-progress']))"
     )
     done = subprocess.run(
         [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120
