@@ -183,7 +183,9 @@ def load(
     path = Path(path)
     target = resolve_dtype(dtype)
     check_device(device)
-    check_checkpoint(path)
+    if not path.exists():
+        raise CheckpointError("checkpoint not found", path=path)
+    check_checkpoint(path)  # says what a wrong file is, before any weights are read
     if path.is_file():
         model, processor = _load_npz(path, tokenizer, target, final_logit_softcapping, progress)
     elif (path / "adapter_config.json").is_file():
@@ -587,7 +589,8 @@ def convert(
         raise CheckpointError("output would overwrite the input", path=out)
     check_output(out, folder=to == "hf")  # before the (long) load
     atomic.check_fresh(out, overwrite=overwrite, what="output")
-    check_checkpoint(src)
+    if Path(src).exists():  # (a name that is not on disk: load says what it is)
+        check_checkpoint(src)
     model, processor = load(src, tokenizer=tokenizer, dtype=dtype, progress=progress)
     if to == "hf":
         return save_hf(model, processor, out)
