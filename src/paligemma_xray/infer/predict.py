@@ -238,6 +238,7 @@ def predict(
     checksum = fingerprint(detector.model_id, previous=(previous or {}).get("model_checksum"))
     if resume:
         _check_resume(out, previous, settings, checksum)
+    barrier(w)  # every rank has checked the folder before the first one writes into it
     if w.is_main:
         if overwrite:
             for name in OUTPUTS:
