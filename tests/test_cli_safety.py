@@ -422,7 +422,8 @@ def test_every_verb_help_ends_with_examples_and_has_no_markup(capsys):
         with pytest.raises(SystemExit):
             main([*verb, "--help"])
         text = capsys.readouterr().out
-        assert "\nexamples:\n  paligemma-xray " in text, verb
+        examples = text.split("\nexamples:\n", 1)
+        assert len(examples) == 2 and examples[1].startswith("  ") and "paligemma-xray" in examples[1], verb
         assert "``" not in text and ":func:" not in text, verb
         if verb != ["train"]:  # train's --no-progress is its recipe's progress field
             assert "--no-progress" in text, verb

@@ -63,3 +63,11 @@ def test_cli_no_progress_and_no_opencv_warning(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "OpenCV" not in done.stderr and "synth" not in done.stderr, done.stderr
+
+
+def test_cli_no_progress_lasts_one_command(tmp_path):
+    from paligemma_xray.cli import main
+
+    assert progress.is_enabled()
+    assert main(["data", "synth", str(tmp_path / "s"), "--n", "2", "--size", "64", "--no-progress"]) == 0
+    assert progress.is_enabled()  # main() called in-process leaves the switch as it found it

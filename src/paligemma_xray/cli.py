@@ -604,10 +604,10 @@ _VERBS: list[Callable] = [
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "no_progress", False):
-        from paligemma_xray import progress
+    from paligemma_xray import progress
 
-        progress.set_enabled(False)
+    shown = progress.is_enabled()
+    progress.set_enabled(shown and not getattr(args, "no_progress", False))
     try:
         return int(args.handler(args) or 0)
     except PaligemmaXrayError as error:
@@ -616,6 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        progress.set_enabled(shown)  # main() called in-process (tests, notebooks) leaves it as it was
 
 
 if __name__ == "__main__":
