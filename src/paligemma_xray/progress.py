@@ -74,6 +74,11 @@ def bar(
 ) -> tqdm:
     """A tqdm bar under the policy above; ``enabled=False`` (or ``--no-progress``) shows nothing."""
     if not is_terminal():
-        options = {"file": _Lines(sys.stderr), "mininterval": LOG_INTERVAL_S, "ascii": True, "ncols": 100,
-                   **options}
+        options = {
+            "file": _Lines(sys.stderr),
+            "mininterval": LOG_INTERVAL_S,
+            "ascii": True,
+            "ncols": 100,
+            **options,
+        }
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not is_enabled(enabled), **options)
