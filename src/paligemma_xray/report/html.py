@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from paligemma_xray import atomic
 from paligemma_xray.draw import draw_boxes, fit, jpeg_data_uri
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.evaluate.metrics import match
@@ -339,6 +340,6 @@ def write_report(
             evaluations[1].name += " (2)"
     run_rows = _read_run(run_dir) if run_dir is not None else None
     target = check_output(out if out is not None else Path(eval_dir) / "report.html", folder=False)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_report(evaluations, run_rows=run_rows, gallery=gallery, title=title))
-    return target
+    # Written under a temporary name and renamed: a full disk never leaves half a report.
+    page = render_report(evaluations, run_rows=run_rows, gallery=gallery, title=title)
+    return atomic.write_text(target, page)
