@@ -97,7 +97,7 @@ def test_predict_evaluate_convert_serve_by_id(
     from fastapi.testclient import TestClient
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, *args, **kwargs: apps.append(server.config.app))
     commit = next(
         (hub_cache / "hub" / "models--someone--paligemma-xray-fracture" / "snapshots").iterdir()
     ).name
