@@ -316,3 +316,46 @@ def test_convert_checks_the_output_before_loading(tmp_path, tiny_npz, capsys):
         assert main(["convert", str(npz), str(tmp_path / out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and out in err and "Traceback" not in err
+
+
+# --- size thresholds that tiny files never cross (zip64 past 2/4 GiB, safetensors shards)
+
+
+@pytest.mark.parametrize("writer", ["ours", "np.savez"])
+def test_zip64_npz_reads_and_writes_alike(tmp_path, monkeypatch, writer):
+    # Past 2 GiB (zipfile.ZIP64_LIMIT) a zip keeps offsets and sizes in zip64 extra fields:
+    # every real float32 checkpoint. Lowering the limit makes a tiny file take that form.
+    npz, _ = write_tiny_npz(tmp_path / "small.npz", version=2, dtype="bfloat16")
+    reference = _npz_bytes(npz)
+    model, _ = load(npz, progress=False)
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 1024)
+    if writer == "ours":
+        big = save_npz(model, tmp_path / "zip64.npz", dtype="bfloat16", progress=False)
+    else:
+        big = tmp_path / "zip64.npz"
+        with np.load(npz) as data:
+            np.savez(big, **{k: data[k] for k in data.files})
+    monkeypatch.undo()
+    with zipfile.ZipFile(big) as archive:  # offsets past the (lowered) limit sit in zip64 fields
+        assert max(info.header_offset for info in archive.infolist()) > 1024
+    raw = big.read_bytes()
+    assert b"PK\x06\x06" in raw  # the zip64 end-of-central-directory record
+    assert _npz_bytes(big) == reference
+    again, _ = load(big, progress=False)
+    assert save_npz(again, tmp_path / "back.npz", dtype="bfloat16", progress=False)
+    assert _npz_bytes(tmp_path / "back.npz") == reference
+
+
+def test_sharded_hf_folder_loads_and_converts_like_one_file(tmp_path, tiny_npz):
+    # Hub folders of the 3B models come in safetensors shards (model-0000N-of-0000M + index).
+    model, processor = load(tiny_npz[0], progress=False)
+    folder = save_hf(model, processor, tmp_path / "hf")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        (tmp_path / "sharded" / name).write_bytes((folder / name).read_bytes())
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ours, ours_processor = load(tmp_path / "sharded", progress=False)
+    assert torch.equal(_logits(ours, ours_processor), _logits(model, processor))
+    out = save_npz(ours, tmp_path / "from-shards.npz", progress=False)
+    assert _npz_bytes(out) == _npz_bytes(tiny_npz[0])
