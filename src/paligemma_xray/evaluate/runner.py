@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from paligemma_xray.data import Dataset, load_image, record_targets
+from paligemma_xray.data import Dataset, Record, load_image, record_targets
 from paligemma_xray.errors import check_output
 from paligemma_xray.evaluate.metrics import _coco_dicts, check_options, evaluate_detections
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector
@@ -51,11 +51,9 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def evaluate(
+def evaluate_records(
     detector: Detector,
-    dataset: Dataset,
-    split: str,
-    out_dir: str | Path,
+    records: Sequence[Record],
     *,
     threshold: float = 0.5,
     bootstrap: int = 1000,
@@ -63,20 +61,22 @@ def evaluate(
     batch_size: int | None = None,
     max_new_tokens: int = DEFAULT_DETECT_TOKENS,
     progress: bool = True,
-) -> dict:
-    """Detect on every image of ``split``, write the files above, return the metrics.
+    curves: bool = True,
+    desc: str = "evaluate",
+) -> tuple[list[dict], dict]:
+    """Detect on ``records`` and score them: ``(rows, metrics)``, writing nothing.
 
-    Each image is prompted with its own record's prefix (``detect fracture`` in the usual
-    set), so multi-class sets are evaluated with the classes they ask for.
+    The one evaluation procedure: :func:`evaluate` writes its result, and training's
+    validation calls it on the model being trained, so that the mAP a run records is the
+    mAP ``paligemma-xray evaluate`` reports for the same weights. ``rows``: one dict per
+    record, in record order (see :func:`save_evaluation`); ``metrics``: what
+    :func:`~paligemma_xray.evaluate.metrics.evaluate_detections` returns. Under a launcher
+    each rank decodes its shard and every rank gets the merged result.
     """
-    check_options(threshold=threshold, bootstrap=bootstrap)  # before hours of decoding
-    out = check_output(out_dir, folder=True)
     w = world()
-    records = dataset.usable(split)  # DataError when missing or empty
     mine = list(shard(records, w))
-    started = time.perf_counter()
     results: list[tuple[int, dict]] = []
-    bar = tqdm(total=len(mine), desc=f"evaluate {split}", unit="img", disable=not progress or not w.is_main)
+    bar = tqdm(total=len(mine), desc=desc, unit="img", disable=not progress or not w.is_main)
     stream = detector.iter_detect(
         (load_image(record.image) for _, record in mine),
         prompt=[record.prefix for _, record in mine],
@@ -102,14 +102,50 @@ def evaluate(
         bar.update(1)
     bar.close()
     rows = gather_indexed(results, w)
-    seconds = time.perf_counter() - started
-
     ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
     predictions = [Detections.from_json(row["prediction"]) for row in rows]
     classes = dataset_classes([record.prefix for record in records])
     metrics = evaluate_detections(
-        ground_truth, predictions, classes, threshold=threshold, bootstrap=bootstrap, seed=seed
+        ground_truth, predictions, classes, threshold=threshold, bootstrap=bootstrap, seed=seed, curves=curves
     )
+    return rows, metrics
+
+
+def evaluate(
+    detector: Detector,
+    dataset: Dataset,
+    split: str,
+    out_dir: str | Path,
+    *,
+    threshold: float = 0.5,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    batch_size: int | None = None,
+    max_new_tokens: int = DEFAULT_DETECT_TOKENS,
+    progress: bool = True,
+) -> dict:
+    """Detect on every image of ``split``, write the files above, return the metrics.
+
+    Each image is prompted with its own record's prefix (``detect fracture`` in the usual
+    set), so multi-class sets are evaluated with the classes they ask for.
+    """
+    check_options(threshold=threshold, bootstrap=bootstrap)  # before hours of decoding
+    out = check_output(out_dir, folder=True)
+    w = world()
+    records = dataset.usable(split)  # DataError when missing or empty
+    started = time.perf_counter()
+    rows, metrics = evaluate_records(
+        detector,
+        records,
+        threshold=threshold,
+        bootstrap=bootstrap,
+        seed=seed,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+        desc=f"evaluate {split}",
+    )
+    seconds = time.perf_counter() - started
     metrics.update(
         {
             "model": detector.model_id,
