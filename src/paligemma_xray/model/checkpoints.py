@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
+from paligemma_xray.atomic import write_json
 from paligemma_xray.errors import CheckpointError, check_output
 from paligemma_xray.model.bigvision import (
     NpzArrays,
@@ -51,6 +52,10 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")
 EMBEDDING = "model.language_model.embed_tokens.weight"
+#: A folder of trained weights only (a run's ``best/``): ``trained.json`` names the base
+#: checkpoint (and tokenizer), ``trained.safetensors`` holds the weights training changed.
+TRAINED_INFO = "trained.json"
+TRAINED_WEIGHTS = "trained.safetensors"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -98,6 +103,8 @@ def load(
         raise CheckpointError("checkpoint not found", path=path)
     if path.is_file():
         model, processor = _load_npz(path, tokenizer, target, final_logit_softcapping, progress)
+    elif (path / TRAINED_INFO).is_file() and not (path / "adapter_config.json").is_file():
+        model, processor = _load_trained_folder(path, tokenizer, target, progress)
     elif (path / "adapter_config.json").is_file():
         with transformers_progress(progress):
             return _load_lora_folder(path, tokenizer, target, device, merge_lora)
@@ -106,11 +113,12 @@ def load(
             model, processor = _load_hf(path, tokenizer, target)
     else:
         for sub in ("best", "last"):
-            if (path / sub / "config.json").is_file() or (path / sub / "adapter_config.json").is_file():
+            markers = ("config.json", "adapter_config.json", TRAINED_INFO)
+            if any((path / sub / name).is_file() for name in markers):
                 return load(path / sub, tokenizer, dtype, device, merge_lora=merge_lora, progress=progress)
         raise CheckpointError(
             "not a checkpoint: expected a .npz file, or a folder with config.json (HF), "
-            "adapter_config.json (LoRA), or best/ or last/ (a run folder)",
+            f"adapter_config.json (LoRA), {TRAINED_INFO} (trained weights), or best/ or last/ (a run folder)",
             path=path,
         )
     if device is not None:
@@ -309,6 +317,93 @@ def _load_hf(path: Path, tokenizer, target):
     return model, processor
 
 
+def _recorded_base(path: Path) -> tuple[Path, Path | None]:
+    """The base checkpoint (and tokenizer) a trained-weights or adapter folder recorded."""
+    try:
+        info = json.loads((path / TRAINED_INFO).read_text())
+        base = Path(info["base"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"unreadable {TRAINED_INFO}: {error}", path=path) from error
+    base = base if base.is_absolute() else path / base
+    if not base.exists():
+        raise CheckpointError(f"the base checkpoint {base} these weights were trained on is gone", path=path)
+    tokenizer = info.get("tokenizer")
+    return base, Path(tokenizer) if tokenizer else None
+
+
+def _load_trained_folder(path: Path, tokenizer, target, progress: bool):
+    """Base checkpoint + the trained weights over it (the form a run's ``best/`` takes).
+
+    Loaded in float32 unless ``target`` says otherwise: the trained weights are float32,
+    and so the model is the one training validated.
+    """
+    from safetensors.torch import load_file
+
+    base, recorded_tokenizer = _recorded_base(path)
+    model, processor = load(
+        base, tokenizer or recorded_tokenizer, target or torch.float32, progress=progress
+    )
+    try:
+        weights = load_file(path / TRAINED_WEIGHTS)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"cannot read {TRAINED_WEIGHTS}: {error}", path=path) from error
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise CheckpointError(
+            f"{TRAINED_WEIGHTS} does not fit the base {base} (no parameter {unknown[0]})", path=path
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(
+                    f"{name}: {tuple(tensor.shape)} in {TRAINED_WEIGHTS}, {tuple(params[name].shape)} "
+                    f"in the base {base}",
+                    path=path,
+                )
+            params[name].copy_(tensor)
+    return model, processor
+
+
+def stored_dtype(path: str | Path) -> str:
+    """The dtype the bulk of a checkpoint is stored in: its embedding's (frozen in our recipes).
+
+    What ``convert`` writes by default: a run trained from a float16 checkpoint converts back
+    to float16 although its trained weights are float32.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_file():
+        with NpzArrays(path) as arrays:
+            return arrays.dtype_name("llm/embedder/input_embedding")
+    if (path / TRAINED_INFO).is_file() and not (path / "adapter_config.json").is_file():
+        return stored_dtype(_recorded_base(path)[0])
+    if (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base_path = Path(base) if base and Path(base).is_absolute() else path / str(base)
+        return stored_dtype(base_path)
+    index = path / "model.safetensors.index.json"
+    file = path / json.loads(index.read_text())["weight_map"][EMBEDDING] if index.is_file() else None
+    if file is None and (path / "model.safetensors").is_file():
+        file = path / "model.safetensors"
+    if file is not None:
+        with safe_open(str(file), framework="pt") as weights:
+            keys = list(weights.keys())
+            name = next((k for k in keys if k == EMBEDDING), None) or next(
+                k for k in keys if k.endswith("embed_tokens.weight")
+            )
+            stored = weights.get_slice(name).get_dtype()
+        names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+        if stored not in names:
+            raise CheckpointError(f"embedding stored as {stored}; expected F32, F16 or BF16", path=file)
+        return names[stored]
+    for sub in ("best", "last"):
+        if (path / sub).is_dir():
+            return stored_dtype(path / sub)
+    raise CheckpointError("not a checkpoint", path=path)
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA adapters (PEFT format)
 
@@ -326,6 +421,8 @@ def _load_lora_folder(path: Path, tokenizer, target, device, merge: bool):
         base_path = (path / base_path) if (path / base_path).exists() else base_path
     if not base_path.exists():
         raise CheckpointError(f"base model {base} of the adapter not found", path=path)
+    if tokenizer is None and (path / TRAINED_INFO).is_file():  # a run's best/: the run's tokenizer
+        tokenizer = _recorded_base(path)[1]
     model, processor = load(base_path, tokenizer, target, device)
     return load_lora(model, path, merge=merge), processor
 
@@ -384,6 +481,13 @@ def save_hf(
         raise TypeError("save_hf takes a plain model: merge the LoRA adapter first, or use save_lora")
     with transformers_progress(progress):
         model.save_pretrained(out, safe_serialization=True)
+    floating = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    if len(floating) > 1 and torch.float32 in floating:
+        # Frozen weights in the base's 16-bit dtype, trained ones in float32: transformers
+        # records the first parameter's dtype, and loading "auto" would round the trained
+        # weights to it. float32 reproduces every stored weight exactly.
+        config = json.loads((out / "config.json").read_text())
+        write_json(out / "config.json", {**config, "dtype": "float32"})
     processor.save_pretrained(out)
     spm = getattr(processor.tokenizer, "spm_path", None)
     if spm and Path(spm).is_file() and Path(spm).resolve() != (out / "tokenizer.model").resolve():
@@ -482,11 +586,13 @@ def convert(
     if Path(src).resolve() == out.resolve():
         raise CheckpointError("output would overwrite the input", path=out)
     check_output(out, folder=to == "hf")  # before the (long) load
-    model, processor = load(src, tokenizer=tokenizer, dtype=dtype, progress=progress)
+    # Loaded straight in the output's dtype: one copy of the model in memory, not a float32
+    # one and then a 16-bit one (a run of a float16 base holds float32 trained weights).
+    stored = dtype or stored_dtype(src)
+    model, processor = load(src, tokenizer=tokenizer, dtype=stored, progress=progress)
     if to == "hf":
         return save_hf(model, processor, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stored = dtype or str(model.dtype).removeprefix("torch.")
     path = save_npz(model, out, dtype=stored, progress=progress)
     spm = getattr(processor.tokenizer, "spm_path", None)
     beside = out.parent / "paligemma_tokenizer.model"
