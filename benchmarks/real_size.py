@@ -220,6 +220,10 @@ def run_model(name: str, workdir: Path, threads: int) -> dict:
         _phase("convert run -> npz", ["convert", str(run), str(back), "--dtype", dtype], [back], env)
     )
     same = back.is_file() and _arrays(back) == _arrays(npz)
+    back_last = root / "back-last" / "model.npz"
+    convert = ["convert", str(run / "last"), str(back_last)]  # the full HF folder: default dtype
+    phases.append(_phase("convert last/ -> npz", convert, [back_last], env))
+    same = same and back_last.is_file() and _arrays(back_last) == _arrays(npz)
     result = {
         "model": name,
         "dtype": dtype,
