@@ -359,3 +359,51 @@ def test_sharded_hf_folder_loads_and_converts_like_one_file(tmp_path, tiny_npz):
     assert torch.equal(_logits(ours, ours_processor), _logits(model, processor))
     out = save_npz(ours, tmp_path / "from-shards.npz", progress=False)
     assert _npz_bytes(out) == _npz_bytes(tiny_npz[0])
+
+
+# --- the forms a run folder holds: trained weights over a base, mixed-dtype full folders
+
+
+def test_trained_weights_folder_loads_as_base_plus_trained(tmp_path):
+    from safetensors.torch import save_file
+
+    from paligemma_xray.model import stored_dtype
+
+    npz, spm = write_tiny_npz(tmp_path / "base" / "pg.npz", version=2, dtype="float16")
+    model, processor = load(npz, dtype="float32", progress=False)
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    trained = {name: torch.randn_like(dict(model.named_parameters())[name])}
+    folder = tmp_path / "best"
+    folder.mkdir()
+    save_file(trained, folder / "trained.safetensors")
+    (folder / "trained.json").write_text(json.dumps({"base": str(npz), "tokenizer": str(spm)}))
+    with torch.no_grad():
+        dict(model.named_parameters())[name].copy_(trained[name])
+    ours, ours_processor = load(folder, progress=False)
+    assert ours.dtype == torch.float32  # the precision the trained weights have
+    assert torch.equal(dict(ours.named_parameters())[name], trained[name])
+    assert torch.equal(_logits(ours, ours_processor), _logits(model, processor))
+    assert stored_dtype(folder) == "float16"  # convert's default: the base's
+    assert load(folder, dtype="float16", progress=False)[0].dtype == torch.float16
+    npz.unlink()
+    with pytest.raises(CheckpointError, match=r"pg\.npz.*gone"):
+        load(folder, progress=False)
+
+
+def test_mixed_dtype_hf_folder_is_exact_in_plain_transformers(tmp_path):
+    from paligemma_xray.model import stored_dtype
+
+    npz, _ = write_tiny_npz(tmp_path / "pg.npz", version=1, dtype="bfloat16")
+    model, processor = load(npz, progress=False)
+    attention = [p for n, p in model.named_parameters() if ".self_attn." in n and "vision" not in n]
+    for param in attention:  # trained weights float32, the rest as the base stores them
+        param.data = param.data.float() + 1e-3
+    folder = save_hf(model, processor, tmp_path / "hf", progress=False)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+    plain = PaliGemmaForConditionalGeneration.from_pretrained(folder)
+    plain_params = dict(plain.named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(plain_params[name], param.float()), name
+    assert stored_dtype(folder) == "bfloat16"
+    assert main(["convert", str(folder), str(tmp_path / "back.npz")]) == 0
+    assert {v[0] for v in _npz_bytes(tmp_path / "back.npz").values()} == {"|V2"}

@@ -4,7 +4,15 @@
 >>> model, processor = load("paligemma-3b-pt-224.f16.npz")     # doctest: +SKIP
 """
 
-from paligemma_xray.model.checkpoints import cast, load, load_lora, save_hf, save_lora, save_npz
+from paligemma_xray.model.checkpoints import (
+    cast,
+    load,
+    load_lora,
+    save_hf,
+    save_lora,
+    save_npz,
+    stored_dtype,
+)
 from paligemma_xray.model.processing import build_batch, make_processor, position_ids, preprocess_images
 from paligemma_xray.model.tokenizer import load_tokenizer
 
@@ -20,4 +28,5 @@ __all__ = [
     "save_hf",
     "save_lora",
     "save_npz",
+    "stored_dtype",
 ]
