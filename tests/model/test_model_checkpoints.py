@@ -359,6 +359,9 @@ def test_sharded_hf_folder_loads_and_converts_like_one_file(tmp_path, tiny_npz):
     assert torch.equal(_logits(ours, ours_processor), _logits(model, processor))
     out = save_npz(ours, tmp_path / "from-shards.npz", progress=False)
     assert _npz_bytes(out) == _npz_bytes(tiny_npz[0])
+    # convert streams the shards tensor by tensor, without building the model: same bytes
+    assert main(["convert", str(tmp_path / "sharded"), str(tmp_path / "streamed" / "x.npz")]) == 0
+    assert _npz_bytes(tmp_path / "streamed" / "x.npz") == _npz_bytes(tiny_npz[0])
 
 
 # --- the forms a run folder holds: trained weights over a base, mixed-dtype full folders
