@@ -216,12 +216,12 @@ def save_weights(
     fsdp_state = accelerator.get_state_dict(step_module) if full_fsdp else None
     if accelerator.is_main_process:
         base_dtype = stored_dtype(config.model)
-        target = _export_model(model, config, fsdp_state, resolve_dtype(base_dtype))
         with staged_dir(final) as tmp:
+            if lora:  # first: the export below may fold the adapter into the model
+                save_lora(model, tmp / "adapter", base=base)
+            target = _export_model(model, config, fsdp_state, resolve_dtype(base_dtype))
             # No shard-writing bar: it would cut through the training bar.
             save_hf(target, processor, tmp, progress=False)
-            if lora:
-                save_lora(model, tmp / "adapter", base=base)
             if npz:
                 save_npz(target, tmp / "model.npz", dtype=base_dtype, progress=False)
     accelerator.wait_for_everyone()
@@ -240,9 +240,26 @@ def _export_model(
 ) -> nn.Module:
     """The model ``last/`` holds: frozen weights as the base stores them, trained ones float32.
 
-    Called once, after the last step: the training model itself is cast where that is exact
-    (frozen weights held in float32 or in the base's dtype), so no second copy is made.
+    Called once, after the last step: the training model itself is cast (and a LoRA adapter
+    folded into it) where that is exact — frozen weights held in float32 or in the base's
+    dtype, no 4-bit base — so no second copy of the model is made (a 3B LoRA run on a CPU
+    would otherwise hold its float32 training model and a fresh base at once).
     """
+    core = unwrap(model)
+    frozen = [p for p in core.parameters() if not p.requires_grad and p.dtype.is_floating_point]
+    exact = all(p.dtype in (torch.float32, base_dtype) for p in frozen)
+    if config.trainable == "lora" and exact and config.quantize == "none" and fsdp_state is None:
+        from peft.tuners.lora import LoraLayer
+
+        adapted = {f"{n}.weight" for n, m in core.named_modules() if isinstance(m, LoraLayer)}
+        merged = model.merge_and_unload()
+        with torch.no_grad():
+            for name, param in merged.named_parameters():
+                if name in adapted:
+                    param.data = param.data.to(torch.float32)
+                elif param.dtype.is_floating_point:
+                    param.data = param.data.to(base_dtype)
+        return merged
     if config.trainable == "lora":
         from peft.tuners.lora import LoraLayer
 
@@ -256,9 +273,7 @@ def _export_model(
         state = {k.removeprefix("model."): v for k, v in fsdp_state.items()}
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         return _with_trained(fresh, {k: v for k, v in state.items() if k in names})
-    core = unwrap(model)
-    frozen = [p for p in core.parameters() if not p.requires_grad and p.dtype.is_floating_point]
-    if any(p.dtype not in (torch.float32, base_dtype) for p in frozen):
+    if not exact:
         # e.g. bfloat16 frozen weights of a float16 base: casting back would not be exact.
         fresh, _ = load_base(config)
         return _with_trained(fresh, {n: p for n, p in core.named_parameters() if p.requires_grad})
