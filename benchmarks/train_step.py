@@ -36,6 +36,7 @@ from _common import PALIGEMMA1_3B_224, TEXT_VOCAB, write_result
 from transformers import PaliGemmaForConditionalGeneration
 
 from paligemma_xray.model.bigvision import Dims, make_config
+from paligemma_xray.model.processing import pad_right
 from paligemma_xray.model.tiny import tiny_dims
 from paligemma_xray.train.batches import FeatureCache
 from paligemma_xray.train.loss import image_features, suffix_loss
@@ -55,7 +56,8 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
 
 
 def make_batch(dims: Dims, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """Synthetic ids in ``build_batch``'s layout: "detect fracture" prompt, 1–3 boxes."""
+    """Synthetic ids padded by ``model.processing.pad_right`` (``build_batch``'s layout): a
+    "detect fracture"-like prompt, 1–3 boxes."""
     g = torch.Generator().manual_seed(seed)
     image_tokens = dims.num_image_tokens
     rows = []
@@ -69,25 +71,8 @@ def make_batch(dims: Dims, batch_size: int, seed: int) -> dict[str, torch.Tensor
                 suffix += [2162, 235248]  # " ;", " "
             suffix += [*(LOC0 + torch.randint(0, 1024, (4,), generator=g)).tolist(), 40977]  # 4 locs + label
         rows.append((prompt, [*suffix, 1]))
-    width = max(len(p) + len(s) for p, s in rows)
-    input_ids = torch.zeros((batch_size, width), dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    token_type_ids = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    for i, (prompt, suffix) in enumerate(rows):
-        n = len(prompt) + len(suffix)
-        input_ids[i, :n] = torch.tensor(prompt + suffix)
-        attention_mask[i, :n] = 1
-        token_type_ids[i, len(prompt) : n] = 1
-        labels[i, len(prompt) : n] = input_ids[i, len(prompt) : n]
     pixel_values = torch.rand((batch_size, 3, dims.image_size, dims.image_size), generator=g) * 2 - 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "token_type_ids": token_type_ids,
-        "labels": labels,
-        "pixel_values": pixel_values,
-    }
+    return pad_right([p for p, _ in rows], [s for _, s in rows], pixel_values, pad_id=0)
 
 
 def model_flops(dims: Dims, batch: dict[str, torch.Tensor], model) -> float:

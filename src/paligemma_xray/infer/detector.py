@@ -13,14 +13,17 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
-from paligemma_xray.locations import Detections, classes_from_prefix, parse
+from paligemma_xray.locations import LOC_BINS, Detections, classes_from_prefix, loc_token, parse
+
+if TYPE_CHECKING:
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 ImageInput = Image.Image | str | Path | bytes
 
@@ -115,8 +118,8 @@ class Detector:
 
     def __init__(
         self,
-        model: Any,
-        processor: Any,
+        model: PaliGemmaForConditionalGeneration,
+        processor: PaliGemmaProcessor,
         *,
         model_id: str = "model",
         box_or_stop: bool = True,
@@ -150,9 +153,9 @@ class Detector:
     ) -> Detector:
         """Load a checkpoint (HF folder or big_vision ``.npz``) through ``model.load``.
 
-        ``device`` defaults to CUDA when available; ``dtype`` to the checkpoint's (bfloat16
-        is the usual choice on a GPU). ``progress``: loading bars. ``options`` go to the
-        constructor.
+        ``device`` defaults to CUDA when available (under ``torchrun``: this rank's GPU);
+        ``dtype`` to the checkpoint's (bfloat16 is the usual choice on a GPU). ``progress``:
+        loading bars. ``options`` go to the constructor.
         """
         from paligemma_xray.model import load as load_model
 
@@ -162,7 +165,10 @@ class Detector:
             box_or_stop=options.get("box_or_stop", True),
         )
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            from paligemma_xray.infer.distributed import world
+
+            w = world()  # under a launcher: one GPU per rank
+            device = w.device() if w.size > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
         model, processor = load_model(path, dtype=dtype, device=device, progress=progress)
         return cls(model, processor, model_id=str(path), **options)
 
@@ -179,7 +185,7 @@ class Detector:
 
     def _box_rule(self) -> BoxOrStop | None:
         convert = self.tokenizer.convert_tokens_to_ids
-        loc_ids = [convert(f"<loc{i:04d}>") for i in range(1024)]
+        loc_ids = [convert(loc_token(i)) for i in range(LOC_BINS)]
         if any(i is None or i == self.tokenizer.unk_token_id for i in loc_ids):
             return None  # a tokenizer without location tokens: nothing to decide
         # Pieces that can precede a new box: those of " ; " before a location token.
@@ -264,6 +270,19 @@ class Detector:
         if chunk:
             yield chunk
 
+    def _prompted_batches(
+        self, images: Iterable[ImageInput], prompt: str | Sequence[str], batch_size: int
+    ) -> Iterator[tuple[list[Image.Image], list[str]]]:
+        """Batches of loaded images with their prompts (``prompt``: one for all, or one per image)."""
+        index = 0
+        for chunk in self._batches(images, batch_size):
+            if isinstance(prompt, str):
+                prompts = [prompt] * len(chunk)
+            else:
+                prompts = list(prompt[index : index + len(chunk)])
+            index += len(chunk)
+            yield chunk, prompts
+
     def generate(
         self,
         images: Sequence[ImageInput],
@@ -289,14 +308,7 @@ class Detector:
     ) -> Iterator[Generation]:
         """:meth:`generate` as a stream: one batch of images in memory at a time."""
         check_decoding(batch_size=batch_size, max_new_tokens=max_new_tokens)
-        size = batch_size or self.batch_size
-        index = 0
-        for chunk in self._batches(images, size):
-            if isinstance(prompt, str):
-                prompts = [prompt] * len(chunk)
-            else:
-                prompts = list(prompt[index : index + len(chunk)])
-            index += len(chunk)
+        for chunk, prompts in self._prompted_batches(images, prompt, batch_size or self.batch_size):
             yield from self._decode_batch(chunk, prompts, max_new_tokens, box_or_stop)
 
     def detect(
@@ -329,13 +341,7 @@ class Detector:
         ``prompt`` may also be one prompt per image (e.g. each record's own prefix).
         """
         check_decoding(batch_size=batch_size, max_new_tokens=max_new_tokens, threshold=threshold)
-        size = batch_size or self.batch_size
-        index = 0
-        for chunk in self._batches(images, size):
-            prompts = (
-                [prompt] * len(chunk) if isinstance(prompt, str) else list(prompt[index : index + len(chunk)])
-            )
-            index += len(chunk)
+        for chunk, prompts in self._prompted_batches(images, prompt, batch_size or self.batch_size):
             rule = self.box_or_stop and all(is_detection_prompt(p) for p in prompts)
             generations = self._decode_batch(chunk, prompts, max_new_tokens, rule)
             for image, text_prompt, generation in zip(chunk, prompts, generations):

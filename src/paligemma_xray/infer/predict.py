@@ -27,10 +27,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from paligemma_xray.data.images import DICOM_SUFFIXES, is_dicom
+from paligemma_xray.draw import annotate
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, check_decoding, is_detection_prompt
 from paligemma_xray.infer.distributed import barrier, shard, world
-from paligemma_xray.locations import Detections, classes_from_prefix
+from paligemma_xray.locations import classes_from_prefix
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"} | DICOM_SUFFIXES
 
@@ -74,29 +75,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-def annotate(image, detections: Detections):
-    """The image with boxes and ``label score`` captions (supervision)."""
-    import numpy as np
-    import supervision as sv
-    from PIL import Image
-
-    frame = np.asarray(image.convert("RGB")).copy()
-    if len(detections):
-        sv_det = detections.to_supervision()
-        sv_det.class_id = np.zeros(len(detections), dtype=int)  # one colour for every box
-        scores = detections.score if detections.score is not None else [None] * len(detections)
-        labels = [
-            f"{name} {score:.2f}" if score is not None else name
-            for name, score in zip(detections.class_name, scores)
-        ]
-        thickness = max(2, round(max(image.size) / 300))
-        frame = sv.BoxAnnotator(thickness=thickness).annotate(frame, sv_det)
-        frame = sv.LabelAnnotator(text_scale=max(0.4, max(image.size) / 1200)).annotate(
-            frame, sv_det, labels=labels
-        )
-    return Image.fromarray(frame)
 
 
 def predict(

@@ -341,9 +341,7 @@ def _load_trained_folder(path: Path, tokenizer, target, progress: bool):
     from safetensors.torch import load_file
 
     base, recorded_tokenizer = _recorded_base(path)
-    model, processor = load(
-        base, tokenizer or recorded_tokenizer, target or torch.float32, progress=progress
-    )
+    model, processor = load(base, tokenizer or recorded_tokenizer, target or torch.float32, progress=progress)
     try:
         weights = load_file(path / TRAINED_WEIGHTS)
     except (OSError, ValueError, RuntimeError) as error:
@@ -437,7 +435,10 @@ def _load_lora_folder(path: Path, tokenizer, target, device, merge: bool):
 def load_lora(model: PaliGemmaForConditionalGeneration, adapter_dir: str | Path, merge: bool = False):
     """Apply a PEFT adapter folder to ``model``; ``merge=True`` folds it in and returns a plain model.
 
-    >>> # peft_model = load_lora(model, "run/adapter"); model = load_lora(model, "run/adapter", merge=True)
+    Usage (``run/adapter`` as ``train`` writes it with ``trainable: lora``)::
+
+        peft_model = load_lora(model, "run/adapter")
+        merged = load_lora(model, "run/adapter", merge=True)
     """
     from peft import PeftModel
 
@@ -586,8 +587,16 @@ def convert(
     the source's. LoRA adapters are merged first. An npz output gets the SentencePiece file
     beside it (``paligemma_tokenizer.model``) when it is known, so the pair loads back as is.
 
-    >>> # convert("paligemma-3b-pt-224.f16.npz", "pg-hf")            # → HF folder, float16
-    >>> # convert("runs/x", "finetuned.bf16.npz", dtype="bfloat16")  # → big_vision npz
+    Example (a tiny random checkpoint; ``paligemma-3b-pt-224.f16.npz`` converts alike):
+
+    >>> import pathlib, tempfile
+    >>> from paligemma_xray.model.tiny import write_tiny_npz
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> npz, _ = write_tiny_npz(folder / "tiny.npz")
+    >>> convert(npz, folder / "hf", progress=False).name                                # → HF folder
+    'hf'
+    >>> convert(folder / "hf", folder / "back.npz", dtype="bfloat16", progress=False).name  # → npz
+    'back.npz'
     """
     out = Path(out)
     to = to or ("npz" if out.suffix == ".npz" else "hf")

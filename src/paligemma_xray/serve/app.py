@@ -15,9 +15,7 @@ User mistakes get a 4xx with ``{"error": code, "detail": message}``; a 500 means
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
-import io
 import logging
 import os
 import time
@@ -36,10 +34,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from paligemma_xray import __version__
+from paligemma_xray.draw import fit, jpeg_data_uri
 from paligemma_xray.errors import ConfigError, ImageLoadError
 from paligemma_xray.locations import Detections
 from paligemma_xray.serve.batching import BatchingQueue, QueueClosedError, QueueFullError
-from paligemma_xray.serve.uploads import ApiError, read_form, sniff_kind
+from paligemma_xray.serve.errors import ApiError
+from paligemma_xray.serve.uploads import read_form, sniff_kind
 
 log = logging.getLogger(__name__)
 
@@ -264,11 +264,7 @@ def _decode(data: bytes, name: str | None) -> Image.Image:
 
 
 def _preview(image: Image.Image) -> str:
-    thumb = image.copy()
-    thumb.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
-    buffer = io.BytesIO()
-    thumb.convert("RGB").save(buffer, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return jpeg_data_uri(fit(image, PREVIEW_MAX_SIDE)[0], quality=90)
 
 
 def _boxes(detections: Detections, threshold: float | None) -> list[Box]:

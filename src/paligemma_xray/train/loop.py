@@ -26,7 +26,7 @@ from paligemma_xray.errors import ConfigError, DataError
 from paligemma_xray.model.processing import build_batch
 from paligemma_xray.train.batches import Augment, Examples, FeatureCache, step_positions
 from paligemma_xray.train.logs import MetricsLog, progress_bar
-from paligemma_xray.train.loss import image_features, loss_denominator, suffix_loss, unwrap
+from paligemma_xray.train.loss import image_features, loss_denominator, suffix_loss
 from paligemma_xray.train.recipes import TrainConfig
 from paligemma_xray.train.run_folder import (
     load_base,
@@ -38,7 +38,7 @@ from paligemma_xray.train.run_folder import (
     write_summary,
 )
 from paligemma_xray.train.state import TrainState
-from paligemma_xray.train.strategies import count_parameters, prepare_model, vision_frozen
+from paligemma_xray.train.strategies import count_parameters, prepare_model, unwrap, vision_frozen
 from paligemma_xray.train.validation import validate
 
 logger = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.O
     return torch.optim.AdamW(
         params,
         lr=config.lr,
-        betas=tuple(config.adam_betas),
+        betas=(config.adam_betas[0], config.adam_betas[1]),
         eps=config.adam_eps,
         weight_decay=config.weight_decay,
     )
@@ -364,9 +364,10 @@ def _feature_cache(
     if not (config.cache_image_features and vision_frozen(model) and not examples.augment.changes_pixels):
         return None
     used = sorted({examples.record_index(k) for k in range(config.steps * config.batch_size)})
-    core = unwrap(model)
-    tokens = (core.config.vision_config.image_size // core.config.vision_config.patch_size) ** 2
-    size = len(used) * tokens * core.config.text_config.hidden_size * (2 if bf16 else 4)
+    model_config: Any = unwrap(model).config  # transformers types its sub-configs loosely
+    vision = model_config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2
+    size = len(used) * tokens * model_config.text_config.hidden_size * (2 if bf16 else 4)
     # Large sets (high resolution, many images) stay in host memory, moved per batch.
     cache = FeatureCache(device if size <= _CACHE_ON_DEVICE_BYTES else torch.device("cpu"))
     if main:

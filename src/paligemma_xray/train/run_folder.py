@@ -21,7 +21,7 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,10 +29,12 @@ from torch import nn
 
 from paligemma_xray.atomic import remove_stale_temporaries, staged_dir, write_json, write_text
 from paligemma_xray.errors import ConfigError, check_output
-from paligemma_xray.train.loss import unwrap
 from paligemma_xray.train.recipes import TrainConfig
 from paligemma_xray.train.state import TrainState
-from paligemma_xray.train.strategies import merged_state_dict, trainable_state
+from paligemma_xray.train.strategies import merged_state_dict, trainable_state, unwrap
+
+if TYPE_CHECKING:
+    from transformers import PaliGemmaForConditionalGeneration
 
 
 def prepare_run_dir(out: Path, *, resume: bool, main: bool) -> None:
@@ -191,7 +193,7 @@ def save_weights(
     """
     from paligemma_xray.atomic import write_json
     from paligemma_xray.model import save_hf, save_lora, save_npz
-    from paligemma_xray.model.checkpoints import TRAINED_INFO, TRAINED_WEIGHTS, resolve_dtype, stored_dtype
+    from paligemma_xray.model.checkpoints import DTYPES, TRAINED_INFO, TRAINED_WEIGHTS, stored_dtype
 
     lora = config.trainable == "lora"
     base = str(Path(config.model).resolve())
@@ -201,7 +203,7 @@ def save_weights(
         "trainable": config.trainable,
     }
     if not full:
-        weights = None if lora else _full_trainable_state(model, accelerator, step_module)
+        weights = {} if lora else _full_trainable_state(model, accelerator, step_module)
         if accelerator.is_main_process:
             with staged_dir(final) as tmp:
                 if lora:
@@ -219,7 +221,7 @@ def save_weights(
         with staged_dir(final) as tmp:
             if lora:  # first: the export below may fold the adapter into the model
                 save_lora(model, tmp / "adapter", base=base)
-            target = _export_model(model, config, fsdp_state, resolve_dtype(base_dtype))
+            target = _export_model(model, config, fsdp_state, DTYPES[base_dtype])
             # No shard-writing bar: it would cut through the training bar.
             save_hf(target, processor, tmp, progress=False)
             if npz:
@@ -227,7 +229,9 @@ def save_weights(
     accelerator.wait_for_everyone()
 
 
-def _with_trained(fresh: nn.Module, trained: dict[str, torch.Tensor]) -> nn.Module:
+def _with_trained(
+    fresh: PaliGemmaForConditionalGeneration, trained: dict[str, torch.Tensor]
+) -> PaliGemmaForConditionalGeneration:
     """``fresh`` (the base, in its stored dtype) with ``trained`` put in as float32 parameters."""
     params = dict(fresh.named_parameters())
     for name, tensor in trained.items():
@@ -237,7 +241,7 @@ def _with_trained(fresh: nn.Module, trained: dict[str, torch.Tensor]) -> nn.Modu
 
 def _export_model(
     model: nn.Module, config: TrainConfig, fsdp_state: dict | None, base_dtype: torch.dtype
-) -> nn.Module:
+) -> PaliGemmaForConditionalGeneration:
     """The model ``last/`` holds: frozen weights as the base stores them, trained ones float32.
 
     Called once, after the last step: the training model itself is cast (and a LoRA adapter
@@ -252,7 +256,8 @@ def _export_model(
         from peft.tuners.lora import LoraLayer
 
         adapted = {f"{n}.weight" for n, m in core.named_modules() if isinstance(m, LoraLayer)}
-        merged = model.merge_and_unload()
+        peft_model: Any = model
+        merged = peft_model.merge_and_unload()
         with torch.no_grad():
             for name, param in merged.named_parameters():
                 if name in adapted:

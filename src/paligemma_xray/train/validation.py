@@ -17,8 +17,9 @@ from paligemma_xray.data import Record, load_image
 from paligemma_xray.evaluate.runner import evaluate_records
 from paligemma_xray.infer.detector import Detector
 from paligemma_xray.model.processing import build_batch
-from paligemma_xray.train.loss import suffix_loss, unwrap
+from paligemma_xray.train.loss import suffix_loss
 from paligemma_xray.train.recipes import TrainConfig
+from paligemma_xray.train.strategies import unwrap
 
 # Issues that mean an object of the output was dropped (see locations.PARSE_ISSUE_KINDS).
 _DROPPED = ("truncated", "inverted", "empty_label")

@@ -10,8 +10,8 @@ import pytest
 
 from paligemma_xray.evaluate.metrics import (
     FROC_FP_RATES,
-    _coco_dicts,
     best_f1_threshold,
+    coco_dicts,
     evaluate_detections,
     match,
 )
@@ -79,7 +79,7 @@ def test_map_agrees_with_pycocotools():
     gts, prs = random_set(seed=3)
     classes = ["fracture", "cast"]
     ours = evaluate_detections(gts, prs, classes, bootstrap=0)
-    gt_dict, results = _coco_dicts(gts, prs, classes, np.arange(len(gts)))
+    gt_dict, results = coco_dicts(gts, prs, classes, np.arange(len(gts)))
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt_dict
@@ -189,3 +189,16 @@ def test_best_f1_threshold_is_none_without_a_true_positive():
     truth = [det([[0, 0, 10, 10]], ["fracture"])]
     wrong = [det([[100, 100, 120, 120]], ["fracture"], [0.9])]
     assert best_f1_threshold(truth, wrong, ["fracture"]) is None
+
+
+def test_image_auc_counts_ties_half_like_the_pairwise_definition():
+    # Highest box score per image; an image without boxes scores 0.
+    positives, negatives = [0.9, 0.5, 0.5], [0.5, 0.2, None]
+    gt = [det([[0, 0, 50, 50]], ["fracture"]) for _ in positives] + [det([], []) for _ in negatives]
+    box = [[0, 0, 50, 50]]
+    pred = [det(box, ["fracture"], [s]) if s is not None else det([], []) for s in positives + negatives]
+    auc = evaluate_detections(gt, pred, ["fracture"], bootstrap=0)["image_level"]["auc"]
+    # Independent reference: P(positive outscores negative) over all pairs, ties counting 1/2.
+    scores_neg = [s or 0.0 for s in negatives]
+    pairs = [(p > n) + 0.5 * (p == n) for p in positives for n in scores_neg]
+    assert auc == pytest.approx(sum(pairs) / len(pairs)) and auc == pytest.approx(8 / 9)
