@@ -86,8 +86,9 @@ def _gemma_from_sentencepiece(path: Path) -> PreTrainedTokenizerBase:
         kwargs = GemmaTokenizer.convert_to_native_format(vocab_file=str(path))
         return GemmaTokenizer(**kwargs)
     except Exception as error:  # valid SentencePiece, but not a tokenizer transformers can build
+        reason = " ".join(str(error).split()) or type(error).__name__  # one line
         raise CheckpointError(
-            f"cannot build a Gemma tokenizer from this SentencePiece model: {error}", path=path
+            f"cannot build a Gemma tokenizer from this SentencePiece model: {reason}", path=path
         ) from error
 
 
