@@ -39,6 +39,18 @@ def tiny_tokenizer_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_tokenizer_path(tmp_path_factory) -> Path:
+    """A SentencePiece model with the real ``paligemma_tokenizer.model``'s layout (257,152 pieces).
+
+    pad 0, eos 1, bos 2, unk 3, a small trained BPE vocabulary padded with unused pieces to
+    256,000, ``<loc0000>``.. at 256000, ``<seg000>``.. at 257024 (built in about a second).
+    """
+    from paligemma_xray.model.tiny import real_layout_tokenizer
+
+    return real_layout_tokenizer(tmp_path_factory.mktemp("real_tokenizer") / "paligemma_tokenizer.model")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_v1():
     """(model, processor): a random tiny PaliGemma 1 (Gemma), float32, eval mode, 28 px, 4 image tokens.
 

@@ -233,7 +233,8 @@ def _add_train(verbs) -> None:
     p = _verb(verbs, "train", cmd_train,
               help="fine-tune a PaliGemma checkpoint on a data set (resumable)",
               description="Fine-tune MODEL on DATA into the run folder OUT: config.yaml (the resolved\n"
-                          "recipe), metrics.jsonl, tb/, checkpoints/step-N/, best/ and last/ (HF folders).\n"
+                          "recipe), metrics.jsonl, tb/, checkpoints/step-N/, best/ (the trained weights\n"
+                          "only, over MODEL) and last/ (a full HF folder, frozen weights in MODEL's dtype).\n"
                           "With no flags this is big_vision's recipe: attention weights only, SGD lr 0.01,\n"
                           "cosine with 10% warm-up, batch 8, 512 examples, text length 128.\n"
                           "Values: preset (--recipe) < --config YAML < flags. Several GPUs:\n"

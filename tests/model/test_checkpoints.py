@@ -319,3 +319,97 @@ def test_convert_checks_the_output_before_loading(tmp_path, tiny_npz, capsys):
         assert main(["convert", str(npz), str(tmp_path / out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and out in err and "Traceback" not in err
+
+
+# --- size thresholds that tiny files never cross (zip64 past 2/4 GiB, safetensors shards)
+
+
+@pytest.mark.parametrize("writer", ["ours", "np.savez"])
+def test_zip64_npz_reads_and_writes_alike(tmp_path, monkeypatch, writer):
+    # Past 2 GiB (zipfile.ZIP64_LIMIT) a zip keeps offsets and sizes in zip64 extra fields:
+    # every real float32 checkpoint. Lowering the limit makes a tiny file take that form.
+    npz, _ = write_tiny_npz(tmp_path / "small.npz", version=2, dtype="bfloat16")
+    reference = _npz_bytes(npz)
+    model, _ = load(npz, progress=False)
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 1024)
+    if writer == "ours":
+        big = save_npz(model, tmp_path / "zip64.npz", dtype="bfloat16", progress=False)
+    else:
+        big = tmp_path / "zip64.npz"
+        with np.load(npz) as data:
+            np.savez(big, **{k: data[k] for k in data.files})
+    monkeypatch.undo()
+    with zipfile.ZipFile(big) as archive:  # offsets past the (lowered) limit sit in zip64 fields
+        assert max(info.header_offset for info in archive.infolist()) > 1024
+    raw = big.read_bytes()
+    assert b"PK\x06\x06" in raw  # the zip64 end-of-central-directory record
+    assert _npz_bytes(big) == reference
+    again, _ = load(big, progress=False)
+    assert save_npz(again, tmp_path / "back.npz", dtype="bfloat16", progress=False)
+    assert _npz_bytes(tmp_path / "back.npz") == reference
+
+
+def test_sharded_hf_folder_loads_and_converts_like_one_file(tmp_path, tiny_npz):
+    # Hub folders of the 3B models come in safetensors shards (model-0000N-of-0000M + index).
+    model, processor = load(tiny_npz[0], progress=False)
+    folder = save_hf(model, processor, tmp_path / "hf")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        (tmp_path / "sharded" / name).write_bytes((folder / name).read_bytes())
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ours, ours_processor = load(tmp_path / "sharded", progress=False)
+    assert torch.equal(_logits(ours, ours_processor), _logits(model, processor))
+    out = save_npz(ours, tmp_path / "from-shards.npz", progress=False)
+    assert _npz_bytes(out) == _npz_bytes(tiny_npz[0])
+    # convert streams the shards tensor by tensor, without building the model: same bytes
+    assert main(["convert", str(tmp_path / "sharded"), str(tmp_path / "streamed" / "x.npz")]) == 0
+    assert _npz_bytes(tmp_path / "streamed" / "x.npz") == _npz_bytes(tiny_npz[0])
+
+
+# --- the forms a run folder holds: trained weights over a base, mixed-dtype full folders
+
+
+def test_trained_weights_folder_loads_as_base_plus_trained(tmp_path):
+    from safetensors.torch import save_file
+
+    from paligemma_xray.model import stored_dtype
+
+    npz, spm = write_tiny_npz(tmp_path / "base" / "pg.npz", version=2, dtype="float16")
+    model, processor = load(npz, dtype="float32", progress=False)
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    trained = {name: torch.randn_like(dict(model.named_parameters())[name])}
+    folder = tmp_path / "best"
+    folder.mkdir()
+    save_file(trained, folder / "trained.safetensors")
+    (folder / "trained.json").write_text(json.dumps({"base": str(npz), "tokenizer": str(spm)}))
+    with torch.no_grad():
+        dict(model.named_parameters())[name].copy_(trained[name])
+    ours, ours_processor = load(folder, progress=False)
+    assert ours.dtype == torch.float32  # the precision the trained weights have
+    assert torch.equal(dict(ours.named_parameters())[name], trained[name])
+    assert torch.equal(_logits(ours, ours_processor), _logits(model, processor))
+    assert stored_dtype(folder) == "float16"  # convert's default: the base's
+    assert load(folder, dtype="float16", progress=False)[0].dtype == torch.float16
+    npz.unlink()
+    with pytest.raises(CheckpointError, match=r"pg\.npz.*gone"):
+        load(folder, progress=False)
+
+
+def test_mixed_dtype_hf_folder_is_exact_in_plain_transformers(tmp_path):
+    from paligemma_xray.model import stored_dtype
+
+    npz, _ = write_tiny_npz(tmp_path / "pg.npz", version=1, dtype="bfloat16")
+    model, processor = load(npz, progress=False)
+    attention = [p for n, p in model.named_parameters() if ".self_attn." in n and "vision" not in n]
+    for param in attention:  # trained weights float32, the rest as the base stores them
+        param.data = param.data.float() + 1e-3
+    folder = save_hf(model, processor, tmp_path / "hf", progress=False)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+    plain = PaliGemmaForConditionalGeneration.from_pretrained(folder)
+    plain_params = dict(plain.named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(plain_params[name], param.float()), name
+    assert stored_dtype(folder) == "bfloat16"
+    assert main(["convert", str(folder), str(tmp_path / "back.npz")]) == 0
+    assert {v[0] for v in _npz_bytes(tmp_path / "back.npz").values()} == {"|V2"}

@@ -34,9 +34,16 @@ def images():
     ]
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_model_v1):
-    return tiny_model_v1[1]
+@pytest.fixture(scope="module", params=["tiny", "real-224", "real-448", "real-896"])
+def processor(request, tiny_model_v1, real_tokenizer_path):
+    """The tiny model's processor, and the real-size tokenizer at 256, 1024 and 4096 image tokens
+    (PaliGemma's three resolutions): size thresholds in transformers must not split them."""
+    if request.param == "tiny":
+        return tiny_model_v1[1]
+    from paligemma_xray.model.processing import make_processor
+    from paligemma_xray.model.tokenizer import load_tokenizer
+
+    return make_processor(load_tokenizer(real_tokenizer_path), int(request.param.split("-")[1]))
 
 
 def _hf(processor, images, prefixes, suffixes=None, padding_side="right"):
@@ -171,13 +178,15 @@ def test_preprocess_resize_is_antialiased_bilinear():
 
 def test_pixel_values_match_processor_resolution(processor, images):
     batch = build_batch(processor, images, PREFIXES)
-    assert batch["pixel_values"].shape == (3, 3, 28, 28)
+    size = processor.image_processor.size["height"]
+    assert batch["pixel_values"].shape == (3, 3, size, size)
+    assert (batch["input_ids"] == processor.image_token_id).sum(1).tolist() == [(size // 14) ** 2] * 3
     same = build_batch(processor, batch["pixel_values"], PREFIXES)
     assert torch.equal(same["pixel_values"], batch["pixel_values"])
 
 
-def test_position_ids_skip_left_padding(processor, images, tiny_model_v1):
-    model = tiny_model_v1[0]
+def test_position_ids_skip_left_padding(images, tiny_model_v1):
+    model, processor = tiny_model_v1
     batch = build_batch(processor, images[:2], PREFIXES[:2])
     single = build_batch(processor, images[1:2], PREFIXES[1:2])
     with torch.no_grad():

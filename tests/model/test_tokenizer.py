@@ -101,3 +101,68 @@ def test_a_relative_tokenizer_path_never_asks_the_hub(tiny_tokenizer_path, monke
     relative = tiny_tokenizer_path.relative_to(tiny_tokenizer_path.parent.parent)
     assert len(load_tokenizer(relative)) == TINY_VOCAB_SIZE + 1
     assert calls == []
+
+
+# --- the real tokenizer's size and layout (257,152 pieces): transformers 5.x treats a
+# vocabulary over 100,000 pieces differently, which the tiny one never exercised.
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer(real_tokenizer_path):
+    return load_tokenizer(real_tokenizer_path)
+
+
+def test_real_layout_file_is_what_the_real_one_holds(real_tokenizer_path):
+    from paligemma_xray.model.tiny import REAL_VOCAB_SIZE
+
+    sp = spm.SentencePieceProcessor(model_file=str(real_tokenizer_path))
+    assert sp.get_piece_size() == REAL_VOCAB_SIZE == 257_152
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<pad>", "<eos>", "<bos>", "<unk>"]
+    assert (sp.piece_to_id("<loc0000>"), sp.piece_to_id("<seg000>"), sp.piece_to_id("<seg127>")) == (
+        256_000,
+        257_024,
+        257_151,
+    )
+
+
+def test_the_real_size_tokenizer_loads_with_every_loc_and_seg_at_its_real_id(real_tokenizer):
+    assert len(real_tokenizer) == 257_153
+    assert sentencepiece_size(real_tokenizer) == 257_152
+    assert real_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == 257_152
+    ids = real_tokenizer(LOC_TOKENS + SEG_TOKENS, add_special_tokens=False)["input_ids"]
+    assert ids == [[256_000 + i] for i in range(1024 + 128)]
+    specials = (real_tokenizer.pad_token_id, real_tokenizer.eos_token_id, real_tokenizer.bos_token_id)
+    assert specials == (0, 1, 2)
+
+
+def test_real_size_encoding_equals_sentencepiece(real_tokenizer, real_tokenizer_path):
+    sp = spm.SentencePieceProcessor(model_file=str(real_tokenizer_path))
+    for text in ["detect fracture\n", "caption en", "two  spaces, digits 123 and ünïcode", "<loc0010> wrist"]:
+        assert real_tokenizer.encode(text, add_special_tokens=False) == sp.encode(text), text
+        assert real_tokenizer.decode(sp.encode(text)) == text
+
+
+def test_real_size_tokenizer_never_asks_a_hub_or_a_config(real_tokenizer_path, monkeypatch):
+    # The failure this guards: transformers 5.x looked up config.json of "the repo"
+    # <file path> for a vocabulary over 100,000 pieces and reported a valid file as corrupt.
+    import transformers.tokenization_utils_base as base
+    import transformers.utils.hub as hub
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError(f"looked up {args} for a local SentencePiece file")
+
+    monkeypatch.setattr(base, "hf_api", no_lookup)
+    monkeypatch.setattr(hub, "hf_api", no_lookup)
+    monkeypatch.setattr(hub, "cached_file", no_lookup)
+    monkeypatch.chdir(real_tokenizer_path.parent.parent)
+    relative = real_tokenizer_path.relative_to(real_tokenizer_path.parent.parent)
+    assert len(load_tokenizer(relative)) == 257_153
+
+
+def test_a_truncated_real_size_file_is_one_clear_line(real_tokenizer_path, tmp_path):
+    cut = tmp_path / "cut.model"
+    cut.write_bytes(real_tokenizer_path.read_bytes()[:100_000])
+    with pytest.raises(CheckpointError) as error:
+        load_tokenizer(cut)
+    message = str(error.value)
+    assert message.startswith(f"{cut}: not a SentencePiece model") and "\n" not in message

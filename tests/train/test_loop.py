@@ -59,7 +59,9 @@ def test_big_vision_run_folder(tiny_hf_dir, synthetic_dataset, tmp_path) -> None
     assert all(x["val_loss"] > 0 and 0 <= x["parse_rate"] <= 1 for x in evals)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-4"]  # keep_last=1
     assert list((out / "tb").iterdir())
-    assert (out / "last" / "model.npz").is_file() and (out / "best" / "config.json").is_file()
+    assert (out / "last" / "model.npz").is_file() and (out / "best" / "trained.json").is_file()
+    # best/ holds only what training changed (the attention projections), never the frozen weights.
+    assert not list((out / "best").glob("model*.safetensors"))
     # Only the attention projections moved; every other weight is the base's, bit for bit.
     before, after = _weights(tiny_hf_dir), _weights(out / "last")
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -6,7 +6,15 @@ Usage (with big_vision weights downloaded; :mod:`paligemma_xray.model.tiny` buil
     model, processor = load("paligemma-3b-pt-224.f16.npz")
 """
 
-from paligemma_xray.model.checkpoints import cast, load, load_lora, save_hf, save_lora, save_npz
+from paligemma_xray.model.checkpoints import (
+    cast,
+    load,
+    load_lora,
+    save_hf,
+    save_lora,
+    save_npz,
+    stored_dtype,
+)
 from paligemma_xray.model.processing import build_batch, make_processor, position_ids, preprocess_images
 from paligemma_xray.model.tokenizer import load_tokenizer
 
@@ -22,4 +30,5 @@ __all__ = [
     "save_hf",
     "save_lora",
     "save_npz",
+    "stored_dtype",
 ]

@@ -23,12 +23,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 from paligemma_xray import atomic
+from paligemma_xray.atomic import write_json
 from paligemma_xray.errors import CheckpointError, ConfigError, check_output
 from paligemma_xray.model.bigvision import (
     NpzArrays,
@@ -54,6 +56,10 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")
 EMBEDDING = "model.language_model.embed_tokens.weight"
+#: A folder of trained weights only (a run's ``best/``): ``trained.json`` names the base
+#: checkpoint (and tokenizer), ``trained.safetensors`` holds the weights training changed.
+TRAINED_INFO = "trained.json"
+TRAINED_WEIGHTS = "trained.safetensors"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -197,6 +203,8 @@ def load(
     check_checkpoint(path)  # says what a wrong file is, before any weights are read
     if path.is_file():
         model, processor = _load_npz(path, tokenizer, target, final_logit_softcapping, progress)
+    elif (path / TRAINED_INFO).is_file() and not (path / "adapter_config.json").is_file():
+        model, processor = _load_trained_folder(path, tokenizer, target, progress)
     elif (path / "adapter_config.json").is_file():
         with transformers_progress(progress):
             return _load_lora_folder(path, tokenizer, target, device, merge_lora)
@@ -206,11 +214,12 @@ def load(
             model, processor = _load_hf(path, tokenizer, target)
     else:
         for sub in ("best", "last"):
-            if (path / sub / "config.json").is_file() or (path / sub / "adapter_config.json").is_file():
+            markers = ("config.json", "adapter_config.json", TRAINED_INFO)
+            if any((path / sub / name).is_file() for name in markers):
                 return load(path / sub, tokenizer, dtype, device, merge_lora=merge_lora, progress=progress)
         raise CheckpointError(
             "not a checkpoint: expected a .npz file, or a folder with config.json (HF), "
-            "adapter_config.json (LoRA), or best/ or last/ (a run folder)",
+            f"adapter_config.json (LoRA), {TRAINED_INFO} (trained weights), or best/ or last/ (a run folder)",
             path=path,
         )
     if device is not None:
@@ -412,6 +421,111 @@ def _load_hf(path: Path, tokenizer, target):
     return model, processor
 
 
+def _recorded_base(path: Path) -> tuple[Path | str, Path | None, str | None]:
+    """The base checkpoint, tokenizer and revision a trained-weights or adapter folder recorded.
+
+    The base is a path, or a model name (Hub id, ``kaggle:`` handle) with its revision.
+    """
+    try:
+        info = json.loads((path / TRAINED_INFO).read_text())
+        recorded = str(info["base"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"unreadable {TRAINED_INFO}: {error}", path=path) from error
+    tokenizer = info.get("tokenizer")
+    revision = info.get("revision")
+    base = Path(recorded)
+    if not base.is_absolute() and is_model_name(recorded) and not (path / base).exists():
+        return recorded, Path(tokenizer) if tokenizer else None, revision
+    base = base if base.is_absolute() else path / base
+    if not base.exists():
+        raise CheckpointError(f"the base checkpoint {base} these weights were trained on is gone", path=path)
+    return base, Path(tokenizer) if tokenizer else None, revision
+
+
+def _load_trained_folder(path: Path, tokenizer, target, progress: bool):
+    """Base checkpoint + the trained weights over it (the form a run's ``best/`` takes).
+
+    Loaded in float32 unless ``target`` says otherwise: the trained weights are float32,
+    and so the model is the one training validated.
+    """
+    from safetensors.torch import load_file
+
+    base, recorded_tokenizer, revision = _recorded_base(path)
+    model, processor = load(
+        base, tokenizer or recorded_tokenizer, target or torch.float32, progress=progress, revision=revision
+    )
+    try:
+        weights = load_file(path / TRAINED_WEIGHTS)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"cannot read {TRAINED_WEIGHTS}: {error}", path=path) from error
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise CheckpointError(
+            f"{TRAINED_WEIGHTS} does not fit the base {base} (no parameter {unknown[0]})", path=path
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(
+                    f"{name}: {tuple(tensor.shape)} in {TRAINED_WEIGHTS}, {tuple(params[name].shape)} "
+                    f"in the base {base}",
+                    path=path,
+                )
+            params[name].copy_(tensor)
+    return model, processor
+
+
+def stored_dtype(path: str | Path, revision: str | None = None) -> str:
+    """The dtype the bulk of a checkpoint is stored in: its embedding's (frozen in our recipes).
+
+    What ``convert`` writes by default: a run trained from a float16 checkpoint converts back
+    to float16 although its trained weights are float32.
+    """
+    from safetensors import safe_open
+
+    if not Path(path).exists() and is_model_name(path):  # a Hub id or kaggle: handle, as load finds it
+        path = resolve_checkpoint(path, revision, progress=False)[0]
+    path = Path(path)
+    if path.is_file():
+        with NpzArrays(path) as arrays:
+            return arrays.dtype_name("llm/embedder/input_embedding")
+    if (path / TRAINED_INFO).is_file() and not (path / "adapter_config.json").is_file():
+        base, _, recorded_revision = _recorded_base(path)
+        return stored_dtype(base, recorded_revision)
+    if (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if base and not (path / base).exists() and is_model_name(base):
+            return stored_dtype(base, json.loads((path / "adapter_config.json").read_text()).get("revision"))
+        base_path = Path(base) if base and Path(base).is_absolute() else path / str(base)
+        return stored_dtype(base_path)
+    index = path / "model.safetensors.index.json"
+    file = None
+    if index.is_file():  # names as saved: ours, or transformers' "original" ones
+        weight_map = json.loads(index.read_text())["weight_map"]
+        name = next((k for k in weight_map if k == EMBEDDING), None) or next(
+            (k for k in weight_map if k.endswith("embed_tokens.weight")), None
+        )
+        file = path / weight_map[name] if name else None
+    if file is None and (path / "model.safetensors").is_file():
+        file = path / "model.safetensors"
+    if file is not None:
+        with safe_open(str(file), framework="pt") as weights:
+            keys = list(weights.keys())
+            name = next((k for k in keys if k == EMBEDDING), None) or next(
+                k for k in keys if k.endswith("embed_tokens.weight")
+            )
+            stored = weights.get_slice(name).get_dtype()
+        names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+        if stored not in names:
+            raise CheckpointError(f"embedding stored as {stored}; expected F32, F16 or BF16", path=file)
+        return names[stored]
+    for sub in ("best", "last"):
+        if (path / sub).is_dir():
+            return stored_dtype(path / sub)
+    raise CheckpointError("not a checkpoint", path=path)
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA adapters (PEFT format)
 
@@ -427,6 +541,8 @@ def _load_lora_folder(path: Path, tokenizer, target, device, merge: bool):
     base_path = Path(base)
     if not base_path.is_absolute():
         base_path = (path / base_path) if (path / base_path).exists() else base_path
+    if tokenizer is None and (path / TRAINED_INFO).is_file():  # a run's best/: the run's tokenizer
+        tokenizer = _recorded_base(path)[1]
     if base_path.exists():
         model, processor = load(base_path, tokenizer, target, device)
     elif is_model_name(base):  # a Hub id (at the adapter's recorded revision) or a Kaggle handle
@@ -499,6 +615,13 @@ def save_hf(
     with atomic.staged_dir(out) as tmp:
         with transformers_progress(progress):
             model.save_pretrained(tmp, safe_serialization=True)
+        floating = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+        if len(floating) > 1 and torch.float32 in floating:
+            # Frozen weights in the base's 16-bit dtype, trained ones in float32: transformers
+            # records the first parameter's dtype, and loading "auto" would round the trained
+            # weights to it. float32 reproduces every stored weight exactly.
+            config = json.loads((tmp / "config.json").read_text())
+            write_json(tmp / "config.json", {**config, "dtype": "float32"})
         processor.save_pretrained(tmp)
         spm = getattr(processor.tokenizer, "spm_path", None)
         if spm and Path(spm).is_file():
@@ -539,13 +662,18 @@ def save_npz(
         raise TypeError("save_npz takes a plain model: merge the LoRA adapter first")
     dims = dims_from_config(model.config, vocab)
     state = model.state_dict()  # references to the live tensors, no copy
+    return _write_npz(lambda name: state[name], dims, path, dtype, prefix, scanned, progress)
+
+
+def _write_npz(get, dims, path, dtype: str, prefix: str, scanned: bool, progress: bool) -> Path:
+    """big_vision's npz from ``get(hf_name) -> tensor``, one array (or layer) in memory at a time."""
     qkv = dims.kv_heads == dims.heads
     path = check_output(path, folder=False)
     fams = families(dims, qkv)
     total = sum(len(list(iter_layers(f, dims))) for f in fams)
 
     def bv_array(family, layer):
-        tensors = [state[name.format(i=layer)].detach().to("cpu") for name in family.hf]
+        tensors = [get(name.format(i=layer)).detach().to("cpu") for name in family.hf]
         if family.hf[0] == EMBEDDING:
             tensors = [tensors[0][: dims.vocab]]
         array = family.to_bv(tensors, dims)
@@ -621,11 +749,22 @@ def convert(
     atomic.check_fresh(out, overwrite=overwrite, what="output")
     if Path(src).exists():  # (a name that is not on disk: load says what it is)
         check_checkpoint(src)
-    model, processor = load(src, tokenizer=tokenizer, dtype=dtype, progress=progress, revision=revision)
+    # Loaded straight in the output's dtype: one copy of the model in memory, not a float32
+    # one and then a 16-bit one (a run of a float16 base holds float32 trained weights).
+    stored = dtype or stored_dtype(src, revision)
+    folder = _hf_folder(Path(src)) if Path(src).exists() else None
+    if to == "npz" and folder is not None and tokenizer is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        path = _hf_to_npz(folder, out, stored, progress)
+        beside = out.parent / "paligemma_tokenizer.model"
+        if (folder / "tokenizer.model").is_file() and not beside.exists():
+            with atomic.staged_path(beside) as tmp:
+                shutil.copyfile(folder / "tokenizer.model", tmp)
+        return path
+    model, processor = load(src, tokenizer=tokenizer, dtype=stored, progress=progress, revision=revision)
     if to == "hf":
         return save_hf(model, processor, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stored = dtype or str(model.dtype).removeprefix("torch.")
     path = save_npz(model, out, dtype=stored, progress=progress)
     spm = getattr(processor.tokenizer, "spm_path", None)
     beside = out.parent / "paligemma_tokenizer.model"
@@ -633,3 +772,60 @@ def convert(
         with atomic.staged_path(beside) as tmp:
             shutil.copyfile(spm, tmp)
     return path
+
+
+def _hf_folder(path: Path) -> Path | None:
+    """The plain HF folder ``path`` is (or a run folder's ``best/``/``last/`` that ``load`` picks)."""
+    if path.is_file() or (path / "adapter_config.json").is_file() or (path / TRAINED_INFO).is_file():
+        return None
+    if (path / "config.json").is_file():
+        return path
+    for sub in ("best", "last"):
+        markers = ("config.json", "adapter_config.json", TRAINED_INFO)
+        if any((path / sub / name).is_file() for name in markers):
+            return _hf_folder(path / sub)
+    return None
+
+
+def _hf_to_npz(folder: Path, out: Path, dtype: str, progress: bool) -> Path:
+    """Stream an HF folder's safetensors into big_vision's npz without building the model.
+
+    ``from_pretrained`` + ``save_npz`` holds the loaded model and the memory-mapped file at
+    once (measured: 17.6 GB for an 11 GB float32 folder written as float16); read tensor by
+    tensor, the peak is about the input file's size. Names in the file are transformers'
+    saved ("original") ones: mapped back with its own ``revert_weight_conversion``.
+    """
+    from safetensors import safe_open
+    from transformers import PaliGemmaConfig
+    from transformers.core_model_loading import revert_weight_conversion
+
+    try:
+        config = PaliGemmaConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read config.json: {error}", path=folder) from error
+    with torch.device("meta"):
+        skeleton = PaliGemmaForConditionalGeneration(config)
+    markers = {name: torch.empty(0) for name in skeleton.state_dict()}
+    reverted = revert_weight_conversion(skeleton, dict(markers))
+    owner = {id(tensor): name for name, tensor in markers.items()}
+    saved_name = {owner[id(tensor)]: saved for saved, tensor in reverted.items()}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+            weight_map = dict.fromkeys(weights.keys(), "model.safetensors")
+    handles: dict[str, Any] = {}
+
+    def get(name: str) -> torch.Tensor:
+        key = saved_name.get(name, name)
+        key = key if key in weight_map else name
+        if key not in weight_map:
+            raise CheckpointError(f"no tensor {key} in the folder's safetensors", path=folder)
+        file = weight_map[key]
+        if file not in handles:
+            handles[file] = stack.enter_context(safe_open(str(folder / file), framework="pt"))
+        return handles[file].get_tensor(key)
+
+    with contextlib.ExitStack() as stack:
+        return _write_npz(get, dims_from_config(config), out, dtype, "params/", True, progress)

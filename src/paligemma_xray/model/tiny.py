@@ -107,6 +107,59 @@ TINY_BASE_VOCAB = 640
 TINY_VOCAB_SIZE = TINY_BASE_VOCAB + len(LOC_TOKENS) + len(SEG_TOKENS)
 
 
+#: The real ``paligemma_tokenizer.model``'s layout: 256,000 Gemma pieces, loc at 256000, seg at 257024.
+REAL_BASE_VOCAB = 256_000
+REAL_VOCAB_SIZE = REAL_BASE_VOCAB + len(LOC_TOKENS) + len(SEG_TOKENS)  # 257,152; <image> = 257152
+
+
+@functools.lru_cache(maxsize=1)
+def _real_layout_spm_bytes() -> bytes:
+    """The tiny trained BPE model padded with unused pieces to 256,000, then loc/seg (257,152).
+
+    Size thresholds in dependencies split tiny tests from real use (transformers 5.x treats
+    a vocabulary over 100,000 pieces differently), so the suite needs a file of the real
+    size. Training 256,000 pieces would take minutes; appending unreachable pieces to the
+    trained proto takes about a second. The padding pieces are ``NORMAL`` pieces that no
+    merge can form (``<unusedN>``: no split of one is two pieces), so text tokenizes as with
+    the tiny model, but every id, and the size, is the real one's.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(_spm_bytes(TINY_BASE_VOCAB))
+    del proto.pieces[TINY_BASE_VOCAB:]  # the tiny loc/seg pieces; appended again after the padding
+    normal = model_pb2.ModelProto.SentencePiece.NORMAL
+    for i in range(TINY_BASE_VOCAB, REAL_BASE_VOCAB):
+        proto.pieces.add(piece=f"<unused{i}>", score=float(-i), type=normal)
+    for piece in LOC_TOKENS + SEG_TOKENS:
+        proto.pieces.add(piece=piece, score=0.0, type=model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+    proto.trainer_spec.vocab_size = REAL_BASE_VOCAB
+    return proto.SerializeToString()
+
+
+def real_layout_tokenizer(path: str | Path) -> Path:
+    """Write a SentencePiece model with ``paligemma_tokenizer.model``'s layout to ``path``.
+
+    257,152 pieces: pad 0, eos 1, bos 2, unk 3, the tiny trained BPE pieces up to 639,
+    unused pieces up to 255999, ``<loc0000>``.. at 256000 and ``<seg000>``.. at 257024
+    (a file, or a folder → ``tokenizer.model``; about 6 MB).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.model"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_real_layout_spm_bytes())
+    return path
+
+
+def _spm_for(vocab_size: int) -> bytes:
+    """The real-layout SentencePiece bytes for ``REAL_VOCAB_SIZE``, else the tiny one's (a test
+    may pair a checkpoint with a tokenizer of another size on purpose)."""
+    if vocab_size == REAL_VOCAB_SIZE:
+        return _real_layout_spm_bytes()
+    return _spm_bytes(TINY_BASE_VOCAB)
+
+
 def tiny_tokenizer(path: str | Path) -> Path:
     """Write the tiny SentencePiece model to ``path`` (a file, or a folder → ``tokenizer.model``).
 
@@ -121,9 +174,10 @@ def tiny_tokenizer(path: str | Path) -> Path:
     return path
 
 
-def _cached_tokenizer_path() -> Path:
-    """The tiny tokenizer in a per-content temp file, so processors can point at a real file."""
-    data = _spm_bytes(TINY_BASE_VOCAB)
+def _cached_tokenizer_path(vocab_size: int = TINY_VOCAB_SIZE) -> Path:
+    """The tiny (or real-layout) tokenizer in a per-content temp file, so processors can point
+    at a real file."""
+    data = _spm_for(vocab_size)
     folder = Path(tempfile.gettempdir()) / "paligemma_xray_tiny"
     path = folder / f"tokenizer-{hashlib.sha256(data).hexdigest()[:16]}.model"
     if not path.exists():
@@ -186,11 +240,14 @@ def tiny_config(
 def tiny_model(
     version: int = 1, seed: int = 0, **config_kwargs
 ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
-    """A randomly initialised tiny model (eval mode, float32) and its processor."""
+    """A randomly initialised tiny model (eval mode, float32) and its processor.
+
+    ``vocab_size=REAL_VOCAB_SIZE`` gives tiny widths with the real vocabulary and tokenizer.
+    """
     config = tiny_config(version, **config_kwargs)
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config).eval()
-    tokenizer = load_tokenizer(_cached_tokenizer_path())
+    tokenizer = load_tokenizer(_cached_tokenizer_path(config.text_config.vocab_size))
     if len(tokenizer) - 1 != config.text_config.vocab_size:
         raise ValueError(
             f"vocab_size {config.text_config.vocab_size} does not match "
@@ -252,8 +309,9 @@ def write_tiny_npz(
 
     Written straight in big_vision's layout (not through our own ``save_npz``), so loading it
     tests the reader independently. ``dtype``: float32, float16 or bfloat16 (stored as
-    ``|V2``). ``scanned=False`` writes ``encoderblock_{i}``/``layers/{i}`` keys; ``qkv=True`` a
-    fused ``qkv_einsum`` (sets kv_heads = heads); ``prefix`` "" drops ``params/``. The
+    ``|V2``). ``vocab_size=REAL_VOCAB_SIZE`` uses the real tokenizer's layout
+    (:func:`real_layout_tokenizer`). ``scanned=False`` writes ``encoderblock_{i}``/``layers/{i}``
+    keys; ``qkv=True`` a fused ``qkv_einsum`` (sets kv_heads = heads); ``prefix`` "" drops ``params/``. The
     tokenizer is written beside it as ``paligemma_tokenizer.model``.
     """
     if dtype not in ("float32", "float16", "bfloat16"):
@@ -274,7 +332,9 @@ def write_tiny_npz(
             else:
                 for i, v in enumerate(value):
                     writer.write(bv_key(family, i), to_numpy(torch.from_numpy(v), dtype))
-    return path, tiny_tokenizer(path.parent / "paligemma_tokenizer.model")
+    spm = path.parent / "paligemma_tokenizer.model"
+    spm.write_bytes(_spm_for(dims.vocab))
+    return path, spm
 
 
 def write_tiny_hf(path: str | Path, version: int = 1, seed: int = 0, **config_kwargs) -> Path:

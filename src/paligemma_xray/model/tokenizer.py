@@ -41,12 +41,7 @@ def load_tokenizer(spm_path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(spm_path)
     if not path.is_file():
         raise CheckpointError("SentencePiece tokenizer file not found", path=path)
-    try:
-        # local_files_only: a relative file path also parses as a Hub repo id, and transformers
-        # would otherwise ask the Hub about it (about 30 s of retries when offline).
-        tokenizer = GemmaTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as error:  # a corrupt or foreign file: say which one
-        raise CheckpointError(f"not a SentencePiece model: {error}", path=path) from error
+    tokenizer = _gemma_from_sentencepiece(path)
     base = len(tokenizer)
     if tokenizer.bos_token_id != 2 or tokenizer.eos_token_id != 1 or tokenizer.pad_token_id != 0:
         raise CheckpointError(
@@ -67,6 +62,34 @@ def load_tokenizer(spm_path: str | Path) -> PreTrainedTokenizerBase:
     if image_id != base:
         raise CheckpointError(f"<image> got id {image_id}, expected {base} (after the vocabulary)", path=path)
     return tokenizer
+
+
+def _gemma_from_sentencepiece(path: Path) -> PreTrainedTokenizerBase:
+    """Build the tokenizer from the file alone, with transformers' own SentencePiece converter.
+
+    Not ``GemmaTokenizer.from_pretrained(file)``: in transformers 5.x a vocabulary of more than
+    100,000 pieces (the real one: 257,152) makes its constructor look for a ``config.json``
+    of the "repo" it came from (``_patch_mistral_regex``), and a file path is no repo, so
+    the real tokenizer failed as "Unable to load vocabulary" while the tiny test one
+    passed. Built here from the converted vocabulary/merges with no name to look up, the
+    constructor has nothing to ask a Hub or a folder about, whatever the size.
+    """
+    try:
+        import sentencepiece as spm
+
+        # sentencepiece's own parser first: it tells a foreign or corrupt file in one line.
+        spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"not a SentencePiece model ({reason})", path=path) from error
+    try:
+        kwargs = GemmaTokenizer.convert_to_native_format(vocab_file=str(path))
+        return GemmaTokenizer(**kwargs)
+    except Exception as error:  # valid SentencePiece, but not a tokenizer transformers can build
+        reason = " ".join(str(error).split()) or type(error).__name__  # one line
+        raise CheckpointError(
+            f"cannot build a Gemma tokenizer from this SentencePiece model: {reason}", path=path
+        ) from error
 
 
 def sentencepiece_size(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -181,7 +181,7 @@ def run(config: TrainConfig, *, resume: bool = False) -> RunSummary:
             logs.write({"kind": "eval", "step": done, **last_eval})
             if state.improves(last_eval):
                 state.record_best(last_eval, done)
-                save_weights(out / "best", **exports)
+                save_weights(out / "best", full=False, **exports)
         if done % config.checkpoint_interval == 0 or done == steps:
             state.step = done
             save_checkpoint(

@@ -179,39 +179,112 @@ def save_weights(
     accelerator: Any,
     step_module: nn.Module,
     npz: bool = False,
+    full: bool = True,
 ) -> None:
-    """Write ``best/`` or ``last/``: an HF folder (LoRA folded in) that ``model.load`` reads.
+    """Write ``best/`` or ``last/``, folders that ``paligemma_xray.model.load`` reads.
 
-    With LoRA, the adapter too (``adapter/``, PEFT's format, pointing at its base); with
-    ``npz``, the big_vision export ``model.npz``.
+    ``full`` (``last/``, once, at the end): one complete HF folder that plain transformers
+    loads; frozen weights in the base checkpoint's dtype, trained ones in float32 (so a run
+    of a float16 base holds about 1× the base, not a float32 2×); with LoRA folded in, and
+    the adapter too (``adapter/``); with ``npz``, the big_vision export ``model.npz`` in the
+    base's dtype. Not full (``best/``, at every improvement): only what training changed —
+    the trainable weights (``trained.safetensors``, float32, and ``trained.json`` naming the
+    base and tokenizer) or the LoRA adapter — never another copy of the frozen weights.
     """
+    from paligemma_xray.atomic import write_json
     from paligemma_xray.model import save_hf, save_lora, save_npz
+    from paligemma_xray.model.checkpoints import DTYPES, TRAINED_INFO, TRAINED_WEIGHTS, stored_dtype
     from paligemma_xray.model.hub import portable_ref
 
+    lora = config.trainable == "lora"
+    base = portable_ref(config.model)  # a Hub id stays one, with its revision
+    info = {
+        "base": base,
+        "revision": config.revision,
+        "tokenizer": str(Path(config.tokenizer).resolve()) if config.tokenizer else None,
+        "trainable": config.trainable,
+    }
+    if not full:
+        weights = {} if lora else _full_trainable_state(model, accelerator, step_module)
+        if accelerator.is_main_process:
+            with staged_dir(final) as tmp:
+                if lora:
+                    save_lora(model, tmp, base=base, revision=config.revision)
+                else:
+                    trained = {k: v.to("cpu", torch.float32).contiguous() for k, v in weights.items()}
+                    save_file(trained, tmp / TRAINED_WEIGHTS)
+                write_json(tmp / TRAINED_INFO, info)
+        accelerator.wait_for_everyone()
+        return
     full_fsdp = accelerator.distributed_type.name == "FSDP"
     fsdp_state = accelerator.get_state_dict(step_module) if full_fsdp else None
     if accelerator.is_main_process:
-        target = _export_model(model, config, fsdp_state)
+        base_dtype = stored_dtype(config.model, config.revision)
         with staged_dir(final) as tmp:
+            if lora:  # first: the export below may fold the adapter into the model
+                save_lora(model, tmp / "adapter", base=base, revision=config.revision)
+            target = _export_model(model, config, fsdp_state, DTYPES[base_dtype])
             # No shard-writing bar: it would cut through the training bar.
             save_hf(target, processor, tmp, progress=False)
-            if config.trainable == "lora":
-                base = portable_ref(config.model)  # a Hub id stays one, with its revision
-                save_lora(model, tmp / "adapter", base=base, revision=config.revision)
             if npz:
-                save_npz(target, tmp / "model.npz", progress=False)
+                save_npz(target, tmp / "model.npz", dtype=base_dtype, progress=False)
     accelerator.wait_for_everyone()
 
 
-def _export_model(
-    model: nn.Module, config: TrainConfig, fsdp_state: dict | None
+def _with_trained(
+    fresh: PaliGemmaForConditionalGeneration, trained: dict[str, torch.Tensor]
 ) -> PaliGemmaForConditionalGeneration:
+    """``fresh`` (the base, in its stored dtype) with ``trained`` put in as float32 parameters."""
+    params = dict(fresh.named_parameters())
+    for name, tensor in trained.items():
+        params[name].data = tensor.detach().to("cpu", torch.float32).clone()
+    return fresh
+
+
+def _export_model(
+    model: nn.Module, config: TrainConfig, fsdp_state: dict | None, base_dtype: torch.dtype
+) -> PaliGemmaForConditionalGeneration:
+    """The model ``last/`` holds: frozen weights as the base stores them, trained ones float32.
+
+    Called once, after the last step: the training model itself is cast (and a LoRA adapter
+    folded into it) where that is exact — frozen weights held in float32 or in the base's
+    dtype, no 4-bit base — so no second copy of the model is made (a 3B LoRA run on a CPU
+    would otherwise hold its float32 training model and a fresh base at once).
+    """
+    core = unwrap(model)
+    frozen = [p for p in core.parameters() if not p.requires_grad and p.dtype.is_floating_point]
+    exact = all(p.dtype in (torch.float32, base_dtype) for p in frozen)
+    if config.trainable == "lora" and exact and config.quantize == "none" and fsdp_state is None:
+        from peft.tuners.lora import LoraLayer
+
+        adapted = {f"{n}.weight" for n, m in core.named_modules() if isinstance(m, LoraLayer)}
+        peft_model: Any = model
+        merged = peft_model.merge_and_unload()
+        with torch.no_grad():
+            for name, param in merged.named_parameters():
+                if name in adapted:
+                    param.data = param.data.to(torch.float32)
+                elif param.dtype.is_floating_point:
+                    param.data = param.data.to(base_dtype)
+        return merged
     if config.trainable == "lora":
+        from peft.tuners.lora import LoraLayer
+
         fresh, _ = load_base(config)
-        fresh.load_state_dict(merged_state_dict(model, fresh.state_dict()))
-        return fresh
+        core = unwrap(model)
+        adapted = {f"{n}.weight" for n, m in core.named_modules() if isinstance(m, LoraLayer)}
+        fresh_state = fresh.state_dict()
+        return _with_trained(fresh, merged_state_dict(model, {k: fresh_state[k] for k in adapted}))
     if fsdp_state is not None:
         fresh, _ = load_base(config)
-        fresh.load_state_dict({k.removeprefix("model."): v for k, v in fsdp_state.items()}, strict=False)
-        return fresh
-    return unwrap(model)
+        state = {k.removeprefix("model."): v for k, v in fsdp_state.items()}
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        return _with_trained(fresh, {k: v for k, v in state.items() if k in names})
+    if not exact:
+        # e.g. bfloat16 frozen weights of a float16 base: casting back would not be exact.
+        fresh, _ = load_base(config)
+        return _with_trained(fresh, {n: p for n, p in core.named_parameters() if p.requires_grad})
+    with torch.no_grad():
+        for param in frozen:
+            param.data = param.data.to(base_dtype)
+    return core
