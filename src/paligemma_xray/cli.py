@@ -38,6 +38,8 @@ _EXAMPLES: dict[str, list[str]] = {
     "serve": ["PALIGEMMA_XRAY_API_KEY=secret paligemma-xray serve --model runs/r1 --port 8000"],
     "demo": ["paligemma-xray demo --out demo-out", "paligemma-xray demo --minutes 2 --out quick-demo"],
     "demo pretrain": ["paligemma-xray demo pretrain --out my-base"],
+    "pacs": ["paligemma-xray pacs --url http://orthanc:8042/dicom-web --model runs/r1 --since 2026-11-01",
+             "paligemma-xray pacs --url http://orthanc:8042/dicom-web --model runs/r1 --watch --interval 300"],
 }
 
 
