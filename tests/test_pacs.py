@@ -78,7 +78,8 @@ def test_pacs_round_trip_matches_predict_and_never_duplicates(
         source = pydicom.dcmread(path)
         sr = srs[source.SOPInstanceUID]  # each SR references its image…
         assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.PatientID == source.PatientID
-        record = json.loads((out / "json" / f"{path.name}.json").read_text())
+        # predict names outputs by the path below the inputs' common folder (tmp_path here)
+        record = json.loads((out / "json" / f"{path.relative_to(tmp_path).as_posix()}.json").read_text())
         expected = np.array([d["box"] for d in record["detections"]["detections"]]).reshape(-1, 4)
         groups = sr.content.get_planar_roi_measurement_groups()
         got = np.array([np.asarray(g.roi.value)[[0, 2]].ravel() for g in groups]).reshape(-1, 4)

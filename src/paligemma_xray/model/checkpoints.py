@@ -148,10 +148,11 @@ def check_checkpoint(path: str | Path) -> Path:
                 path=path,
             )
         return path
-    if any((path / name).is_file() for name in ("adapter_config.json", "config.json")):
+    markers = ("adapter_config.json", "config.json", TRAINED_INFO)  # TRAINED_INFO: a run's best/
+    if any((path / name).is_file() for name in markers):
         return path
     for sub in ("best", "last"):
-        if (path / sub / "config.json").is_file() or (path / sub / "adapter_config.json").is_file():
+        if any((path / sub / name).is_file() for name in markers):
             return path
     raise CheckpointError(
         "not a checkpoint: expected a .npz file, or a folder with config.json (HF), "
@@ -601,33 +602,46 @@ def save_hf(
     out_dir: str | Path,
     *,
     progress: bool = True,
+    staged: bool = True,
 ) -> Path:
     """``save_pretrained`` both (safetensors), plus the SentencePiece ``tokenizer.model`` when known.
 
     The folder loads in plain transformers (``PaliGemmaForConditionalGeneration.from_pretrained``
-    and ``AutoProcessor.from_pretrained``) and in :func:`load`.
+    and ``AutoProcessor.from_pretrained``) and in :func:`load`. ``staged`` (default): written
+    whole into a temporary sibling and renamed when complete, so a full disk never leaves a
+    folder holding only config files under the final name; ``staged=False`` writes into
+    ``out_dir`` as it is, for a caller that stages the whole folder itself (a run's ``last/``,
+    which also holds the LoRA adapter).
     """
     out = check_output(out_dir, folder=True)
     if hasattr(model, "merge_and_unload"):
         raise TypeError("save_hf takes a plain model: merge the LoRA adapter first, or use save_lora")
-    # Written whole into a temporary sibling, renamed when complete: a full disk never leaves
-    # a folder holding only config files under the final name.
+    if not staged:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_hf(model, processor, out, progress)
+        return out
     with atomic.staged_dir(out) as tmp:
-        with transformers_progress(progress):
-            model.save_pretrained(tmp, safe_serialization=True)
-        floating = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
-        if len(floating) > 1 and torch.float32 in floating:
-            # Frozen weights in the base's 16-bit dtype, trained ones in float32: transformers
-            # records the first parameter's dtype, and loading "auto" would round the trained
-            # weights to it. float32 reproduces every stored weight exactly.
-            config = json.loads((tmp / "config.json").read_text())
-            write_json(tmp / "config.json", {**config, "dtype": "float32"})
-        processor.save_pretrained(tmp)
-        spm = getattr(processor.tokenizer, "spm_path", None)
-        if spm and Path(spm).is_file():
-            shutil.copyfile(spm, tmp / "tokenizer.model")
-        _usual_modes(tmp)
+        _write_hf(model, processor, tmp, progress)
     return out
+
+
+def _write_hf(
+    model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor, folder: Path, progress: bool
+) -> None:
+    with transformers_progress(progress):
+        model.save_pretrained(folder, safe_serialization=True)
+    floating = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    if len(floating) > 1 and torch.float32 in floating:
+        # Frozen weights in the base's 16-bit dtype, trained ones in float32: transformers
+        # records the first parameter's dtype, and loading "auto" would round the trained
+        # weights to it. float32 reproduces every stored weight exactly.
+        config = json.loads((folder / "config.json").read_text())
+        write_json(folder / "config.json", {**config, "dtype": "float32"})
+    processor.save_pretrained(folder)
+    spm = getattr(processor.tokenizer, "spm_path", None)
+    if spm and Path(spm).is_file() and Path(spm).resolve() != (folder / "tokenizer.model").resolve():
+        shutil.copyfile(spm, folder / "tokenizer.model")
+    _usual_modes(folder)
 
 
 def _usual_modes(folder: Path) -> None:

@@ -225,7 +225,7 @@ def save_weights(
                 save_lora(model, tmp / "adapter", base=base, revision=config.revision)
             target = _export_model(model, config, fsdp_state, DTYPES[base_dtype])
             # No shard-writing bar: it would cut through the training bar.
-            save_hf(target, processor, tmp, progress=False)
+            save_hf(target, processor, tmp, progress=False, staged=False)  # staged here, whole
             if npz:
                 save_npz(target, tmp / "model.npz", dtype=base_dtype, progress=False)
     accelerator.wait_for_everyone()
