@@ -8,7 +8,9 @@ Writes to ``out_dir``:
   ground truth and the scored predictions (``Detections.to_json``); what the report and
   :func:`load_predictions` read back;
 * ``ground_truth.coco.json`` and ``predictions.coco.json`` — the same in COCO form for
-  other tools.
+  other tools;
+* with an operating point: ``calibration.json`` (fitted on the valid split, whose own
+  evaluation lands in ``valid/``), also saved with the model when asked.
 
 Under ``torchrun`` each rank decodes every ``world_size``-th image; the shards are merged
 in image order before scoring, so the files are those of a single-process run.
@@ -26,13 +28,22 @@ from tqdm.auto import tqdm
 
 from paligemma_xray.data import Dataset, load_image, record_targets
 from paligemma_xray.errors import check_output
+from paligemma_xray.evaluate.calibration import (
+    calibration_report,
+    check_method,
+    check_operating_point,
+    fit_calibration,
+)
 from paligemma_xray.evaluate.metrics import _coco_dicts, check_options, evaluate_detections
+from paligemma_xray.infer.calibration import Calibration, calibration_path
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector
 from paligemma_xray.infer.distributed import barrier, gather_indexed, shard, world
 from paligemma_xray.locations import Detections, classes_from_prefix
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
+CALIBRATION_FILE = "calibration.json"
+VALID_DIR = "valid"
 
 
 def dataset_classes(prefixes: Sequence[str]) -> list[str]:
@@ -57,7 +68,11 @@ def evaluate(
     split: str,
     out_dir: str | Path,
     *,
-    threshold: float = 0.5,
+    threshold: float | None = None,
+    iou_threshold: float = 0.5,
+    operating_point: str | None = None,
+    calibration_method: str = "platt",
+    save_with_model: str | Path | None = None,
     bootstrap: int = 1000,
     seed: int = 0,
     batch_size: int | None = None,
@@ -68,9 +83,101 @@ def evaluate(
 
     Each image is prompted with its own record's prefix (``detect fracture`` in the usual
     set), so multi-class sets are evaluated with the classes they ask for.
+
+    The score threshold of precision, recall and the image-level figures: ``threshold``
+    when given; else, with ``operating_point`` (``f1``, ``sensitivity=S``,
+    ``specificity=S``), the one chosen on the ``valid`` split, where the calibration
+    (``calibration_method``: ``platt`` or ``isotonic``) is fitted too and, with
+    ``save_with_model`` (the model's path), saved beside its weights; else the one saved
+    with the model (``detector.calibration``); else this split's own best-F1 threshold,
+    labelled as such. ``iou_threshold``: the hit criterion of those figures (0.1 is the
+    usual medical one; COCO's mAP keeps its own).
     """
-    check_options(threshold=threshold, bootstrap=bootstrap)  # before hours of decoding
+    # Every setting is checked before hours of decoding.
+    check_options(threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap)
+    check_method(calibration_method)
+    if operating_point is not None:
+        check_operating_point(operating_point)
     out = check_output(out_dir, folder=True)
+    records = dataset.usable(split)  # DataError when missing or empty
+    classes = dataset_classes([record.prefix for record in records])
+    calibration: Calibration | None = getattr(detector, "calibration", None)
+    source = "saved with the model" if calibration is not None else None
+    if operating_point is not None:
+        valid_rows, _ = _decode(detector, dataset, VALID_DIR, batch_size, max_new_tokens, progress)
+        ground_truth = [Detections.from_json(row["ground_truth"]) for row in valid_rows]
+        predictions = [Detections.from_json(row["prediction"]) for row in valid_rows]
+        valid_classes = dataset_classes([row["prompt"] for row in valid_rows])
+        calibration = fit_calibration(
+            ground_truth,
+            predictions,
+            valid_classes,
+            method=calibration_method,
+            iou_threshold=iou_threshold,
+            operating_point=operating_point,
+            fitted_on={"model": detector.model_id, "data": str(dataset.root), "split": VALID_DIR},
+        )
+        source = f"chosen on the {VALID_DIR} split"
+        if world().is_main:
+            valid_metrics = evaluate_detections(
+                ground_truth, predictions, valid_classes, threshold=calibration.threshold,
+                iou_threshold=iou_threshold, bootstrap=0,
+            )  # fmt: skip
+            valid_metrics.update({"model": detector.model_id, "data": str(dataset.root), "split": VALID_DIR})
+            save_evaluation(out / VALID_DIR, valid_rows, valid_metrics)
+            calibration.save(out / CALIBRATION_FILE)
+            if save_with_model is not None:
+                calibration.save(calibration_path(save_with_model))
+    from_point = threshold is None and calibration is not None and calibration.threshold is not None
+    if from_point:
+        threshold = calibration.threshold
+
+    rows, seconds = _decode(detector, dataset, split, batch_size, max_new_tokens, progress)
+    w = world()
+    ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
+    predictions = [Detections.from_json(row["prediction"]) for row in rows]
+    metrics = evaluate_detections(
+        ground_truth, predictions, classes, threshold=threshold, iou_threshold=iou_threshold,
+        bootstrap=bootstrap, seed=seed,
+    )  # fmt: skip
+    if from_point:
+        metrics["threshold_source"] = "operating_point"
+        metrics["operating_point"] = {
+            "name": calibration.operating_point,
+            "threshold": calibration.threshold,
+            "source": source,
+            "valid": calibration.valid,
+        }
+    if calibration is not None:
+        metrics["calibration"] = calibration_report(calibration, ground_truth, predictions, classes)
+    metrics.update(
+        {
+            "model": detector.model_id,
+            "data": str(dataset.root),
+            "split": split,
+            "max_new_tokens": max_new_tokens,
+            "box_or_stop": detector.box_or_stop,
+            "min_box_probability": detector.min_box_probability,
+            "unfinished_answers": sum(1 for row in rows if not row["finished"]),
+            "seconds": round(seconds, 3),
+            "world_size": w.size,
+        }
+    )
+    if w.is_main:
+        save_evaluation(out, rows, metrics)
+    barrier(w)
+    return metrics
+
+
+def _decode(
+    detector: Detector,
+    dataset: Dataset,
+    split: str,
+    batch_size: int | None,
+    max_new_tokens: int,
+    progress: bool,
+) -> tuple[list[dict], float]:
+    """Detect on every usable image of ``split`` (sharded over ranks, merged in image order)."""
     w = world()
     records = dataset.usable(split)  # DataError when missing or empty
     mine = list(shard(records, w))
@@ -102,31 +209,7 @@ def evaluate(
         bar.update(1)
     bar.close()
     rows = gather_indexed(results, w)
-    seconds = time.perf_counter() - started
-
-    ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
-    predictions = [Detections.from_json(row["prediction"]) for row in rows]
-    classes = dataset_classes([record.prefix for record in records])
-    metrics = evaluate_detections(
-        ground_truth, predictions, classes, threshold=threshold, bootstrap=bootstrap, seed=seed
-    )
-    metrics.update(
-        {
-            "model": detector.model_id,
-            "data": str(dataset.root),
-            "split": split,
-            "max_new_tokens": max_new_tokens,
-            "box_or_stop": detector.box_or_stop,
-            "min_box_probability": detector.min_box_probability,
-            "unfinished_answers": sum(1 for row in rows if not row["finished"]),
-            "seconds": round(seconds, 3),
-            "world_size": w.size,
-        }
-    )
-    if w.is_main:
-        save_evaluation(out, rows, metrics)
-    barrier(w)
-    return metrics
+    return rows, time.perf_counter() - started
 
 
 def save_evaluation(out_dir: str | Path, rows: Sequence[dict], metrics: dict) -> None:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from paligemma_xray.errors import ConfigError
+from paligemma_xray.infer.calibration import Calibration, find_calibration
 from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
 from paligemma_xray.locations import Detections, classes_from_prefix, parse
 
@@ -98,6 +99,8 @@ class Detector:
             probability, and mAP/FROC measure the whole precision-recall curve; a
             ``threshold`` on the score then picks the operating point.
         batch_size: images decoded together.
+        calibration: score → probability maps and the operating point saved with the
+            model (:mod:`paligemma_xray.infer.calibration`); :meth:`load` reads it.
 
     Example (a tiny random model, so the boxes mean nothing; shapes and types do):
 
@@ -122,6 +125,7 @@ class Detector:
         box_or_stop: bool = True,
         min_box_probability: float | None = None,
         batch_size: int = 8,
+        calibration: Calibration | None = None,
     ) -> None:
         check_decoding(
             batch_size=batch_size, min_box_probability=min_box_probability, box_or_stop=box_or_stop
@@ -133,6 +137,7 @@ class Detector:
         self.box_or_stop = box_or_stop
         self.min_box_probability = min_box_probability
         self.batch_size = batch_size
+        self.calibration = calibration
         self._eos = self._eos_ids()
         self._rule = self._box_rule()
         self._special = set(self.tokenizer.all_special_ids)
@@ -152,7 +157,9 @@ class Detector:
 
         ``device`` defaults to CUDA when available; ``dtype`` to the checkpoint's (bfloat16
         is the usual choice on a GPU). ``progress``: loading bars. ``options`` go to the
-        constructor.
+        constructor. The calibration saved with the model (``calibration.json``, see
+        :func:`~paligemma_xray.infer.calibration.calibration_path`) is read unless
+        ``options`` give one.
         """
         from paligemma_xray.model import load as load_model
 
@@ -163,6 +170,8 @@ class Detector:
         )
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if "calibration" not in options:
+            options["calibration"] = find_calibration(path)
         model, processor = load_model(path, dtype=dtype, device=device, progress=progress)
         return cls(model, processor, model_id=str(path), **options)
 

@@ -164,6 +164,8 @@ def predict(
         }
         if found is not None:
             record["detections"] = found.to_json()
+            if getattr(detector, "calibration", None) is not None:  # calibrated beside the raw score
+                detector.calibration.add_to_json(record["detections"], found)
             if annotated:
                 png = out / "annotated" / f"{item.name}.png"
                 png.parent.mkdir(parents=True, exist_ok=True)
