@@ -349,9 +349,11 @@ def _froc_curve(score, tp, n_gt, n_images) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _froc_at(fppi, sens, rates=FROC_FP_RATES) -> list[float]:
-    # Best sensitivity reachable without exceeding each false-positive rate; the curve stays
-    # flat past its last point (no prediction left to lower the threshold to).
-    return [float(sens[fppi <= r].max()) for r in rates]
+    # The curve linearly interpolated at each rate, as LUNA16's CPM, CAMELYON16 and
+    # nnDetection compute it; flat past its last point (no prediction left to lower the
+    # threshold to). Where several points share a false-positive rate, np.interp takes the
+    # last (highest sensitivity) one, the corner the curve reaches there.
+    return [float(v) for v in np.interp(rates, fppi, sens)]
 
 
 def _auc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float | None:
