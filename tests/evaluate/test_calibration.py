@@ -20,7 +20,7 @@ from paligemma_xray.evaluate.metrics import evaluate_detections
 from paligemma_xray.infer.calibration import Calibration, ScoreMap
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_evaluate_metrics import random_set  # noqa: E402
+from test_evaluate_metrics import random_set
 
 CLASSES = ["fracture", "cast"]
 
@@ -105,7 +105,9 @@ def _brute_force(gts, prs, kind, target):
     return best
 
 
-@pytest.mark.parametrize("point", ["sensitivity=0.9", "sensitivity=0.75", "specificity=0.8", "specificity=0.95"])
+@pytest.mark.parametrize(
+    "point", ["sensitivity=0.9", "sensitivity=0.75", "specificity=0.8", "specificity=0.95"]
+)
 def test_operating_points_meet_their_target_at_the_best_threshold(point):
     gts, prs = random_set(seed=31, n_images=60)
     threshold, valid = choose_threshold(gts, prs, CLASSES, point)
