@@ -24,11 +24,13 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "chromium not installed: browser tests will be skipped"; }
 
+# ruff (lint + format check) and mypy on src/ ([tool.mypy] in pyproject.toml); CI runs it through `make test`.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
-test: setup browser
-	$(VENV)/bin/ruff check .
+test: setup browser lint
 	$(VENV)/bin/pytest -n 2 -q $(PYTEST_ARGS)
 
 bench: setup

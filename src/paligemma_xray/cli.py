@@ -128,19 +128,10 @@ def _add_data(verbs) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from paligemma_xray import train
-    from paligemma_xray.errors import ConfigError
 
-    given = train.recipes.overrides(args)
-    if args.resume:
-        if given or args.recipe or args.config or args.model or args.data or args.out:
-            raise ConfigError("--resume RUN continues RUN with its saved config.yaml; give no other flags")
-        summary = train.run(train.from_run(args.resume), resume=True)
-    else:
-        where = {"model": args.model, "data": args.data, "out": args.out}
-        missing = [f"--{k}" for k, v in where.items() if not v]
-        if missing:
-            raise ConfigError(f"train needs {', '.join(missing)} (or --resume RUN)")
-        summary = train.run(train.resolve(args.recipe, args.config, {**given, **where}))
+    flags = {**train.recipes.overrides(args), "model": args.model, "data": args.data, "out": args.out}
+    config = train.recipes.for_command(args.recipe, args.config, flags, resume=args.resume)
+    summary = train.run(config, resume=args.resume is not None)
     best = f"{summary.best_metric} {summary.best_value:.4f} at step {summary.best_step}" if (
         summary.best_value is not None) else "no evaluation"
     loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
@@ -176,12 +167,9 @@ def _add_train(verbs) -> None:
 
 def _detector(args: argparse.Namespace):
     from paligemma_xray.infer import Detector
-    from paligemma_xray.infer.distributed import world
 
-    w = world()  # under torchrun: one GPU per rank
-    device = args.device or (w.device() if w.size > 1 else None)
     models = args.model if isinstance(args.model, list) else [args.model]
-    detectors = [Detector.load(m, device=device, dtype=args.dtype, box_or_stop=not args.plain_greedy,
+    detectors = [Detector.load(m, device=args.device, dtype=args.dtype, box_or_stop=not args.plain_greedy,
                                min_box_probability=args.min_box_probability, batch_size=args.batch_size)
                  for m in models]
     if len(detectors) == 1 and not args.tta and not args.merge_duplicates:
@@ -192,9 +180,6 @@ def _detector(args: argparse.Namespace):
 
 
 def _detector_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="M", required=True, action="append",
-                   help="checkpoint: HF folder or big_vision .npz; give it several times for an ensemble,\n"
-                        "whose answers are fused per image (--fusion)")
     p.add_argument("--tta", action="append", choices=["hflip"], default=None,
                    help="test-time augmentation: also detect on the mirrored image and fuse the boxes\n"
                         "(mirrored back) with the plain answer")
@@ -203,9 +188,20 @@ def _detector_flags(p: argparse.ArgumentParser) -> None:
                         "or non-maximum suppression (ensemble-boxes)")
     p.add_argument("--merge-duplicates", choices=["nms", "wbf"], default=None,
                    help="merge each answer's own near-duplicate boxes (IoU >= 0.7) before anything else\n"
-                        "(default: off; see docs/evaluation.md for the measured effect)")
+                        "(default: off)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help="images decoded together (default 8)")
+    _model_flags(p, several=True)
+
+
+def _model_flags(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """The flags of ``Detector.load`` (predict, evaluate, serve); ``several``: an ensemble may be given."""
+    if several:
+        p.add_argument("--model", metavar="M", required=True, action="append",
+                       help="checkpoint: HF folder or big_vision .npz; give it several times for an\n"
+                            "ensemble, whose answers are fused per image (--fusion)")
+    else:
+        p.add_argument("--model", metavar="M", required=True, help="checkpoint: HF folder or big_vision .npz")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="longest answer in tokens (default 64: about 8 boxes)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: CUDA when available; one GPU per rank "
@@ -402,7 +398,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_upload_mb=args.max_upload_mb, max_new_tokens=args.max_new_tokens,
                          api_key=api_key_from_env())
     serve(args.model, host=args.host, port=args.port, config=config, device=args.device, dtype=args.dtype,
-          box_or_stop=not args.plain_greedy, log_level=args.log_level)
+          box_or_stop=not args.plain_greedy, min_box_probability=args.min_box_probability,
+          log_level=args.log_level)
     return 0
 
 
@@ -416,7 +413,7 @@ def _add_serve(verbs) -> None:
                           "most --max-wait-ms for companions); past --queue waiting: 503 + Retry-After.\n"
                           "API key: set PALIGEMMA_XRAY_API_KEY to require it (X-API-Key or Authorization:\n"
                           "Bearer) on /v1/*; it is never printed or logged. Uploads stay in memory.")
-    p.add_argument("--model", metavar="M", required=True, help="checkpoint: HF folder or big_vision .npz")
+    _model_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -428,13 +425,6 @@ def _add_serve(verbs) -> None:
                    help="requests that may wait for the model; more get 503 (default 64)")
     p.add_argument("--max-upload-mb", type=float, default=32.0, metavar="MB",
                    help="largest upload accepted, checked while it arrives (default 32)")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
-                   help="longest answer in tokens (default 64: about 8 boxes)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: CUDA when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights' dtype (default: the checkpoint's)")
-    p.add_argument("--plain-greedy", action="store_true",
-                   help="turn off 'emit a box or stop': plain greedy decoding, as model.generate does")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default info)")
 

@@ -10,7 +10,16 @@ import pytest
 import yaml
 
 from paligemma_xray.errors import ConfigError
-from paligemma_xray.train.recipes import PRESETS, add_flags, field_docs, overrides, preset, resolve
+from paligemma_xray.train.recipes import (
+    PRESETS,
+    add_flags,
+    field_docs,
+    for_command,
+    from_run,
+    overrides,
+    preset,
+    resolve,
+)
 
 try:
     from paligemma_xray.train.loop import lr_factor
@@ -52,25 +61,66 @@ def test_override_order_preset_then_yaml_then_flags(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"lrr": 1}, "unknown config field"),
-        ({"optimizer": "adam"}, "not one of"),
+        ({"lrr": 1}, "unknown config field.*lrr .did you mean lr"),
+        ({"optimizer": "adam"}, "optimizer: input should be 'sgd' or 'adamw', got 'adam'"),
         ({"batch_size": 8, "grad_accum": 3}, "divisible"),
         ({"examples": 4}, "at least batch_size"),
-        ({"activation_checkpointing": "yes"}, "true/false"),
+        ({"activation_checkpointing": "yes"}, "activation_checkpointing: input should be a valid boolean"),
+        ({"lr": True}, "lr: .*not true/false"),
         ({"quantize": "4bit"}, "needs trainable: lora"),
         # a zero/negative interval used to crash (modulo by zero) or silently mean "every step"
-        ({"log_every": 0}, "log_every must be at least 1"),
-        ({"eval_batch_size": 0}, "eval_batch_size must be at least 1"),
-        ({"eval_max_new_tokens": 0}, "eval_max_new_tokens must be at least 1"),
-        ({"recipe": "lora", "lora_rank": 0}, "lora_rank must be at least 1"),
-        ({"eval_every": -1}, "eval_every must be ≥ 0"),
-        ({"checkpoint_every": -2}, "checkpoint_every must be ≥ 0"),
-        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"log_every": 0}, "log_every: input should be greater than or equal to 1, got 0"),
+        ({"eval_batch_size": 0}, "eval_batch_size: .*greater than or equal to 1"),
+        ({"eval_max_new_tokens": 0}, "eval_max_new_tokens: .*greater than or equal to 1"),
+        ({"recipe": "lora", "lora_rank": 0}, "lora_rank: .*greater than or equal to 1"),
+        ({"eval_every": -1}, "eval_every: .*greater than or equal to 0"),
+        ({"checkpoint_every": -2}, "checkpoint_every: .*greater than or equal to 0"),
+        ({"lora_dropout": 1.0}, "lora_dropout: input should be less than 1"),
+        ({"adam_betas": [0.9]}, "adam_betas: .*at least 2 items"),
     ],
 )
 def test_bad_values_are_config_errors(values, message) -> None:
     with pytest.raises(ConfigError, match=message):
         resolve(overrides=values)
+
+
+def test_yaml_mistakes_name_the_file_line_and_field(tmp_path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("recipe: lora\nlr: 1e-3\noptimizer: adam\n")
+    assert (
+        resolve(overrides={"optimizer": "sgd"}, config_file=path).lr == 0.001
+    )  # YAML 1.1 reads 1e-3 as text
+    with pytest.raises(ConfigError) as caught:
+        resolve(config_file=path)
+    assert str(caught.value) == f"{path}:3: optimizer: input should be 'sgd' or 'adamw', got 'adam'"
+    path.write_text("lr: 0.1\nbatch_size: 8\nlr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:3: 'lr' is given twice"):
+        resolve(config_file=path)
+    path.write_text("lr: 0.1\nbatch_size: [8\n")
+    with pytest.raises(ConfigError) as caught:
+        resolve(config_file=path)
+    message = str(caught.value)
+    assert (
+        message.startswith(f"{path}:3: not valid YAML") and "\n" not in message and "unicode" not in message
+    )
+    path.write_text("lr: 0.1\nbatch_size: 8\nexamples: 4\n")  # a mistake of two fields: the file is named
+    with pytest.raises(ConfigError, match=r"r.yaml: examples \(4\) must be at least batch_size"):
+        resolve(config_file=path)
+
+
+def test_a_saved_run_config_is_a_recipe_file(tmp_path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = resolve("lora", overrides={"model": "m", "data": "d", "out": str(run), "lr": 0.003})
+    (run / "config.yaml").write_text(saved.to_yaml())
+    assert from_run(run) == saved
+    # train --config RUN/config.yaml --out NEW: model and data come from the file
+    again = for_command(None, run / "config.yaml", {"out": str(tmp_path / "new"), "model": None})
+    assert (again.model, again.data, again.recipe, again.lr) == ("m", "d", "lora", 0.003)
+    with pytest.raises(ConfigError, match="train needs --data, --out"):
+        for_command(None, None, {"model": "m"})
+    with pytest.raises(ConfigError, match="give no other flags"):
+        for_command(None, None, {"lr": 0.1}, resume=run)
 
 
 def test_unknown_recipe_and_bad_yaml(tmp_path) -> None:

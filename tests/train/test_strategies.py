@@ -9,9 +9,8 @@ import torch
 
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.model.tiny import tiny_model
-from paligemma_xray.train.loss import unwrap
 from paligemma_xray.train.recipes import preset
-from paligemma_xray.train.strategies import merged_state_dict, prepare_model, vision_frozen
+from paligemma_xray.train.strategies import merged_state_dict, prepare_model, unwrap, vision_frozen
 
 CPU = torch.device("cpu")
 

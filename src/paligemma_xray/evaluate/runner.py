@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from paligemma_xray.data import Dataset, load_image, record_targets
+from paligemma_xray.data import Dataset, Record, load_image, record_targets
 from paligemma_xray.errors import check_output
 from paligemma_xray.evaluate.calibration import (
     calibration_report,
@@ -60,6 +60,68 @@ def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+def evaluate_records(
+    detector: Detector,
+    records: Sequence[Record],
+    *,
+    threshold: float | None = None,
+    iou_threshold: float = 0.5,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    batch_size: int | None = None,
+    max_new_tokens: int = DEFAULT_DETECT_TOKENS,
+    progress: bool = True,
+    curves: bool = True,
+    desc: str = "evaluate",
+) -> tuple[list[dict], dict]:
+    """Detect on ``records`` and score them: ``(rows, metrics)``, writing nothing.
+
+    The one evaluation procedure: :func:`evaluate` writes its result, and training's
+    validation calls it on the model being trained, so that the mAP a run records is the
+    mAP ``paligemma-xray evaluate`` reports for the same weights. ``rows``: one dict per
+    record, in record order (see :func:`save_evaluation`); ``metrics``: what
+    :func:`~paligemma_xray.evaluate.metrics.evaluate_detections` returns. Under a launcher
+    each rank decodes its shard and every rank gets the merged result.
+    """
+    w = world()
+    mine = list(shard(records, w))
+    results: list[tuple[int, dict]] = []
+    bar = tqdm(total=len(mine), desc=desc, unit="img", disable=not progress or not w.is_main)
+    stream = detector.iter_detect(
+        (load_image(record.image) for _, record in mine),
+        prompt=[record.prefix for _, record in mine],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    for (index, record), (generation, found) in zip(mine, stream):
+        truth = record_targets(record, found.image_size)
+        results.append(
+            (
+                index,
+                {
+                    "index": index,
+                    "image": str(record.image),
+                    "prompt": record.prefix,
+                    "text": generation.text,
+                    "finished": generation.finished,
+                    "ground_truth": truth.to_json(),
+                    "prediction": found.to_json(),
+                },
+            )
+        )
+        bar.update(1)
+    bar.close()
+    rows = gather_indexed(results, w)
+    ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
+    predictions = [Detections.from_json(row["prediction"]) for row in rows]
+    classes = dataset_classes([record.prefix for record in records])
+    metrics = evaluate_detections(
+        ground_truth, predictions, classes, threshold=threshold, iou_threshold=iou_threshold,
+        bootstrap=bootstrap, seed=seed, curves=curves,
+    )  # fmt: skip
+    return rows, metrics
 
 
 def evaluate(
@@ -99,15 +161,20 @@ def evaluate(
     if operating_point is not None:
         check_operating_point(operating_point)
     out = check_output(out_dir, folder=True)
+    w = world()
     records = dataset.usable(split)  # DataError when missing or empty
     classes = dataset_classes([record.prefix for record in records])
     calibration: Calibration | None = getattr(detector, "calibration", None)
-    source = "saved with the model" if calibration is not None else None
+    source = "saved with the model"
+    decoding = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "progress": progress}
     if operating_point is not None:
-        valid_rows, _ = _decode(detector, dataset, VALID_DIR, batch_size, max_new_tokens, progress)
+        valid_rows, valid_metrics = evaluate_records(
+            detector, dataset.usable(VALID_DIR), iou_threshold=iou_threshold, bootstrap=0,
+            desc=f"evaluate {VALID_DIR}", **decoding,
+        )  # fmt: skip
+        valid_classes = valid_metrics["classes"]
         ground_truth = [Detections.from_json(row["ground_truth"]) for row in valid_rows]
         predictions = [Detections.from_json(row["prediction"]) for row in valid_rows]
-        valid_classes = dataset_classes([row["prompt"] for row in valid_rows])
         calibration = fit_calibration(
             ground_truth,
             predictions,
@@ -118,7 +185,7 @@ def evaluate(
             fitted_on={"model": detector.model_id, "data": str(dataset.root), "split": VALID_DIR},
         )
         source = f"chosen on the {VALID_DIR} split"
-        if world().is_main:
+        if w.is_main:
             valid_metrics = evaluate_detections(
                 ground_truth, predictions, valid_classes, threshold=calibration.threshold,
                 iou_threshold=iou_threshold, bootstrap=0,
@@ -132,14 +199,12 @@ def evaluate(
     if from_point:
         threshold = calibration.threshold
 
-    rows, seconds = _decode(detector, dataset, split, batch_size, max_new_tokens, progress)
-    w = world()
-    ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
-    predictions = [Detections.from_json(row["prediction"]) for row in rows]
-    metrics = evaluate_detections(
-        ground_truth, predictions, classes, threshold=threshold, iou_threshold=iou_threshold,
-        bootstrap=bootstrap, seed=seed,
+    started = time.perf_counter()
+    rows, metrics = evaluate_records(
+        detector, records, threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap,
+        seed=seed, desc=f"evaluate {split}", **decoding,
     )  # fmt: skip
+    seconds = time.perf_counter() - started
     if from_point:
         metrics["threshold_source"] = "operating_point"
         metrics["operating_point"] = {
@@ -149,6 +214,8 @@ def evaluate(
             "valid": calibration.valid,
         }
     if calibration is not None:
+        ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
+        predictions = [Detections.from_json(row["prediction"]) for row in rows]
         metrics["calibration"] = calibration_report(calibration, ground_truth, predictions, classes)
     metrics.update(
         {
@@ -167,49 +234,6 @@ def evaluate(
         save_evaluation(out, rows, metrics)
     barrier(w)
     return metrics
-
-
-def _decode(
-    detector: Detector,
-    dataset: Dataset,
-    split: str,
-    batch_size: int | None,
-    max_new_tokens: int,
-    progress: bool,
-) -> tuple[list[dict], float]:
-    """Detect on every usable image of ``split`` (sharded over ranks, merged in image order)."""
-    w = world()
-    records = dataset.usable(split)  # DataError when missing or empty
-    mine = list(shard(records, w))
-    started = time.perf_counter()
-    results: list[tuple[int, dict]] = []
-    bar = tqdm(total=len(mine), desc=f"evaluate {split}", unit="img", disable=not progress or not w.is_main)
-    stream = detector.iter_detect(
-        (load_image(record.image) for _, record in mine),
-        prompt=[record.prefix for _, record in mine],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-    )
-    for (index, record), (generation, found) in zip(mine, stream):
-        truth = record_targets(record, found.image_size)
-        results.append(
-            (
-                index,
-                {
-                    "index": index,
-                    "image": str(record.image),
-                    "prompt": record.prefix,
-                    "text": generation.text,
-                    "finished": generation.finished,
-                    "ground_truth": truth.to_json(),
-                    "prediction": found.to_json(),
-                },
-            )
-        )
-        bar.update(1)
-    bar.close()
-    rows = gather_indexed(results, w)
-    return rows, time.perf_counter() - started
 
 
 def save_evaluation(out_dir: str | Path, rows: Sequence[dict], metrics: dict) -> None:

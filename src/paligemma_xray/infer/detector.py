@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -22,6 +22,9 @@ from paligemma_xray.errors import ConfigError
 from paligemma_xray.infer.calibration import Calibration, find_calibration
 from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
 from paligemma_xray.locations import Detections, classes_from_prefix, parse
+
+if TYPE_CHECKING:
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 ImageInput = Image.Image | str | Path | bytes
 
@@ -118,8 +121,8 @@ class Detector:
 
     def __init__(
         self,
-        model: Any,
-        processor: Any,
+        model: PaliGemmaForConditionalGeneration,
+        processor: PaliGemmaProcessor,
         *,
         model_id: str = "model",
         box_or_stop: bool = True,
@@ -155,11 +158,11 @@ class Detector:
     ) -> Detector:
         """Load a checkpoint (HF folder or big_vision ``.npz``) through ``model.load``.
 
-        ``device`` defaults to CUDA when available; ``dtype`` to the checkpoint's (bfloat16
-        is the usual choice on a GPU). ``progress``: loading bars. ``options`` go to the
-        constructor. The calibration saved with the model (``calibration.json``, see
-        :func:`~paligemma_xray.infer.calibration.calibration_path`) is read unless
-        ``options`` give one.
+        ``device`` defaults to CUDA when available (under ``torchrun``: this rank's GPU);
+        ``dtype`` to the checkpoint's (bfloat16 is the usual choice on a GPU). ``progress``:
+        loading bars. ``options`` go to the constructor. The calibration saved with the model
+        (``calibration.json``, see :func:`~paligemma_xray.infer.calibration.calibration_path`)
+        is read unless ``options`` give one.
         """
         from paligemma_xray.model import load as load_model
 
@@ -169,7 +172,10 @@ class Detector:
             box_or_stop=options.get("box_or_stop", True),
         )
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            from paligemma_xray.infer.distributed import world
+
+            w = world()  # under a launcher: one GPU per rank
+            device = w.device() if w.size > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
         if "calibration" not in options:
             options["calibration"] = find_calibration(path)
         model, processor = load_model(path, dtype=dtype, device=device, progress=progress)

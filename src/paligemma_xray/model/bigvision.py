@@ -180,8 +180,8 @@ def dims_from_config(config: PaliGemmaConfig, vocab: int | None = None) -> Dims:
 # inverse. ``shape`` gives one layer's big_vision shape from the dims (used to validate).
 
 Tensor = torch.Tensor
-V = "model.vision_tower."
-L = "model.language_model."
+VISION_PREFIX = "model.vision_tower."
+LANGUAGE_PREFIX = "model.language_model."
 
 
 @dataclass(frozen=True)
@@ -205,11 +205,11 @@ def _same_back(xs: list[Tensor], d: Dims) -> Tensor:
     return xs[0]
 
 
-def _t(x: Tensor, d: Dims) -> list[Tensor]:
+def _transpose(x: Tensor, d: Dims) -> list[Tensor]:
     return [x.T]
 
 
-def _t_back(xs: list[Tensor], d: Dims) -> Tensor:
+def _transpose_back(xs: list[Tensor], d: Dims) -> Tensor:
     return xs[0].T
 
 
@@ -229,117 +229,118 @@ def _vision_out_back(xs: list[Tensor], d: Dims) -> Tensor:
     return xs[0].T.reshape(d.vision_heads, d.vision_width // d.vision_heads, d.vision_width)
 
 
-def _vw(d: Dims) -> tuple[int, ...]:
+def _vision_width(d: Dims) -> tuple[int, ...]:
     return (d.vision_width,)
 
 
-def _w(d: Dims) -> tuple[int, ...]:
+def _width(d: Dims) -> tuple[int, ...]:
     return (d.width,)
 
 
-def _vhead(d: Dims) -> int:
+def _vision_head_dim(d: Dims) -> int:
     return d.vision_width // d.vision_heads
 
 
-def _fam(tower, bv, hf, per_layer, shape, to_hf, to_bv, **kw) -> Family:
+def _family(tower, bv, hf, per_layer, shape, to_hf, to_bv, **kw) -> Family:
     return Family(tower, bv, hf if isinstance(hf, tuple) else (hf,), per_layer, shape, to_hf, to_bv, **kw)
 
 
-_ENC = V + "encoder.layers.{i}."
-_DEC = L + "layers.{i}."
+_ENC = VISION_PREFIX + "encoder.layers.{i}."
+_DEC = LANGUAGE_PREFIX + "layers.{i}."
 
 FAMILIES: tuple[Family, ...] = (
     # --- SigLIP vision tower -------------------------------------------------------------
-    _fam("img", "embedding/kernel", V + "embeddings.patch_embedding.weight", False,
-         lambda d: (d.patch, d.patch, 3, d.vision_width),
-         lambda x, d: [x.permute(3, 2, 0, 1)],  # HWIO -> OIHW
-         lambda xs, d: xs[0].permute(2, 3, 1, 0)),
-    _fam("img", "embedding/bias", V + "embeddings.patch_embedding.bias", False,
-         _vw, _same, _same_back),
-    _fam("img", "pos_embedding", V + "embeddings.position_embedding.weight", False,
-         lambda d: (1, d.num_image_tokens, d.vision_width),
-         lambda x, d: [x.reshape(-1, x.shape[-1])],
-         lambda xs, d: xs[0].reshape(1, -1, d.vision_width)),
-    _fam("img", "LayerNorm_0/scale", _ENC + "layer_norm1.weight", True, _vw, _same, _same_back),
-    _fam("img", "LayerNorm_0/bias", _ENC + "layer_norm1.bias", True, _vw, _same, _same_back),
-    _fam("img", "LayerNorm_1/scale", _ENC + "layer_norm2.weight", True, _vw, _same, _same_back),
-    _fam("img", "LayerNorm_1/bias", _ENC + "layer_norm2.bias", True, _vw, _same, _same_back),
+    _family("img", "embedding/kernel", VISION_PREFIX + "embeddings.patch_embedding.weight", False,
+            lambda d: (d.patch, d.patch, 3, d.vision_width),
+            lambda x, d: [x.permute(3, 2, 0, 1)],  # HWIO -> OIHW
+            lambda xs, d: xs[0].permute(2, 3, 1, 0)),
+    _family("img", "embedding/bias", VISION_PREFIX + "embeddings.patch_embedding.bias", False,
+            _vision_width, _same, _same_back),
+    _family("img", "pos_embedding", VISION_PREFIX + "embeddings.position_embedding.weight", False,
+            lambda d: (1, d.num_image_tokens, d.vision_width),
+            lambda x, d: [x.reshape(-1, x.shape[-1])],
+            lambda xs, d: xs[0].reshape(1, -1, d.vision_width)),
+    _family("img", "LayerNorm_0/scale", _ENC + "layer_norm1.weight", True, _vision_width, _same, _same_back),
+    _family("img", "LayerNorm_0/bias", _ENC + "layer_norm1.bias", True, _vision_width, _same, _same_back),
+    _family("img", "LayerNorm_1/scale", _ENC + "layer_norm2.weight", True, _vision_width, _same, _same_back),
+    _family("img", "LayerNorm_1/bias", _ENC + "layer_norm2.bias", True, _vision_width, _same, _same_back),
     *(
-        _fam("img", f"MultiHeadDotProductAttention_0/{name}/kernel", f"{_ENC}self_attn.{proj}_proj.weight",
-             True,
-             lambda d: (d.vision_width, d.vision_heads, _vhead(d)),
-             lambda x, d: [x.reshape(x.shape[0], -1).T],  # (D, N, H) -> (N*H, D)
-             _vision_qkv_back)
+        _family("img", f"MultiHeadDotProductAttention_0/{name}/kernel", f"{_ENC}self_attn.{proj}_proj.weight",
+                True,
+                lambda d: (d.vision_width, d.vision_heads, _vision_head_dim(d)),
+                lambda x, d: [x.reshape(x.shape[0], -1).T],  # (D, N, H) -> (N*H, D)
+                _vision_qkv_back)
         for name, proj in (("query", "q"), ("key", "k"), ("value", "v"))
     ),
     *(
-        _fam("img", f"MultiHeadDotProductAttention_0/{name}/bias", _ENC + f"self_attn.{proj}_proj.bias", True,
-             lambda d: (d.vision_heads, _vhead(d)),
-             lambda x, d: [x.reshape(-1)],
-             lambda xs, d: xs[0].reshape(d.vision_heads, _vhead(d)))
+        _family("img", f"MultiHeadDotProductAttention_0/{name}/bias", _ENC + f"self_attn.{proj}_proj.bias",
+                True,
+                lambda d: (d.vision_heads, _vision_head_dim(d)),
+                lambda x, d: [x.reshape(-1)],
+                lambda xs, d: xs[0].reshape(d.vision_heads, _vision_head_dim(d)))
         for name, proj in (("query", "q"), ("key", "k"), ("value", "v"))
     ),
-    _fam("img", "MultiHeadDotProductAttention_0/out/kernel", _ENC + "self_attn.out_proj.weight", True,
-         lambda d: (d.vision_heads, _vhead(d), d.vision_width),
-         lambda x, d: [x.reshape(-1, x.shape[-1]).T],  # (N, H, D) -> (D, N*H)
-         _vision_out_back),
-    _fam("img", "MultiHeadDotProductAttention_0/out/bias", _ENC + "self_attn.out_proj.bias", True,
-         _vw, _same, _same_back),
-    _fam("img", "MlpBlock_0/Dense_0/kernel", _ENC + "mlp.fc1.weight", True,
-         lambda d: (d.vision_width, d.vision_mlp_dim), _t, _t_back),
-    _fam("img", "MlpBlock_0/Dense_0/bias", _ENC + "mlp.fc1.bias", True,
-         lambda d: (d.vision_mlp_dim,), _same, _same_back),
-    _fam("img", "MlpBlock_0/Dense_1/kernel", _ENC + "mlp.fc2.weight", True,
-         lambda d: (d.vision_mlp_dim, d.vision_width), _t, _t_back),
-    _fam("img", "MlpBlock_0/Dense_1/bias", _ENC + "mlp.fc2.bias", True, _vw, _same, _same_back),
-    _fam("img", "Transformer/encoder_norm/scale", V + "post_layernorm.weight", False,
-         _vw, _same, _same_back),
-    _fam("img", "Transformer/encoder_norm/bias", V + "post_layernorm.bias", False,
-         _vw, _same, _same_back),
+    _family("img", "MultiHeadDotProductAttention_0/out/kernel", _ENC + "self_attn.out_proj.weight", True,
+            lambda d: (d.vision_heads, _vision_head_dim(d), d.vision_width),
+            lambda x, d: [x.reshape(-1, x.shape[-1]).T],  # (N, H, D) -> (D, N*H)
+            _vision_out_back),
+    _family("img", "MultiHeadDotProductAttention_0/out/bias", _ENC + "self_attn.out_proj.bias", True,
+            _vision_width, _same, _same_back),
+    _family("img", "MlpBlock_0/Dense_0/kernel", _ENC + "mlp.fc1.weight", True,
+            lambda d: (d.vision_width, d.vision_mlp_dim), _transpose, _transpose_back),
+    _family("img", "MlpBlock_0/Dense_0/bias", _ENC + "mlp.fc1.bias", True,
+            lambda d: (d.vision_mlp_dim,), _same, _same_back),
+    _family("img", "MlpBlock_0/Dense_1/kernel", _ENC + "mlp.fc2.weight", True,
+            lambda d: (d.vision_mlp_dim, d.vision_width), _transpose, _transpose_back),
+    _family("img", "MlpBlock_0/Dense_1/bias", _ENC + "mlp.fc2.bias", True, _vision_width, _same, _same_back),
+    _family("img", "Transformer/encoder_norm/scale", VISION_PREFIX + "post_layernorm.weight", False,
+            _vision_width, _same, _same_back),
+    _family("img", "Transformer/encoder_norm/bias", VISION_PREFIX + "post_layernorm.bias", False,
+            _vision_width, _same, _same_back),
     # --- projector ---------------------------------------------------------------------------
-    _fam("img", "head/kernel", "model.multi_modal_projector.linear.weight", False,
-         lambda d: (d.vision_width, d.width), _t, _t_back),
-    _fam("img", "head/bias", "model.multi_modal_projector.linear.bias", False, _w, _same, _same_back),
+    _family("img", "head/kernel", "model.multi_modal_projector.linear.weight", False,
+            lambda d: (d.vision_width, d.width), _transpose, _transpose_back),
+    _family("img", "head/bias", "model.multi_modal_projector.linear.bias", False, _width, _same, _same_back),
     # --- Gemma decoder -----------------------------------------------------------------------
     # HF rows beyond the text vocabulary (a padded HF embedding) are handled by the caller.
-    _fam("llm", "embedder/input_embedding", L + "embed_tokens.weight", False,
-         lambda d: (d.vocab, d.width), _same, _same_back),
-    _fam("llm", "attn/q_einsum/w", _DEC + "self_attn.q_proj.weight", True,
-         lambda d: (d.heads, d.width, d.head_dim),
-         lambda x, d: [_q_to_hf(x, d)],
-         lambda xs, d: _q_to_bv(xs[0], d.heads, d), kv="kv"),
-    _fam("llm", "attn/kv_einsum/w", (_DEC + "self_attn.k_proj.weight", _DEC + "self_attn.v_proj.weight"),
-         True,
-         lambda d: (2, d.kv_heads, d.width, d.head_dim),
-         lambda x, d: [_q_to_hf(x[0], d), _q_to_hf(x[1], d)],
-         lambda xs, d: torch.stack([_q_to_bv(w, d.kv_heads, d) for w in xs]), kv="kv"),
-    _fam("llm", "attn/qkv_einsum/w",
-         tuple(f"{_DEC}self_attn.{p}_proj.weight" for p in "qkv"), True,
-         lambda d: (3, d.heads, d.width, d.head_dim),
-         lambda x, d: [_q_to_hf(x[c], d) for c in range(3)],
-         lambda xs, d: torch.stack([_q_to_bv(w, d.heads, d) for w in xs]), kv="qkv"),
-    _fam("llm", "attn/attn_vec_einsum/w", _DEC + "self_attn.o_proj.weight", True,
-         lambda d: (d.heads, d.head_dim, d.width),
-         lambda x, d: [x.permute(2, 0, 1).reshape(x.shape[-1], -1)],  # (N, H, D) -> (D, N*H)
-         lambda xs, d: xs[0].reshape(d.width, d.heads, d.head_dim).permute(1, 2, 0)),
-    _fam("llm", "mlp/gating_einsum", (_DEC + "mlp.gate_proj.weight", _DEC + "mlp.up_proj.weight"), True,
-         lambda d: (2, d.width, d.mlp_dim),
-         lambda x, d: [x[0].T, x[1].T],  # [0] goes through GELU (gate), [1] is the linear "up"
-         lambda xs, d: torch.stack([xs[0].T, xs[1].T])),
-    _fam("llm", "mlp/linear", _DEC + "mlp.down_proj.weight", True,
-         lambda d: (d.mlp_dim, d.width), _t, _t_back),
-    _fam("llm", "pre_attention_norm/scale", _DEC + "input_layernorm.weight", True,
-         _w, _same, _same_back),
+    _family("llm", "embedder/input_embedding", LANGUAGE_PREFIX + "embed_tokens.weight", False,
+            lambda d: (d.vocab, d.width), _same, _same_back),
+    _family("llm", "attn/q_einsum/w", _DEC + "self_attn.q_proj.weight", True,
+            lambda d: (d.heads, d.width, d.head_dim),
+            lambda x, d: [_q_to_hf(x, d)],
+            lambda xs, d: _q_to_bv(xs[0], d.heads, d), kv="kv"),
+    _family("llm", "attn/kv_einsum/w", (_DEC + "self_attn.k_proj.weight", _DEC + "self_attn.v_proj.weight"),
+            True,
+            lambda d: (2, d.kv_heads, d.width, d.head_dim),
+            lambda x, d: [_q_to_hf(x[0], d), _q_to_hf(x[1], d)],
+            lambda xs, d: torch.stack([_q_to_bv(w, d.kv_heads, d) for w in xs]), kv="kv"),
+    _family("llm", "attn/qkv_einsum/w",
+            tuple(f"{_DEC}self_attn.{p}_proj.weight" for p in "qkv"), True,
+            lambda d: (3, d.heads, d.width, d.head_dim),
+            lambda x, d: [_q_to_hf(x[c], d) for c in range(3)],
+            lambda xs, d: torch.stack([_q_to_bv(w, d.heads, d) for w in xs]), kv="qkv"),
+    _family("llm", "attn/attn_vec_einsum/w", _DEC + "self_attn.o_proj.weight", True,
+            lambda d: (d.heads, d.head_dim, d.width),
+            lambda x, d: [x.permute(2, 0, 1).reshape(x.shape[-1], -1)],  # (N, H, D) -> (D, N*H)
+            lambda xs, d: xs[0].reshape(d.width, d.heads, d.head_dim).permute(1, 2, 0)),
+    _family("llm", "mlp/gating_einsum", (_DEC + "mlp.gate_proj.weight", _DEC + "mlp.up_proj.weight"), True,
+            lambda d: (2, d.width, d.mlp_dim),
+            lambda x, d: [x[0].T, x[1].T],  # [0] goes through GELU (gate), [1] is the linear "up"
+            lambda xs, d: torch.stack([xs[0].T, xs[1].T])),
+    _family("llm", "mlp/linear", _DEC + "mlp.down_proj.weight", True,
+            lambda d: (d.mlp_dim, d.width), _transpose, _transpose_back),
+    _family("llm", "pre_attention_norm/scale", _DEC + "input_layernorm.weight", True,
+            _width, _same, _same_back),
     # Gemma 1 has two norms per block; HF calls the second one post_attention_layernorm.
-    _fam("llm", "pre_ffw_norm/scale", _DEC + "post_attention_layernorm.weight", True,
-         _w, _same, _same_back, versions=(1,)),
-    _fam("llm", "pre_ffw_norm/scale", _DEC + "pre_feedforward_layernorm.weight", True,
-         _w, _same, _same_back, versions=(2,)),
-    _fam("llm", "post_attention_norm/scale", _DEC + "post_attention_layernorm.weight", True,
-         _w, _same, _same_back, versions=(2,)),
-    _fam("llm", "post_ffw_norm/scale", _DEC + "post_feedforward_layernorm.weight", True,
-         _w, _same, _same_back, versions=(2,)),
-    _fam("llm", "final_norm/scale", L + "norm.weight", False, _w, _same, _same_back),
+    _family("llm", "pre_ffw_norm/scale", _DEC + "post_attention_layernorm.weight", True,
+            _width, _same, _same_back, versions=(1,)),
+    _family("llm", "pre_ffw_norm/scale", _DEC + "pre_feedforward_layernorm.weight", True,
+            _width, _same, _same_back, versions=(2,)),
+    _family("llm", "post_attention_norm/scale", _DEC + "post_attention_layernorm.weight", True,
+            _width, _same, _same_back, versions=(2,)),
+    _family("llm", "post_ffw_norm/scale", _DEC + "post_feedforward_layernorm.weight", True,
+            _width, _same, _same_back, versions=(2,)),
+    _family("llm", "final_norm/scale", LANGUAGE_PREFIX + "norm.weight", False, _width, _same, _same_back),
 )  # fmt: skip
 
 

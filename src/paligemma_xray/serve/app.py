@@ -39,7 +39,8 @@ from paligemma_xray import __version__
 from paligemma_xray.errors import ConfigError, ImageLoadError
 from paligemma_xray.locations import Detections
 from paligemma_xray.serve.batching import BatchingQueue, QueueClosedError, QueueFullError
-from paligemma_xray.serve.uploads import ApiError, read_form, sniff_kind
+from paligemma_xray.serve.errors import ApiError
+from paligemma_xray.serve.uploads import read_form, sniff_kind
 
 log = logging.getLogger(__name__)
 

@@ -33,18 +33,25 @@ def serve(
     device: str | None = None,
     dtype: str | None = None,
     box_or_stop: bool = True,
+    min_box_probability: float | None = None,
     log_level: str = "info",
 ) -> None:
     """Load the detector at ``model`` and serve it on ``host:port`` until interrupted.
 
-    ``device``, ``dtype`` and ``box_or_stop`` go to :meth:`paligemma_xray.infer.Detector.load`.
+    ``device``, ``dtype``, ``box_or_stop`` and ``min_box_probability`` go to
+    :meth:`paligemma_xray.infer.Detector.load`.
     """
     from paligemma_xray.infer import Detector  # torch and the model load only when serving
 
     config = config or ServeConfig()
     check_address(host, port)  # before the (long) model load
     detector = Detector.load(
-        model, device=device, dtype=dtype, box_or_stop=box_or_stop, batch_size=config.max_batch
+        model,
+        device=device,
+        dtype=dtype,
+        box_or_stop=box_or_stop,
+        min_box_probability=min_box_probability,
+        batch_size=config.max_batch,
     )
     app = create_app(detector, config)
     if not config.api_key and not _is_loopback(host):

@@ -19,21 +19,12 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
+from paligemma_xray.serve.errors import ApiError
+
 # Room for the multipart envelope and the small text fields on top of the file itself.
 FORM_OVERHEAD_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 4096
 MAX_PARTS = 16
-
-
-class ApiError(Exception):
-    """A request the client can fix: HTTP status, a stable code and a readable message."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-        super().__init__(message)
 
 
 @dataclass

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from paligemma_xray.train.strategies import unwrap
+
 IGNORE = -100
 # Elements of one float32 logits chunk (~256 MB); three such buffers live at a time.
 _CHUNK_ELEMENTS = 2**26
@@ -52,13 +54,6 @@ class SuffixLoss:
         sums.index_add_(0, self.example_index, self.token_nll)
         counts.index_add_(0, self.example_index, torch.ones_like(self.token_nll))
         return sums / counts
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The ``PaliGemmaForConditionalGeneration`` inside a peft wrapper (or the model itself)."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
 
 
 def loss_denominator(labels: torch.Tensor, reduction: str = "example") -> int:

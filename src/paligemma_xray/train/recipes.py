@@ -12,26 +12,44 @@ attention weights only, plain SGD at 0.01, cosine to 0 with 10% linear warm-up, 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
 from paligemma_xray.errors import ConfigError
 
-TRAINABLE_CHOICES = ("attention", "language-model", "all", "lora")
-OPTIMIZER_CHOICES = ("sgd", "adamw")
-SCHEDULE_CHOICES = ("cosine", "linear", "constant")
-LOSS_CHOICES = ("example", "token")
-PRECISION_CHOICES = ("auto", "bf16", "float32")
-QUANTIZE_CHOICES = ("none", "4bit")
-DISTRIBUTED_CHOICES = ("ddp", "fsdp")
+
+def _no_bool(value: Any) -> Any:
+    # YAML's true/false would pass as 1.0/0.0 in pydantic's lax float mode.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
 
 
-@dataclass
+# YAML 1.1 reads ``1e-3`` as a string: numbers are accepted from strings (lax), never from booleans.
+Float = Annotated[float, BeforeValidator(_no_bool), Field(strict=False, allow_inf_nan=False)]
+AtLeastOne = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[Float, Field(ge=0)]
+Probability = Annotated[Float, Field(ge=0, le=1)]
+
+
+@dataclass(
+    config=ConfigDict(extra="forbid", strict=True, validate_assignment=True, use_attribute_docstrings=True)
+)
 class TrainConfig:
-    """Everything one training run depends on; saved as ``config.yaml`` in the run folder."""
+    """Everything one training run depends on; saved as ``config.yaml`` in the run folder.
+
+    A pydantic dataclass: every field is typed (``Literal`` for the choices) and checked on
+    construction and assignment, so a bad value fails before any work, naming the field
+    and what it accepts. Build one with :func:`resolve` (preset ← YAML ← flags).
+    """
 
     # --- where ---------------------------------------------------------------------------
     model: str = ""
@@ -50,89 +68,91 @@ class TrainConfig:
     # --- what is trained -----------------------------------------------------------------
     recipe: str = "big-vision"
     """Name of the preset these values started from (informative once resolved)."""
-    trainable: str = "attention"
+    trainable: Literal["attention", "language-model", "all", "lora"] = "attention"
     """``attention``: q,k,v,o of every language-model layer; ``language-model``: the whole
     language model (vision tower and projector frozen); ``all``: everything; ``lora``: LoRA
     adapters only (through peft)."""
-    lora_rank: int = 16
+    lora_rank: AtLeastOne = 16
     """LoRA rank (``trainable: lora``)."""
-    lora_alpha: float = 32.0
+    lora_alpha: Annotated[Float, Field(gt=0)] = 32.0
     """LoRA scaling numerator: updates are scaled by alpha / rank."""
-    lora_dropout: float = 0.0
+    lora_dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.0
     """Dropout on the LoRA branch (0 keeps steps deterministic)."""
     lora_targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """Language-model linear layers that get adapters (the vision tower never does)."""
-    quantize: str = "none"
+    quantize: Literal["none", "4bit"] = "none"
     """``4bit``: frozen language-model linears in NF4 through bitsandbytes (QLoRA; CUDA only)."""
 
     # --- optimisation --------------------------------------------------------------------
-    optimizer: str = "sgd"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     """``sgd`` or ``adamw``."""
-    lr: float = 0.01
+    lr: NonNegativeFloat = 0.01
     """Peak learning rate."""
-    momentum: float = 0.0
+    momentum: NonNegativeFloat = 0.0
     """SGD momentum (big_vision's recipe: none)."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegativeFloat = 0.0
     """Decoupled weight decay (AdamW) or L2 (SGD)."""
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_betas: Annotated[list[Float], Field(min_length=2, max_length=2)] = field(
+        default_factory=lambda: [0.9, 0.999]
+    )
     """AdamW's (beta1, beta2)."""
-    adam_eps: float = 1e-8
+    adam_eps: Annotated[Float, Field(gt=0)] = 1e-8
     """AdamW's epsilon."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up: ``cosine`` or ``linear`` to 0, or ``constant``."""
-    warmup: float = 0.1
+    warmup: Annotated[Float, Field(ge=0, lt=1)] = 0.1
     """Fraction of the steps with a linear warm-up from 0 (big_vision: ``int(0.1 * steps)``)."""
-    batch_size: int = 8
+    batch_size: AtLeastOne = 8
     """Global batch: examples per optimiser step, over all processes and accumulation steps."""
-    grad_accum: int = 1
+    grad_accum: AtLeastOne = 1
     """Micro-batches per optimiser step (each process); batch_size must divide evenly."""
-    examples: int = 512
+    examples: AtLeastOne = 512
     """Training examples seen in total; steps = examples // batch_size (data repeats as needed)."""
-    max_length: int = 128
+    max_length: Annotated[int, Field(ge=4)] = 128
     """Text tokens per example (prefix + suffix, image tokens not counted); longer is cut."""
-    loss: str = "example"
+    loss: Literal["example", "token"] = "example"
     """``example``: mean NLL over each example's suffix tokens, then mean over the batch
     (big_vision); ``token``: mean over all suffix tokens of the batch."""
-    location_sigma: float = 0.0
+    location_sigma: NonNegativeFloat = 0.0
     """Train ``<loc>`` targets against a Gaussian of this width (in bins of 1024) around the
     true bin instead of one-hot, so near misses cost less than far ones; 0 (default) is the
     original loss. Helps a model that cannot localise yet; decoding is unchanged."""
-    grad_clip: float = 0.0
+    grad_clip: NonNegativeFloat = 0.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
     activation_checkpointing: bool = False
     """Recompute layer activations in the backward pass: less memory, about 30% slower."""
-    loss_chunk_tokens: int = 0
+    loss_chunk_tokens: NonNegative = 0
     """Suffix tokens per lm_head chunk in the loss; 0 picks a size for ~512 MB of float32 logits."""
 
     # --- data augmentation ----------------------------------------------------------------
     shuffle_objects: bool = False
     """Randomly reorder the ``;``-separated objects of each suffix."""
-    hflip: float = 0.0
+    hflip: Probability = 0.0
     """Probability of a horizontal flip, boxes mirrored."""
-    jitter: float = 0.0
+    jitter: NonNegativeFloat = 0.0
     """Brightness/contrast jitter strength (0.1 = ±10%); 0 turns it off."""
     cache_image_features: bool = True
     """Compute image embeddings once per image and reuse them, when the vision tower and
     projector are frozen and no image augmentation is on (identical results, faster)."""
 
     # --- evaluation, checkpoints, logs ----------------------------------------------------
-    eval_every: int = 0
+    eval_every: NonNegative = 0
     """Evaluate on the whole validation split every N steps; 0 means steps // 8 (at least 1)."""
-    eval_batch_size: int = 8
+    eval_batch_size: AtLeastOne = 8
     """Examples per batch during evaluation."""
-    eval_max_new_tokens: int = 64
+    eval_max_new_tokens: AtLeastOne = 64
     """Longest greedy decode during evaluation (parse rate / mAP)."""
     eval_decode: bool = True
     """Decode the validation split (parse rate, mAP when available), not only its loss."""
-    checkpoint_every: int = 0
+    checkpoint_every: NonNegative = 0
     """Write a resumable checkpoint every N steps; 0 means at each evaluation."""
-    keep_last: int = 2
-    """Resumable checkpoints kept (older ones deleted); best/ and last/ are kept apart."""
+    keep_last: AtLeastOne = 2
+    """Resumable checkpoints kept (older ones deleted; resuming needs one); best/ and last/ are kept apart."""
     export_npz: bool = False
     """Also write last/ as a big_vision ``.npz`` (``model.npz``)."""
-    log_every: int = 1
+    log_every: AtLeastOne = 1
     """Write a metrics.jsonl / TensorBoard point every N steps."""
     progress: bool = True
     """Show a progress bar on the main process."""
@@ -140,12 +160,24 @@ class TrainConfig:
     # --- runtime --------------------------------------------------------------------------
     seed: int = 0
     """Seeds data order, augmentations and any randomness in the model."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "float32"] = "auto"
     """``auto``: bf16 autocast on GPU, float32 on CPU; ``bf16`` or ``float32`` to force."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``, ``cpu``, ``cuda`` (a launcher's LOCAL_RANK picks the GPU)."""
-    distributed: str = "ddp"
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     """With several processes: ``ddp`` (replicated) or ``fsdp`` (sharded; for ``all``)."""
+
+    @model_validator(mode="after")
+    def _fits_together(self) -> TrainConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.steps < 1:
+            raise ValueError(f"examples ({self.examples}) must be at least batch_size ({self.batch_size})")
+        if self.quantize == "4bit" and self.trainable != "lora":
+            raise ValueError(
+                "quantize: 4bit needs trainable: lora (4-bit weights cannot be trained directly)"
+            )
+        return self
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -172,51 +204,12 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def validate(self) -> TrainConfig:
-        """Raise :class:`ConfigError` on values that cannot work; return self."""
-        _choice("trainable", self.trainable, TRAINABLE_CHOICES)
-        _choice("optimizer", self.optimizer, OPTIMIZER_CHOICES)
-        _choice("schedule", self.schedule, SCHEDULE_CHOICES)
-        _choice("loss", self.loss, LOSS_CHOICES)
-        _choice("precision", self.precision, PRECISION_CHOICES)
-        _choice("quantize", self.quantize, QUANTIZE_CHOICES)
-        _choice("distributed", self.distributed, DISTRIBUTED_CHOICES)
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("batch_size and grad_accum must be at least 1")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(
-                f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
-            )
-        if self.steps < 1:
-            raise ConfigError(f"examples ({self.examples}) must be at least batch_size ({self.batch_size})")
-        if self.lr < 0 or not 0 <= self.warmup < 1:
-            raise ConfigError("lr must be ≥ 0 and warmup a fraction in [0, 1)")
-        if self.max_length < 4:
-            raise ConfigError(f"max_length {self.max_length} is too short for a prompt and a target")
-        if not 0 <= self.hflip <= 1 or self.jitter < 0:
-            raise ConfigError("hflip is a probability in [0, 1] and jitter must be ≥ 0")
-        if self.quantize == "4bit" and self.trainable != "lora":
-            raise ConfigError(
-                "quantize: 4bit needs trainable: lora (4-bit weights cannot be trained directly)"
-            )
-        if len(self.adam_betas) != 2:
-            raise ConfigError("adam_betas takes two numbers")
-        if self.keep_last < 1:
-            raise ConfigError("keep_last must be at least 1 (resuming needs a checkpoint)")
-        for name in ("log_every", "eval_batch_size", "eval_max_new_tokens", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "loss_chunk_tokens", "grad_clip", "momentum",
-                     "weight_decay", "location_sigma"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        if not 0 <= self.lora_dropout < 1 or self.lora_alpha <= 0 or self.adam_eps <= 0:
-            raise ConfigError("lora_dropout is a probability in [0, 1); lora_alpha and adam_eps must be > 0")
+        """Check the config again (e.g. after a list field was changed in place); return self.
+
+        Raises :class:`ConfigError` naming the field and what it accepts.
+        """
+        build(self.to_dict())
         return self
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
 
 
 # Each preset lists only what differs from TrainConfig's defaults (which ARE big-vision).
@@ -258,28 +251,109 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+# Where a value came from, for error messages: (file, line) for YAML keys.
+_Sources = dict[str, tuple[Path, int | None]]
+
+
+def build(
+    values: dict[str, Any], *, file: str | Path | None = None, lines: _Sources | None = None
+) -> TrainConfig:
+    """``TrainConfig(**values)``, a mistake raised as one :class:`ConfigError` line.
+
+    The message names the field, what it accepts and what it got; for a value read from a
+    YAML file (``lines``: field → (file, line)) it starts with ``file:line``; ``file`` names
+    the recipe file for mistakes that involve several fields.
+    """
+    lines = lines or {}
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        import difflib
+
+        hints = [difflib.get_close_matches(name, _FIELDS, n=1) for name in unknown]
+        named = ", ".join(f"{u} (did you mean {h[0]}?)" if h else u for u, h in zip(unknown, hints))
+        path, line = lines.get(unknown[0], (file, None))
+        raise ConfigError(f"unknown config field(s): {named}", path=path, line=line)
+    try:
+        return TrainConfig(**values)
+    except ValidationError as error:
+        problems, path, line = [], file, None
+        for item in error.errors():
+            name = str(item["loc"][0]) if item["loc"] else None
+            message = item["msg"].removeprefix("Value error, ")
+            message = message[:1].lower() + message[1:]
+            if name is None:
+                problems.append(message)
+                continue
+            problems.append(f"{name}: {message}, got {item['input']!r}")
+            if path is file and name in lines:
+                path, line = lines[name]
+        raise ConfigError("; ".join(problems), path=path, line=line) from None
+
 
 def preset(name: str) -> TrainConfig:
     """The named preset as a config (``ConfigError`` naming the choices if unknown)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(PRESETS)}")
-    return dataclasses.replace(TrainConfig(), recipe=name, **PRESETS[name])
+    return build({"recipe": name, **PRESETS[name]})
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], _Sources]:
+    """A recipe YAML file as ``(field overrides, field → (file, line))``.
+
+    Mistakes in the file itself are one :class:`ConfigError` line with ``file:line``: not
+    found, YAML syntax, a key given twice, not a mapping.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError("config file not found", path=path) from None
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except _DuplicateKey as error:
+        raise ConfigError(f"{error.key!r} is given twice", path=path, line=error.line) from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" (column {mark.column + 1})" if mark is not None else ""
+        problem = error.problem or error.context or "syntax error"
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(f"not valid YAML: {problem}{where}", path=path, line=line) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"not valid YAML: {' '.join(str(error).split())}", path=path) from None
+    finally:
+        loader.dispose()
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise ConfigError("a recipe file holds a mapping of field: value", path=path)
+    lines = {str(k.value): (path, k.start_mark.line + 1) for k, _ in node.value}
+    return data, lines
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a recipe YAML file into a dict of field overrides."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError("config file not found", path=path) from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"not valid YAML: {error}", path=path) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError("a recipe file holds a mapping of field: value", path=path)
-    return data
+    """Read a recipe YAML file into a dict of field overrides (see :func:`read_yaml`)."""
+    return read_yaml(path)[0]
 
 
 def resolve(
@@ -291,37 +365,15 @@ def resolve(
 
     ``overrides`` with value ``None`` are ignored (flags the user did not give).
     """
-    from_file = load_yaml(config_file) if config_file is not None else {}
+    from_file, lines = read_yaml(config_file) if config_file is not None else ({}, {})
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     name = given.pop("recipe", None) or recipe or from_file.get("recipe") or "big-vision"
-    config = preset(name)
+    base = preset(name).to_dict()
     values = {k: v for k, v in from_file.items() if k != "recipe"}
+    for key in given:  # a flag overrides the file: its mistakes are the flag's
+        lines.pop(key, None)
     values.update(given)
-    unknown = sorted(set(values) - set(_FIELDS))
-    if unknown:
-        where = f" in {config_file}" if config_file else ""
-        raise ConfigError(f"unknown config field(s){where}: {', '.join(unknown)}")
-    for key, value in values.items():
-        setattr(config, key, _coerce(key, value))
-    return config.validate()
-
-
-def _coerce(key: str, value: Any) -> Any:
-    """Check a YAML/flag value against the field's default type (ints accepted for floats)."""
-    default = getattr(TrainConfig(), key)
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if isinstance(default, float) and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(default, list) and isinstance(value, list | tuple):
-        return list(value)
-    if (isinstance(default, str) or default is None) and (value is None or isinstance(value, str)):
-        return value
-    raise ConfigError(f"{key}: expected {type(default).__name__}, got {value!r}")
+    return build({**base, **values, "recipe": name}, file=config_file, lines=lines)
 
 
 def from_run(run_dir: str | Path) -> TrainConfig:
@@ -329,14 +381,33 @@ def from_run(run_dir: str | Path) -> TrainConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError("not a run folder (no config.yaml)", path=run_dir)
-    values = load_yaml(path)
-    config = TrainConfig()
-    unknown = sorted(set(values) - set(_FIELDS))
-    if unknown:
-        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}", path=path)
-    for key, value in values.items():
-        setattr(config, key, _coerce(key, value))
-    return config.validate()
+    values, lines = read_yaml(path)
+    return build(values, file=path, lines=lines)
+
+
+def for_command(
+    recipe: str | None,
+    config_file: str | Path | None,
+    flags: dict[str, Any],
+    *,
+    resume: str | Path | None = None,
+) -> TrainConfig:
+    """The config the ``train`` verb runs: ``resume`` alone, or preset ← file ← flags.
+
+    ``flags`` holds every recipe field the user gave (``model``/``data``/``out`` included;
+    ``None`` = not given). ``model``, ``data`` and ``out`` may come from the file.
+    """
+    given = {k: v for k, v in flags.items() if v is not None}
+    if resume is not None:
+        if given or recipe or config_file:
+            raise ConfigError("--resume RUN continues RUN with its saved config.yaml; give no other flags")
+        return from_run(resume)
+    config = resolve(recipe, config_file, given)
+    missing = [f"--{name}" for name in ("model", "data", "out") if not getattr(config, name)]
+    if missing:
+        where = f" (or in {config_file})" if config_file else ""
+        raise ConfigError(f"train needs {', '.join(missing)}{where}, or --resume RUN")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,65 +415,56 @@ def from_run(run_dir: str | Path) -> TrainConfig:
 
 # Given on the command line as verb arguments of their own, not as recipe fields.
 _NOT_FLAGS = {"model", "data", "out", "recipe"}
-_CHOICES = {
-    "trainable": TRAINABLE_CHOICES,
-    "optimizer": OPTIMIZER_CHOICES,
-    "schedule": SCHEDULE_CHOICES,
-    "loss": LOSS_CHOICES,
-    "precision": PRECISION_CHOICES,
-    "quantize": QUANTIZE_CHOICES,
-    "distributed": DISTRIBUTED_CHOICES,
-}
 
 
 def field_docs() -> dict[str, str]:
-    """Each field's docstring (the string literal under its declaration), by name."""
-    import ast
-    import inspect
-    import itertools
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
-    body = tree.body[0].body
-    docs = {}
-    for node, following in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(following.value.value.split())
-    return docs
+    """Each field's docstring (pydantic reads it into the field's description), by name."""
+    return {
+        name: " ".join((info.description or "").split())
+        for name, info in TrainConfig.__pydantic_fields__.items()  # type: ignore[attr-defined]
+    }
 
 
-def add_flags(parser) -> None:
+def _flag_type(annotation: Any) -> tuple[Any, tuple[str, ...] | None, bool]:
+    """``(type, choices, is_list)`` of an argparse flag for a field's annotation."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _flag_type(typing.get_args(annotation)[0])
+    if origin is Literal:
+        return str, tuple(typing.get_args(annotation)), False
+    if origin in (typing.Union, types.UnionType):
+        return _flag_type(next(a for a in typing.get_args(annotation) if a is not type(None)))
+    if origin is list:
+        kind, _, _ = _flag_type(typing.get_args(annotation)[0])
+        return kind, None, True
+    return annotation, None, False
+
+
+def add_flags(parser: Any) -> None:
     """Add ``--<field>`` (underscores as dashes) for every field to an argparse parser.
 
     Every flag defaults to ``None`` = "not given", so that only what the user typed overrides
-    the preset and the YAML file. Booleans get ``--x`` / ``--no-x``.
+    the preset and the YAML file. Booleans get ``--x`` / ``--no-x``; choices come from the
+    field's ``Literal`` type, help from its docstring.
     """
     import argparse
 
     docs = field_docs()
+    defaults = TrainConfig()
     group = parser.add_argument_group("recipe fields (override the preset and --config)")
-    for name in _FIELDS:
+    for name, info in TrainConfig.__pydantic_fields__.items():  # type: ignore[attr-defined]
         if name in _NOT_FLAGS:
             continue
-        default = getattr(TrainConfig(), name)
         flag = "--" + name.replace("_", "-")
-        text = f"{docs.get(name, '')} [big-vision: {default}]".replace("%", "%%")
-        if isinstance(default, bool):
+        text = f"{docs.get(name, '')} [big-vision: {getattr(defaults, name)}]".replace("%", "%%")
+        kind, choices, is_list = _flag_type(info.annotation)
+        if kind is bool:
             group.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text
             )
-        elif isinstance(default, list):
-            kind = type(default[0]) if default else str
+        elif is_list:
             group.add_argument(flag, dest=name, nargs="+", type=kind, default=None, help=text)
         else:
-            kind = type(default) if default is not None else str
-            choices = _CHOICES.get(name)
             group.add_argument(
                 flag,
                 dest=name,
@@ -414,7 +476,7 @@ def add_flags(parser) -> None:
             )
 
 
-def overrides(args) -> dict[str, Any]:
+def overrides(args: Any) -> dict[str, Any]:
     """The recipe fields an argparse namespace sets (``None`` = not given, dropped)."""
     values = {name: getattr(args, name, None) for name in _FIELDS if name not in _NOT_FLAGS}
     return {k: v for k, v in values.items() if v is not None}

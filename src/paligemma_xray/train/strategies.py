@@ -17,16 +17,26 @@ are cast, never buffers: a bf16 rotary ``inv_freq`` would shift every position.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from paligemma_xray.errors import ConfigError
-from paligemma_xray.train.loss import unwrap
 from paligemma_xray.train.recipes import TrainConfig
+
+if TYPE_CHECKING:
+    from transformers import PaliGemmaForConditionalGeneration
 
 _ATTENTION = re.compile(r"(^|\.)language_model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.(weight|bias)$")
 _LANGUAGE_MODEL = re.compile(r"(^|\.)language_model\.")
+
+
+def unwrap(model: nn.Module) -> PaliGemmaForConditionalGeneration:
+    """The ``PaliGemmaForConditionalGeneration`` inside a peft wrapper (or the model itself)."""
+    if hasattr(model, "get_base_model"):
+        return cast("PaliGemmaForConditionalGeneration", model.get_base_model())
+    return cast("PaliGemmaForConditionalGeneration", model)
 
 
 def trainable_names(model: nn.Module, trainable: str) -> list[str]:
