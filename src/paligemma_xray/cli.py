@@ -128,14 +128,16 @@ def _add_data(verbs) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from paligemma_xray import train
+    from paligemma_xray.report.progress import write_progress
 
     flags = {**train.recipes.overrides(args), "model": args.model, "data": args.data, "out": args.out}
     config = train.recipes.for_command(args.recipe, args.config, flags, resume=args.resume)
-    summary = train.run(config, resume=args.resume is not None)
+    summary = train.run(config, resume=args.resume is not None, on_validation=write_progress)
     best = f"{summary.best_metric} {summary.best_value:.4f} at step {summary.best_step}" if (
         summary.best_value is not None) else "no evaluation"
     loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
-    print(f"trained {summary.steps} steps into {summary.run_dir}: final loss {loss}, best {best}")
+    stopped = " (early stop)" if summary.stopped_early else ""
+    print(f"trained {summary.steps} steps{stopped} into {summary.run_dir}: final loss {loss}, best {best}")
     return 0
 
 

@@ -135,3 +135,26 @@ def reliability_plot(series: Sequence[tuple[str, dict | None]], title: str = "Re
     axes.grid(alpha=0.3)
     axes.legend(loc="upper left", fontsize=8)
     return _svg(figure)
+
+
+def metric_plot(rows: Sequence[dict], keys: Sequence[str], title: str) -> str | None:
+    """``keys`` of a run's evaluation rows (``kind == "eval"``) against the step (None: none logged)."""
+    figure, axes = plt.subplots(figsize=(5.2, 3.4), dpi=100)
+    drawn = False
+    for k, key in enumerate(keys):
+        points = [
+            (r["step"], r[key])
+            for r in rows
+            if r.get("kind") == "eval" and isinstance(r.get(key), (int, float))
+        ]
+        if points:
+            xs, ys = zip(*points)
+            axes.plot(xs, ys, "-o", ms=3, color=SERIES_COLOURS[k % len(SERIES_COLOURS)], label=key)
+            drawn = True
+    if not drawn:
+        plt.close(figure)
+        return None
+    axes.set(xlabel="step", title=title, ylim=(0, 1.02))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _svg(figure)
