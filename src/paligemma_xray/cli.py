@@ -182,6 +182,9 @@ def _detector(args: argparse.Namespace):
 
 
 def _detector_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="images decoded together (default 8)")
+    _model_flags(p, several=True)
     p.add_argument("--tta", action="append", choices=["hflip"], default=None,
                    help="test-time augmentation: also detect on the mirrored image and fuse the boxes\n"
                         "(mirrored back) with the plain answer")
@@ -191,9 +194,6 @@ def _detector_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge-duplicates", choices=["nms", "wbf"], default=None,
                    help="merge each answer's own near-duplicate boxes (IoU >= 0.7) before anything else\n"
                         "(default: off)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B",
-                   help="images decoded together (default 8)")
-    _model_flags(p, several=True)
 
 
 def _model_flags(p: argparse.ArgumentParser, several: bool = False) -> None:
