@@ -218,3 +218,18 @@ def test_ensemble_and_tta_evaluate_and_compare_without_touching_the_model(
     assert set(comparison["differences"]) >= {"map50", "froc_score", "image_sensitivity", "image_specificity"}
     assert comparison["differences"]["map50"]["value"] == pytest.approx(fused["map50"] - plain["map50"])
     assert "Comparison" in (tmp_path / "fused" / "report.html").read_text()
+
+
+def test_operating_point_on_the_valid_split_itself_decodes_it_once(
+    tiny_boxes_hf_dir, synthetic_dataset, tmp_path
+):
+    before = sorted(p.name for p in Path(tiny_boxes_hf_dir).iterdir())
+    out = tmp_path / "ev"
+    argv = ["evaluate", "--model", str(tiny_boxes_hf_dir), "--data", str(synthetic_dataset),
+            "--split", "valid", "--out", str(out), "--bootstrap", "0", "--operating-point", "f1",
+            "--no-save-calibration"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "valid" and metrics["threshold"] == metrics["best_f1_threshold"]
+    assert (out / "predictions.jsonl").read_text() == (out / "valid" / "predictions.jsonl").read_text()
+    assert sorted(p.name for p in Path(tiny_boxes_hf_dir).iterdir()) == before  # --no-save-calibration

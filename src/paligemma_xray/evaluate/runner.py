@@ -200,10 +200,18 @@ def evaluate(
         threshold = calibration.threshold
 
     started = time.perf_counter()
-    rows, metrics = evaluate_records(
-        detector, records, threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap,
-        seed=seed, desc=f"evaluate {split}", **decoding,
-    )  # fmt: skip
+    if operating_point is not None and split == VALID_DIR:  # decoded already: score it again
+        rows = valid_rows
+        metrics = evaluate_detections(
+            [Detections.from_json(row["ground_truth"]) for row in rows],
+            [Detections.from_json(row["prediction"]) for row in rows],
+            classes, threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap, seed=seed,
+        )  # fmt: skip
+    else:
+        rows, metrics = evaluate_records(
+            detector, records, threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap,
+            seed=seed, desc=f"evaluate {split}", **decoding,
+        )  # fmt: skip
     seconds = time.perf_counter() - started
     if from_point:
         metrics["threshold_source"] = "operating_point"
