@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint browser bench clean
+.PHONY: setup demo test lint browser pacs-deps bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,13 +24,21 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "chromium not installed: browser tests will be skipped"; }
 
+# Orthanc with its DICOMweb plugin (a real PACS for the pacs tests), dicom3tools (dciodvfy, an
+# independent DICOM validator) and DCMTK (dsrdump, a second SR reader); installed when we may.
+pacs-deps:
+	@{ [ -x /usr/sbin/Orthanc ] && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && command -v dciodvfy >/dev/null 2>&1 && command -v dsrdump >/dev/null 2>&1; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools dcmtk >/dev/null) || \
+	  echo "orthanc / orthanc-dicomweb / dicom3tools / dcmtk not installed: the PACS and DICOM validator tests will be skipped"; }
+
 # ruff (lint + format check) and mypy on src/ ([tool.mypy] in pyproject.toml); CI runs it through `make test`.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: setup browser lint
+test: setup browser pacs-deps lint
 	$(VENV)/bin/pytest -n 2 -q $(PYTEST_ARGS)
 
 bench: setup
@@ -38,6 +46,7 @@ bench: setup
 	$(PY) benchmarks/decode.py --out benchmarks/results/decode.json
 	$(PY) benchmarks/serve.py --out benchmarks/results/serve.json
 	$(PY) benchmarks/load_memory.py --out benchmarks/results/load_memory.json
+	$(PY) benchmarks/gpu_suite.py --preset tiny --out benchmarks/results/gpu_suite_cpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

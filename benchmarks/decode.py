@@ -77,6 +77,100 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
+def compare_decoding(
+    model,
+    processor,
+    *,
+    batch_size: int,
+    new_tokens: int,
+    repeats: int,
+    prompt: str = "detect fracture",
+    device: str = "cpu",
+    eos_after: int | None = None,
+) -> dict:
+    """Time ``Detector`` against ``generate`` on one prompt batch of random images.
+
+    Returns the tokens check (``same_tokens_as_generate``), latency and images/s of each
+    side (median of ``repeats`` interleaved runs after one warm-up) and their ratio.
+    ``benchmarks/gpu_suite.py`` calls this at several batch sizes.
+    """
+    dtype = next(model.parameters()).dtype
+    detector = Detector(model, processor, box_or_stop=False, batch_size=batch_size)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(batch_size)]
+
+    from paligemma_xray.model.processing import build_batch
+
+    batch = build_batch(processor, images, [prompt] * batch_size)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    eos = [processor.tokenizer.eos_token_id]
+    if eos_after is not None:
+        probe = detector.generate(images, prompt, max_new_tokens=eos_after + 1)
+        eos = sorted({g.tokens[-1] for g in probe if len(g.tokens) > eos_after})
+        detector._eos = eos
+
+    def ours():
+        return detector.generate(images, prompt, max_new_tokens=new_tokens)
+
+    def theirs(prepared=None):
+        # Images in, tokens and text out, like our side: preprocessing and detokenising count.
+        inputs = prepared or {
+            k: v.to(device) for k, v in build_batch(processor, images, [prompt] * batch_size).items()
+        }
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )
+        processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return out
+
+    detect_detector = Detector(model, processor, box_or_stop=True, batch_size=batch_size)
+    detect_detector._eos = eos
+
+    def detect():
+        return detect_detector.detect(images, prompt, max_new_tokens=new_tokens)
+
+    # Same tokens? (the comparison is only fair if both do the same work)
+    mine = [g.tokens for g in ours()]
+    reference = theirs(dict(batch))[:, batch["input_ids"].shape[1] :].tolist()
+    reference = [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in reference]
+    same = mine == reference
+
+    times: dict[str, list[float]] = {"detector": [], "generate": [], "detect": []}
+    for fn in (ours, theirs, detect):  # warm-up
+        timed(fn, device)
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit both
+        times["detector"].append(timed(ours, device))
+        times["generate"].append(timed(theirs, device))
+        times["detect"].append(timed(detect, device))
+
+    def summary(values):
+        median = statistics.median(values)
+        return {
+            "latency_s": round(median, 5),
+            "images_per_s": round(batch_size / median, 3),
+            "runs_s": [round(v, 5) for v in values],
+        }
+
+    return {
+        "batch": batch_size,
+        "new_tokens": new_tokens,
+        "prompt": prompt,
+        "tokens_generated": sum(len(t) for t in mine),
+        "same_tokens_as_generate": same,
+        "detector": summary(times["detector"]),
+        "generate": summary(times["generate"]),
+        "detect_with_box_or_stop": summary(times["detect"]),
+        "speedup": round(statistics.median(times["generate"]) / statistics.median(times["detector"]), 3),
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -105,87 +199,19 @@ def main(argv=None) -> int:
         model, processor = load(args.model, dtype=dtype, device=args.device)
     else:
         model, processor = build(args.preset, args.device, dtype)
-    detector = Detector(model, processor, box_or_stop=False, batch_size=args.batch)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(args.batch)]
-
-    from paligemma_xray.model.processing import build_batch
-
-    batch = build_batch(processor, images, [args.prompt] * args.batch)
-    batch = {k: v.to(args.device) for k, v in batch.items()}
-    batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    eos = [processor.tokenizer.eos_token_id]
-    if args.eos_after is not None:
-        probe = detector.generate(images, args.prompt, max_new_tokens=args.eos_after + 1)
-        eos = sorted({g.tokens[-1] for g in probe if len(g.tokens) > args.eos_after})
-        detector._eos = eos
-
-    def ours():
-        return detector.generate(images, args.prompt, max_new_tokens=args.new_tokens)
-
-    def theirs(prepared=None):
-        # Images in, tokens and text out, like our side: preprocessing and detokenising count.
-        inputs = prepared or {
-            k: v.to(args.device)
-            for k, v in build_batch(processor, images, [args.prompt] * args.batch).items()
-        }
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        with torch.inference_mode():
-            out = model.generate(
-                **inputs,
-                max_new_tokens=args.new_tokens,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=processor.tokenizer.pad_token_id,
-            )
-        processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        return out
-
-    detect_detector = Detector(model, processor, box_or_stop=True, batch_size=args.batch)
-    detect_detector._eos = eos
-
-    def detect():
-        return detect_detector.detect(images, args.prompt, max_new_tokens=args.new_tokens)
-
-    # Same tokens? (the comparison is only fair if both do the same work)
-    mine = [g.tokens for g in ours()]
-    reference = theirs(dict(batch))[:, batch["input_ids"].shape[1] :].tolist()
-    reference = [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in reference]
-    same = mine == reference
-
-    times: dict[str, list[float]] = {"detector": [], "generate": [], "detect": []}
-    for fn in (ours, theirs, detect):  # warm-up
-        timed(fn, args.device)
-    for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both
-        times["detector"].append(timed(ours, args.device))
-        times["generate"].append(timed(theirs, args.device))
-        times["detect"].append(timed(detect, args.device))
-
-    def summary(values):
-        median = statistics.median(values)
-        return {
-            "latency_s": round(median, 5),
-            "images_per_s": round(args.batch / median, 3),
-            "runs_s": [round(v, 5) for v in values],
-        }
-
     result = {
         "preset": args.model or args.preset,
         "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
         "dtype": args.dtype,
-        "batch": args.batch,
-        "new_tokens": args.new_tokens,
-        "prompt": args.prompt,
-        "tokens_generated": sum(len(t) for t in mine),
-        "same_tokens_as_generate": same,
-        "detector": summary(times["detector"]),
-        "generate": summary(times["generate"]),
-        "detect_with_box_or_stop": summary(times["detect"]),
-        "speedup": round(statistics.median(times["generate"]) / statistics.median(times["detector"]), 3),
+        **compare_decoding(
+            model, processor, batch_size=args.batch, new_tokens=args.new_tokens, repeats=args.repeats,
+            prompt=args.prompt, device=args.device, eos_after=args.eos_after,
+        ),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
-    }
+    }  # fmt: skip
+    same = result["same_tokens_as_generate"]
     write_result(result, args.out)
     return 0 if same else 1
 

@@ -27,4 +27,17 @@ def _modules_with_examples() -> list[str]:
 @pytest.mark.parametrize("name", _modules_with_examples())
 def test_docstring_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} shows '>>>' but no example ran"  # e.g. one doctest cannot find
     assert result.failed == 0
+
+
+def test_no_example_is_only_a_comment():
+    """``>>> # f(x)`` passes as a doctest and tests nothing: write it as a literal block instead."""
+    root = Path(paligemma_xray.__file__).parent
+    commented = [
+        f"{path.relative_to(root)}:{number}"
+        for path in sorted(root.rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if line.strip().startswith(">>> #")
+    ]
+    assert commented == []

@@ -152,7 +152,7 @@ def _add_train(verbs) -> None:
                           "cosine with 10% warm-up, batch 8, 512 examples, text length 128.\n"
                           "Values: preset (--recipe) < --config YAML < flags. Several GPUs:\n"
                           "  torchrun --nproc_per_node N -m paligemma_xray.cli train ...")
-    p.add_argument("--model", metavar="M", help="base checkpoint: HF folder or big_vision .npz")
+    p.add_argument("--model", metavar="M", help="base " + _MODEL_HELP)
     p.add_argument("--data", metavar="D", help="data set folder (Roboflow 'paligemma' export or similar)")
     p.add_argument("--out", metavar="RUN", help="run folder to create")
     p.add_argument("--recipe", choices=list(PRESETS), default=None,
@@ -172,13 +172,24 @@ def _detector(args: argparse.Namespace):
 
     models = args.model if isinstance(args.model, list) else [args.model]
     detectors = [Detector.load(m, device=args.device, dtype=args.dtype, box_or_stop=not args.plain_greedy,
-                               min_box_probability=args.min_box_probability, batch_size=args.batch_size)
+                               min_box_probability=args.min_box_probability, batch_size=args.batch_size,
+                               revision=args.revision, attention=args.attention)
                  for m in models]
     if len(detectors) == 1 and not args.tta and not args.merge_duplicates:
         return detectors[0]
     from paligemma_xray.infer.fusion import FusedDetector
 
     return FusedDetector(detectors, tta=args.tta or (), method=args.fusion, merge=args.merge_duplicates)
+
+
+_MODEL_HELP = ("checkpoint: HF folder, big_vision .npz, run folder, or a model name: Hugging Face\n"
+               "Hub id (google/paligemma2-3b-pt-224) or Kaggle handle\n"
+               "(kaggle:google/paligemma/jax/paligemma-3b-pt-224)")
+
+
+def _revision_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", metavar="R", default=None,
+                   help="of a Hub id: branch, tag or commit (default main); of a kaggle: handle: version")
 
 
 def _detector_flags(p: argparse.ArgumentParser) -> None:
@@ -200,16 +211,20 @@ def _model_flags(p: argparse.ArgumentParser, several: bool = False) -> None:
     """The flags of ``Detector.load`` (predict, evaluate, serve); ``several``: an ensemble may be given."""
     if several:
         p.add_argument("--model", metavar="M", required=True, action="append",
-                       help="checkpoint: HF folder or big_vision .npz; give it several times for an\n"
-                            "ensemble, whose answers are fused per image (--fusion)")
+                       help=_MODEL_HELP + ";\ngive it several times for an ensemble, whose answers are\n"
+                            "fused per image (--fusion)")
     else:
-        p.add_argument("--model", metavar="M", required=True, help="checkpoint: HF folder or big_vision .npz")
+        p.add_argument("--model", metavar="M", required=True, help=_MODEL_HELP)
+    _revision_flag(p)
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="longest answer in tokens (default 64: about 8 boxes)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: CUDA when available; one GPU per rank "
                                     "under torchrun)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights' dtype (default: the checkpoint's)")
+    p.add_argument("--attention", choices=["sdpa", "eager"], default=None,
+                   help="attention kernel (default: transformers' own, sdpa; eager turns the fused\n"
+                        "kernel off, same tokens)")
     p.add_argument("--plain-greedy", action="store_true",
                    help="turn off 'emit a box or stop' (all location tokens' total probability against "
                         "EOS where a box may start): plain greedy decoding, as model.generate does")
@@ -235,12 +250,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = predict(
         detector, args.paths, args.out, prompt=args.prompt, threshold=threshold,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, resume=args.resume,
-        annotated=not args.no_images,
+        annotated=not args.no_images, dicom_sr=args.dicom_sr, secondary_capture=args.secondary_capture,
+        workers=args.workers,
         on_answer=(lambda name, text: print(f"{name}\t{text.strip()}", flush=True)) if free_form else None,
     )
     if "images" in summary:
         print(f"predicted {summary['predicted']} image(s) into {summary['out']} "
               f"({summary['images']} with detections files, {summary['boxes']} boxes)", file=sys.stderr)
+    if "dicom_sr" in summary:
+        print(f"wrote DICOM for {summary['dicom_sr']} DICOM image(s); {summary['not_dicom']} input(s) "
+              "were not DICOM and got none", file=sys.stderr)
     return 0
 
 
@@ -265,6 +284,74 @@ def _add_predict(verbs) -> None:
                         "'answer en is there a fracture?')")
     p.add_argument("--resume", action="store_true", help="skip images whose OUT/json file exists")
     p.add_argument("--no-images", action="store_true", help="do not write annotated PNGs")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="threads decoding the next images, and as many writing the finished ones' files,\n"
+                        "while the model works (default: up to 4; 0: all on the main thread)")
+    p.add_argument("--dicom-sr", action="store_true",
+                   help="for each DICOM input also write OUT/dicom-sr/<name>.sr.dcm: a DICOM Structured\n"
+                        "Report (TID 1500) with one region per box, for PACS and viewers")
+    p.add_argument("--secondary-capture", action="store_true",
+                   help="for each DICOM input also write OUT/dicom-sc/<name>.sc.dcm: the image with its\n"
+                        "boxes drawn, as a DICOM Secondary Capture (for viewers without SR)")
+
+
+def cmd_pacs(args: argparse.Namespace) -> int:
+    from paligemma_xray import pacs
+
+    credentials = pacs.load_credentials(args.credentials)
+    since, modalities = pacs.parse_since(args.since), pacs.parse_modalities(args.modality)
+    pacs.connect(args.url, credentials)  # a bad URL is refused before the model loads
+    detector = _detector(args)
+    totals = pacs.run(
+        detector, args.url, studies=args.study, since=since, modalities=modalities, prompt=args.prompt,
+        threshold=args.threshold, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        secondary_capture=args.secondary_capture, state_path=args.state, credentials=credentials,
+        retries=args.retries, backoff_s=args.backoff, timeout_s=args.timeout, watch=args.watch,
+        interval_s=args.interval, log=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    print(f"pacs: {totals['studies']} study(ies) processed, {totals['images']} image(s) detected, "
+          f"{totals['srs']} SR(s) stored; skipped {totals['skipped_studies']} study(ies) and "
+          f"{totals['skipped_images']} image(s) that already had our report", file=sys.stderr)
+    return 0
+
+
+def _add_pacs(verbs) -> None:
+    from paligemma_xray import pacs
+
+    p = _verb(verbs, "pacs", cmd_pacs,
+              help="detect on a PACS's radiographs over DICOMweb and store DICOM SRs back",
+              description="Query studies on the DICOMweb server URL (QIDO-RS), retrieve their CR/DX images\n"
+                          "(WADO-RS), detect, and store one DICOM SR per image back in the study\n"
+                          "(STOW-RS), in a series of its own. Never changes or deletes anything else.\n"
+                          "Idempotent (images that already have our SR for this model are skipped) and\n"
+                          "resumable (--state). Credentials: $" + pacs.ENV_USER + " and $" + pacs.ENV_PASSWORD
+                          + ",\nor $" + pacs.ENV_TOKEN + ", or --credentials FILE; never printed.")
+    p.add_argument("--url", required=True, metavar="URL",
+                   help="DICOMweb root, e.g. http://orthanc:8042/dicom-web")
+    p.add_argument("--study", action="append", metavar="UID",
+                   help="only this Study Instance UID (repeatable; default: every study)")
+    p.add_argument("--since", metavar="DATE", help="only studies from DATE (YYYY-MM-DD) on, by Study Date")
+    p.add_argument("--modality", default=",".join(pacs.DEFAULT_MODALITIES), metavar="M,M",
+                   help="series modalities to detect on (default CR,DX)")
+    _detector_flags(p)
+    p.add_argument("--prompt", default="detect fracture", metavar="P", help="detection prompt")
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="report boxes scored at least T (default: all)")
+    p.add_argument("--secondary-capture", action="store_true",
+                   help="also store the image with its boxes drawn (Secondary Capture)")
+    p.add_argument("--state", default="pacs-state.json", metavar="FILE",
+                   help="progress file for resuming (default ./pacs-state.json)")
+    p.add_argument("--credentials", metavar="FILE",
+                   help='JSON file {"user": …, "password": …} or {"token": …}')
+    p.add_argument("--retries", type=int, default=5, metavar="N",
+                   help="retries of a failed request, with exponential backoff (default 5)")
+    p.add_argument("--backoff", type=float, default=1.0, metavar="S",
+                   help="first wait between retries in seconds, doubled each time (default 1)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="seconds to wait for one HTTP answer (default 60)")
+    p.add_argument("--watch", action="store_true", help="keep polling for new studies (Ctrl-C stops)")
+    p.add_argument("--interval", type=float, default=60.0, metavar="S",
+                   help="seconds between polls with --watch (default 60)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -281,7 +368,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         check_compare(args.compare)
     detector = _detector(args)
     single = len(args.model) == 1 and not args.tta and not args.merge_duplicates
-    save_with = args.model[0] if single and not args.no_save_calibration else None
+    # Saved beside local weights only (a Hub id or kaggle: handle has no folder of ours).
+    local = single and Path(args.model[0]).exists()
+    save_with = args.model[0] if local and not args.no_save_calibration else None
     metrics = evaluate(detector, open_dataset(args.data), args.split, args.out,
                        threshold=args.threshold, iou_threshold=args.iou, operating_point=args.operating_point,
                        calibration_method=args.calibration, save_with_model=save_with,
@@ -401,7 +490,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          api_key=api_key_from_env())
     serve(args.model, host=args.host, port=args.port, config=config, device=args.device, dtype=args.dtype,
           box_or_stop=not args.plain_greedy, min_box_probability=args.min_box_probability,
-          log_level=args.log_level)
+          log_level=args.log_level, revision=args.revision, attention=args.attention)
     return 0
 
 
@@ -438,7 +527,8 @@ def _add_serve(verbs) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from paligemma_xray.model.checkpoints import convert
 
-    print(convert(args.src, args.out, to=args.to, dtype=args.dtype, tokenizer=args.tokenizer))
+    print(convert(args.src, args.out, to=args.to, dtype=args.dtype, tokenizer=args.tokenizer,
+                  revision=args.revision))
     return 0
 
 
@@ -450,7 +540,8 @@ def _add_convert(verbs) -> None:
                           "as an HF save_pretrained folder or a big_vision .npz (its keys, shapes and\n"
                           "dtype; bfloat16 stored as |V2; embedding cut back to the SentencePiece size).\n"
                           "Sizes, depth, heads, resolution and PaliGemma 1/2 are read from the weights.")
-    p.add_argument("src", metavar="IN", help="checkpoint to read")
+    p.add_argument("src", metavar="IN", help="checkpoint to read (path, Hub id or kaggle: handle)")
+    _revision_flag(p)
     p.add_argument("out", metavar="OUT", help="HF folder or .npz file to write")
     p.add_argument("--to", choices=["hf", "npz"], default=None,
                    help="output format (default: npz if OUT ends in .npz, else hf)")
@@ -558,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Each entry adds one top-level verb (with its own sub-verbs where it has them).
 _VERBS: list[Callable] = [
     _add_data, _add_convert, _add_train, _add_predict, _add_evaluate, _add_report, _add_serve, _add_demo,
+    _add_pacs,
 ]
 
 

@@ -6,11 +6,12 @@ import io
 
 import numpy as np
 import pytest
+from dicom_builder import write_dicom as _dicom
 from PIL import Image
 from pydicom import examples
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import RLELossless
 
 from paligemma_xray.data import load_image
 from paligemma_xray.errors import ImageLoadError
@@ -21,23 +22,6 @@ def _phantom(low: int, high: int, shape=(32, 48)) -> np.ndarray:
     arr = np.full(shape, low, dtype=np.uint16)
     arr[:, 16:32] = high
     return arr
-
-
-def _dicom(path, pixels, *, photometric="MONOCHROME2", bits=12, frames=False, **attrs):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.set_pixel_data(pixels, photometric_interpretation=photometric, bits_stored=bits)
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def _bone_vs_background(image: Image.Image) -> tuple[float, float]:
@@ -226,15 +210,7 @@ def test_dicom_compressed_rle(tmp_path):
 
 
 def test_dicom_without_pixel_data_is_an_image_load_error(tmp_path):
-    path = tmp_path / "report.dcm"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.PatientName = "Nobody"
-    ds.save_as(path, enforce_file_format=True)
+    path = _dicom(tmp_path / "report.dcm", None, PatientName="Nobody")
     with pytest.raises(ImageLoadError, match="no pixel data") as info:
         load_image(path)
     assert "report.dcm" in str(info.value)

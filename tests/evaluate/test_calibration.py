@@ -20,7 +20,7 @@ from paligemma_xray.evaluate.metrics import evaluate_detections
 from paligemma_xray.infer.calibration import Calibration, ScoreMap
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_evaluate_metrics import random_set
+from test_metrics import random_set
 
 CLASSES = ["fracture", "cast"]
 

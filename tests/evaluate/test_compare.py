@@ -15,7 +15,7 @@ from paligemma_xray.evaluate.compare import compare_evaluations, compare_models,
 from paligemma_xray.evaluate.metrics import evaluate_detections
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_evaluate_metrics import random_set
+from test_metrics import random_set
 
 CLASSES = ["fracture", "cast"]
 

@@ -116,24 +116,14 @@ def test_predict_empty_folder_and_file_as_output_are_user_errors(tiny_hf_dir, fo
 
 def test_folder_walk_finds_dicom_files_without_an_extension(tmp_path):
     """Scanners write ``IM0001``-style names: they are found by their DICM header, not their name."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from dicom_builder import write_dicom
 
     from paligemma_xray.infer.predict import iter_inputs
 
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.Rows, ds.Columns = 8, 8
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.arange(64, dtype=np.uint16).tobytes()
     scans = tmp_path / "scans"
     scans.mkdir()
-    ds.save_as(scans / "IM0001", enforce_file_format=True)
+    digital_xray = "1.2.840.10008.5.1.4.1.1.1.1"
+    write_dicom(scans / "IM0001", np.arange(64, dtype=np.uint16).reshape(8, 8), sop_class=digital_xray)
     (scans / "README").write_text("not an image")
     (scans / "x.png").write_bytes(b"")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from dicom_builder import write_dicom
 from PIL import Image, ImageDraw
 
-from paligemma_xray.locations import encode, parse
+from paligemma_xray.locations import classes_from_prefix, encode, parse
 
 
 def xray_png(width: int = 96, height: int = 128, seed: int = 0, fmt: str = "PNG") -> bytes:
@@ -25,30 +26,14 @@ def xray_png(width: int = 96, height: int = 128, seed: int = 0, fmt: str = "PNG"
 
 def dicom_bytes(with_pixels: bool, width: int = 64, height: int = 80) -> bytes:
     """A DICOM Part 10 file (CR, 12-bit MONOCHROME2), with or without its pixel data."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR image storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.PatientName = "Synthetic^Phantom"
-    if with_pixels:
-        pixels = (np.arange(width * height, dtype=np.uint16).reshape(height, width) * 7) % 4096
-        ds.Rows, ds.Columns = height, width
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-        ds.PixelRepresentation = 0
-        ds.PixelData = pixels.tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    pixels = (np.arange(width * height, dtype=np.uint16).reshape(height, width) * 7) % 4096
+    return write_dicom(
+        None,
+        pixels if with_pixels else None,
+        modality="CR",
+        sop_class="1.2.840.10008.5.1.4.1.1.1",  # CR image storage
+        PatientName="Synthetic^Phantom",
+    )
 
 
 def bad_corpus() -> dict[str, tuple[bytes, str, str, int]]:
@@ -88,24 +73,30 @@ def bad_corpus() -> dict[str, tuple[bytes, str, str, int]]:
 
 
 class FakeDetector:
-    """The Detector interface with a fixed answer: two boxes, scores 0.9 and 0.2.
+    """The Detector interface with a fixed answer: two boxes, scores 0.9 and 0.2, labelled
+    with the classes the prompt asks for in turn (``detect fracture ; cast``: a fracture, a
+    cast), so that a test sees the prompt reach the model.
 
     Used where the test is about the HTTP contract (status codes, limits, auth), not the
     model; end-to-end tests use the real Detector.
     """
 
     model_id = "fake-detector"
-    TEXT = encode([[10, 20, 40, 60], [50, 10, 90, 30]], ["fracture", "fracture"], (100, 100))
+    BOXES = ([10, 20, 40, 60], [50, 10, 90, 30])
 
     def __init__(self) -> None:
         self.calls: list[int] = []
+        self.prompts: list[str] = []
 
     def detect(self, images, prompt="detect fracture", **kwargs):
         self.calls.append(len(images))
+        self.prompts.append(prompt)
+        classes = classes_from_prefix(prompt) or ["fracture"]
+        labels = [classes[i % len(classes)] for i in range(len(self.BOXES))]
+        text = encode(list(self.BOXES), labels, (100, 100))
         results = []
         for image in images:
-            pieces = [(piece, 0.0) for piece in [self.TEXT]]
-            detections = parse(self.TEXT, (100, 100), ["fracture"], pieces)
+            detections = parse(text, (100, 100), classes, [(text, 0.0)])
             # Rescale the 100×100 answer to the image and give the two boxes fixed scores.
             scale = np.array([image.width / 100, image.height / 100] * 2, np.float32)
             detections.xyxy = detections.xyxy * scale

@@ -57,10 +57,13 @@ def test_detect_returns_pixel_boxes_scores_and_timing(fake_server):
     assert body["preview"] is None
 
 
-def test_threshold_and_prompt_fields(fake_server):
+def test_threshold_and_prompt_fields(fake_server, fake_detector):
     body = post_image(fake_server.url, xray_png(), threshold="0.5", prompt="detect fracture ; cast").json()
     assert body["threshold"] == 0.5 and body["prompt"] == "detect fracture ; cast"
+    assert fake_detector.prompts[-1] == "detect fracture ; cast"  # the model got it, not only the reply
     assert [d["score"] for d in body["detections"]] == [pytest.approx(0.9)]
+    body = post_image(fake_server.url, xray_png(), prompt="detect cast ; fracture").json()
+    assert [d["label"] for d in body["detections"]] == ["cast", "fracture"]
 
 
 def test_preview_is_a_data_url_of_the_decoded_image(fake_server):

@@ -27,10 +27,8 @@ Example:
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import html
-import io
 import json
 import re
 import statistics
@@ -343,37 +341,19 @@ def _leakage(infos: list[_ImageInfo]) -> tuple[list[Problem], list[dict[str, Any
 
 def _gallery(infos: list[_ImageInfo], n: int) -> list[dict[str, Any]]:
     """``n`` examples spread over the splits, with their boxes drawn, as JPEG data URIs."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # supervision warns once that OpenCV is absent
-        import supervision as sv
+    from paligemma_xray.draw import annotate, fit, jpeg_data_uri
 
     usable = [i for i in infos if i.size is not None]
     if n <= 0 or not usable:
         return []
     picks = [usable[int(k)] for k in np.unique(np.linspace(0, len(usable) - 1, min(n, len(usable))).round())]
-    box_annotator = sv.BoxAnnotator(thickness=2)
-    label_annotator = sv.LabelAnnotator(text_scale=0.5, text_padding=3)
     items = []
     for info in picks:
-        image = load_image(info.record.image)
-        scale = min(1.0, 512 / max(image.size))
-        if scale < 1.0:
-            image = image.resize(
-                (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR
-            )
+        image, _ = fit(load_image(info.record.image), 512)
         targets = record_targets(info.record, image.size)
-        scene = np.asarray(image).copy()
-        if len(targets):
-            detections = targets.to_supervision()
-            scene = box_annotator.annotate(scene, detections)
-            scene = label_annotator.annotate(scene, detections, labels=targets.class_name)
-        buf = io.BytesIO()
-        Image.fromarray(scene).save(buf, format="JPEG", quality=85)
         items.append(
             {
-                "data_uri": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"),
+                "data_uri": jpeg_data_uri(annotate(image, targets)),
                 "image": info.record.image.name,
                 "split": info.record.split,
                 "where": info.record.where,

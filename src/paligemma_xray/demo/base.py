@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from paligemma_xray.errors import CheckpointError, ConfigError
+from paligemma_xray.locations import LOC_BINS
 
 BASE_SIZES: dict[str, int] = {
     "image_size": 112,  # 8×8 = 64 image tokens of 14-px patches: fast on a CPU
@@ -134,7 +135,7 @@ def initial_model(seed: int = 0):
     first_loc = processor.tokenizer.convert_tokens_to_ids("<loc0000>")
     with torch.no_grad():
         embedding = model.get_input_embeddings().weight
-        embedding[first_loc : first_loc + 1024] = _loc_embeddings(embedding.shape[1], std=0.02)
+        embedding[first_loc : first_loc + LOC_BINS] = _loc_embeddings(embedding.shape[1], std=0.02)
         positions = model.model.vision_tower.embeddings.position_embedding.weight
         positions.copy_(_sincos_2d(positions.shape[0], positions.shape[1]))
     return model, processor
@@ -147,7 +148,7 @@ def _loc_embeddings(width: int, std: float) -> torch.Tensor:
     matches the features of bin k scores k's neighbours almost as high, the prior a
     coordinate deserves (independent random rows know nothing of the order of the bins).
     """
-    bins = torch.arange(1024, dtype=torch.float64)[:, None] / 1023
+    bins = torch.arange(LOC_BINS, dtype=torch.float64)[:, None] / (LOC_BINS - 1)
     freqs = torch.logspace(0, 2, width // 2, dtype=torch.float64)[None, :]
     phase = 2 * math.pi * bins * freqs
     features = torch.cat([torch.sin(phase), torch.cos(phase)], dim=1) * std * math.sqrt(2)
@@ -366,7 +367,7 @@ def warm_up_vision(model, processor, settings: WarmupSettings, seed: int, progre
         target_classes, target_boxes = classes_all[pick].reshape(-1), boxes_all[pick].reshape(-1, 4)
         class_loss = torch.nn.functional.cross_entropy(class_head(tokens), target_classes)
         on_object = target_classes < len(CLASSES)
-        loc_rows = embeddings[first_loc : first_loc + 1024]
+        loc_rows = embeddings[first_loc : first_loc + LOC_BINS]
         box_logits = box_head(tokens[on_object]).reshape(-1, 4, width) @ loc_rows.T
         target = location_distribution(target_boxes[on_object], settings.location_sigma)
         box_loss = -(target * torch.log_softmax(box_logits, -1)).sum(-1).mean() if on_object.any() else 0.0

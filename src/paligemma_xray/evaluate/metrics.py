@@ -122,7 +122,7 @@ def match(
 # COCO mAP through faster-coco-eval
 
 
-def _coco_dicts(
+def coco_dicts(
     ground_truth: Sequence[Detections],
     predictions: Sequence[Detections],
     classes: Sequence[str],
@@ -360,25 +360,12 @@ def _auc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float | None:
     """ROC AUC (Mann-Whitney), ties counted half."""
     if len(scores_pos) == 0 or len(scores_neg) == 0:
         return None
-    both = np.concatenate([scores_pos, scores_neg])
-    ranks = _average_ranks(both)
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([scores_pos, scores_neg]))  # ties get their average rank
     r_pos = ranks[: len(scores_pos)].sum()
     n_pos, n_neg = len(scores_pos), len(scores_neg)
     return float((r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values))
-    sorted_v = values[order]
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
 
 
 def _image_level(max_score, positive, threshold) -> dict:
@@ -465,7 +452,7 @@ def sample_figures(
     (:mod:`paligemma_xray.evaluate.compare`), which draws the same images for both.
     """
     point = _pointwise(flat, draw, threshold)
-    gt_dict, results = _coco_dicts(ground_truth, predictions, classes, draw)
+    gt_dict, results = coco_dicts(ground_truth, predictions, classes, draw)
     # One evaluation at both sets of IoU thresholds (each threshold is accumulated on its
     # own, so the figures are those of two separate runs): 0.1 … 0.45, then COCO's 0.5 … 0.95.
     medical = len(MEDICAL_IOU_THRESHOLDS) - 1
@@ -554,7 +541,7 @@ def evaluate_detections(
 
     everything = np.arange(n_images)
     if n_images:
-        gt_dict, results = _coco_dicts(ground_truth, predictions, classes, everything)
+        gt_dict, results = coco_dicts(ground_truth, predictions, classes, everything)
         precision = coco_precision(gt_dict, results)
         coco = _coco_summary(precision, classes)
         medical = coco_precision(gt_dict, results, all_areas_only=True, iou_thresholds=MEDICAL_IOU_THRESHOLDS)

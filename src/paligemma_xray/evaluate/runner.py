@@ -34,7 +34,7 @@ from paligemma_xray.evaluate.calibration import (
     check_operating_point,
     fit_calibration,
 )
-from paligemma_xray.evaluate.metrics import _coco_dicts, check_options, evaluate_detections
+from paligemma_xray.evaluate.metrics import check_options, coco_dicts, evaluate_detections
 from paligemma_xray.infer.calibration import Calibration, calibration_path
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector
 from paligemma_xray.infer.distributed import barrier, gather_indexed, shard, world
@@ -257,7 +257,7 @@ def save_evaluation(out_dir: str | Path, rows: Sequence[dict], metrics: dict) ->
             handle.write(json.dumps(row) + "\n")
     ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
     predictions = [Detections.from_json(row["prediction"]) for row in rows]
-    gt_dict, coco_results = _coco_dicts(
+    gt_dict, coco_results = coco_dicts(
         ground_truth, predictions, metrics.get("classes", []), range(len(rows))
     )
     for image, row in zip(gt_dict["images"], rows):

@@ -21,7 +21,7 @@ from PIL import Image
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.infer.calibration import Calibration, find_calibration
 from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
-from paligemma_xray.locations import Detections, classes_from_prefix, parse
+from paligemma_xray.locations import LOC_BINS, Detections, classes_from_prefix, loc_token, parse
 
 if TYPE_CHECKING:
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
@@ -30,6 +30,11 @@ ImageInput = Image.Image | str | Path | bytes
 
 DEFAULT_DETECT_TOKENS = 64  # ~8 boxes of 4 locations + label + separator
 DEFAULT_GENERATE_TOKENS = 64
+# Attention kernels a loaded model may be switched to: "sdpa" (PyTorch's fused
+# scaled-dot-product attention, flash/memory-efficient kernels on a GPU; transformers'
+# default) and "eager" (the reference matmul-softmax-matmul), the switch that turns the
+# fused path off. Both give the same tokens (tests/infer/test_detector_attention.py).
+ATTENTION_CHOICES = ("sdpa", "eager")
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -78,6 +83,24 @@ def check_decoding(
         raise ConfigError(f"min_box_probability is a probability in (0, 1], got {min_box_probability}")
     if min_box_probability is not None and not box_or_stop:
         raise ConfigError("min_box_probability belongs to the 'emit a box or stop' rule, not plain greedy")
+
+
+def set_attention(model: Any, attention: str) -> None:
+    """Switch ``model``'s vision tower and language model to the ``attention`` kernel.
+
+    Changes the kernel only, never the weights: our decoding loop follows the model's
+    setting (see ``infer.decode``), so both choices give the same tokens. Gemma 2 (the
+    language model of PaliGemma 2) has no SDPA path in transformers (its attention logits
+    are soft-capped), so there ``sdpa`` applies to the vision tower only.
+    """
+    if attention not in ATTENTION_CHOICES:
+        raise ConfigError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
+    core = getattr(model, "model", model)
+    language_model = getattr(core, "language_model", None)
+    text = attention
+    if attention == "sdpa" and language_model is not None and not language_model._supports_sdpa:
+        text = "eager"
+    model.set_attn_implementation({"text_config": text, "vision_config": attention})
 
 
 def is_detection_prompt(prompt: str) -> bool:
@@ -154,15 +177,21 @@ class Detector:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         progress: bool = True,
+        revision: str | None = None,
+        attention: str | None = None,
         **options: Any,
     ) -> Detector:
         """Load a checkpoint (HF folder or big_vision ``.npz``) through ``model.load``.
 
+        ``path`` may be a Hub id or a ``kaggle:`` handle (``revision``: its branch, tag,
+        commit or version; see ``model.load``), which is then the ``model_id``.
         ``device`` defaults to CUDA when available (under ``torchrun``: this rank's GPU);
         ``dtype`` to the checkpoint's (bfloat16 is the usual choice on a GPU). ``progress``:
-        loading bars. ``options`` go to the constructor. The calibration saved with the model
-        (``calibration.json``, see :func:`~paligemma_xray.infer.calibration.calibration_path`)
-        is read unless ``options`` give one.
+        loading bars. ``attention``: one of :data:`ATTENTION_CHOICES` (None: transformers'
+        default, SDPA). ``options`` go to the constructor. The calibration saved with a local
+        model (``calibration.json``, see
+        :func:`~paligemma_xray.infer.calibration.calibration_path`) is read unless ``options``
+        give one.
         """
         from paligemma_xray.model import load as load_model
 
@@ -171,6 +200,8 @@ class Detector:
             min_box_probability=options.get("min_box_probability"),
             box_or_stop=options.get("box_or_stop", True),
         )
+        if attention is not None and attention not in ATTENTION_CHOICES:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
         if device is None:
             from paligemma_xray.infer.distributed import world
 
@@ -178,8 +209,11 @@ class Detector:
             device = w.device() if w.size > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
         if "calibration" not in options:
             options["calibration"] = find_calibration(path)
-        model, processor = load_model(path, dtype=dtype, device=device, progress=progress)
-        return cls(model, processor, model_id=str(path), **options)
+        model, processor = load_model(path, dtype=dtype, device=device, progress=progress, revision=revision)
+        if attention is not None:
+            set_attention(model, attention)
+        model_id = f"{path}@{revision}" if revision else str(path)
+        return cls(model, processor, model_id=model_id, **options)
 
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -194,7 +228,7 @@ class Detector:
 
     def _box_rule(self) -> BoxOrStop | None:
         convert = self.tokenizer.convert_tokens_to_ids
-        loc_ids = [convert(f"<loc{i:04d}>") for i in range(1024)]
+        loc_ids = [convert(loc_token(i)) for i in range(LOC_BINS)]
         if any(i is None or i == self.tokenizer.unk_token_id for i in loc_ids):
             return None  # a tokenizer without location tokens: nothing to decide
         # Pieces that can precede a new box: those of " ; " before a location token.
@@ -279,6 +313,19 @@ class Detector:
         if chunk:
             yield chunk
 
+    def _prompted_batches(
+        self, images: Iterable[ImageInput], prompt: str | Sequence[str], batch_size: int
+    ) -> Iterator[tuple[list[Image.Image], list[str]]]:
+        """Batches of loaded images with their prompts (``prompt``: one for all, or one per image)."""
+        index = 0
+        for chunk in self._batches(images, batch_size):
+            if isinstance(prompt, str):
+                prompts = [prompt] * len(chunk)
+            else:
+                prompts = list(prompt[index : index + len(chunk)])
+            index += len(chunk)
+            yield chunk, prompts
+
     def generate(
         self,
         images: Sequence[ImageInput],
@@ -304,14 +351,7 @@ class Detector:
     ) -> Iterator[Generation]:
         """:meth:`generate` as a stream: one batch of images in memory at a time."""
         check_decoding(batch_size=batch_size, max_new_tokens=max_new_tokens)
-        size = batch_size or self.batch_size
-        index = 0
-        for chunk in self._batches(images, size):
-            if isinstance(prompt, str):
-                prompts = [prompt] * len(chunk)
-            else:
-                prompts = list(prompt[index : index + len(chunk)])
-            index += len(chunk)
+        for chunk, prompts in self._prompted_batches(images, prompt, batch_size or self.batch_size):
             yield from self._decode_batch(chunk, prompts, max_new_tokens, box_or_stop)
 
     def detect(
@@ -344,13 +384,7 @@ class Detector:
         ``prompt`` may also be one prompt per image (e.g. each record's own prefix).
         """
         check_decoding(batch_size=batch_size, max_new_tokens=max_new_tokens, threshold=threshold)
-        size = batch_size or self.batch_size
-        index = 0
-        for chunk in self._batches(images, size):
-            prompts = (
-                [prompt] * len(chunk) if isinstance(prompt, str) else list(prompt[index : index + len(chunk)])
-            )
-            index += len(chunk)
+        for chunk, prompts in self._prompted_batches(images, prompt, batch_size or self.batch_size):
             rule = self.box_or_stop and all(is_detection_prompt(p) for p in prompts)
             generations = self._decode_batch(chunk, prompts, max_new_tokens, rule)
             for image, text_prompt, generation in zip(chunk, prompts, generations):

@@ -27,9 +27,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from paligemma_xray.data.images import DICOM_SUFFIXES, is_dicom
-from paligemma_xray.errors import DataError, check_output
+from paligemma_xray.draw import annotate
+from paligemma_xray.errors import ConfigError, DataError, check_output
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, check_decoding, is_detection_prompt
 from paligemma_xray.infer.distributed import barrier, shard, world
+from paligemma_xray.infer.prefetch import Background, Prefetch, default_workers
 from paligemma_xray.locations import Detections, classes_from_prefix
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"} | DICOM_SUFFIXES
@@ -76,27 +78,32 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def annotate(image, detections: Detections):
-    """The image with boxes and ``label score`` captions (supervision)."""
-    import numpy as np
-    import supervision as sv
-    from PIL import Image
+class _DicomOutputs:
+    """The DICOM SR / Secondary Capture of each DICOM input (``--dicom-sr``); others are counted."""
 
-    frame = np.asarray(image.convert("RGB")).copy()
-    if len(detections):
-        sv_det = detections.to_supervision()
-        sv_det.class_id = np.zeros(len(detections), dtype=int)  # one colour for every box
-        scores = detections.score if detections.score is not None else [None] * len(detections)
-        labels = [
-            f"{name} {score:.2f}" if score is not None else name
-            for name, score in zip(detections.class_name, scores)
-        ]
-        thickness = max(2, round(max(image.size) / 300))
-        frame = sv.BoxAnnotator(thickness=thickness).annotate(frame, sv_det)
-        frame = sv.LabelAnnotator(text_scale=max(0.4, max(image.size) / 1200)).annotate(
-            frame, sv_det, labels=labels
-        )
-    return Image.fromarray(frame)
+    def __init__(self, detector, out: Path, prompt: str, threshold, sr: bool, sc: bool) -> None:
+        self.detector, self.out, self.sr, self.sc = detector, out, sr, sc
+        from paligemma_xray.infer.dicom_sr import settings_key
+
+        self.settings = settings_key(prompt, threshold)
+        self.algorithm = None
+        self.counts = {"dicom_sr": 0, "not_dicom": 0}
+
+    def write(self, item: Item, image, found: Detections) -> None:
+        if not (self.sr or self.sc):
+            return
+        from paligemma_xray.infer import dicom_sr
+
+        if not dicom_sr.is_dicom_file(item.path):
+            self.counts["not_dicom"] += 1
+            return
+        if self.algorithm is None:
+            self.algorithm = dicom_sr.algorithm_of(self.detector)
+        boxes, whole = dicom_sr.calibrated(self.detector, found)
+        dicom_sr.write_for_image(self.out, item.name, item.path, image, found, self.algorithm,
+                                 settings=self.settings, sr=self.sr, secondary_capture=self.sc,
+                                 probability=boxes, image_probability=whole)
+        self.counts["dicom_sr"] += 1
 
 
 def predict(
@@ -112,11 +119,20 @@ def predict(
     annotated: bool = True,
     on_answer: Callable[[str, str], None] | None = None,
     progress: bool = True,
+    dicom_sr: bool = False,
+    secondary_capture: bool = False,
+    workers: int | None = None,
 ) -> dict:
     """Predict every image under ``paths`` into ``out_dir``; returns a small summary.
 
     ``threshold`` keeps boxes scored at least that much. ``on_answer(name, text)`` is
-    called for every image (the CLI prints free-form answers with it).
+    called for every image (the CLI prints free-form answers with it). ``dicom_sr`` /
+    ``secondary_capture``: for each DICOM input also write ``dicom-sr/<name>.sr.dcm`` (a TID 1500
+    Structured Report) / ``dicom-sc/<name>.sc.dcm`` (boxes drawn); see :mod:`.dicom_sr`.
+    ``workers``: threads that decode the next images while the model works on this batch,
+    and as many that write the annotated PNGs and JSON files of the previous ones (default:
+    up to 4; 0 does both on this thread). The summary's ``input_wait_s`` / ``output_wait_s``
+    are the times the model waited for decoded images / for files to be written.
     """
     from paligemma_xray.data import load_image
 
@@ -127,6 +143,9 @@ def predict(
         raise DataError(f"no image files here (looked for {suffixes})", path=paths[0] if paths else ".")
     w = world()
     detecting = is_detection_prompt(prompt)
+    if (dicom_sr or secondary_capture) and not detecting:
+        raise ConfigError(f"--dicom-sr needs a detection prompt ('detect …'), not {prompt!r}")
+    dicom_outputs = _DicomOutputs(detector, out, prompt, threshold, dicom_sr, secondary_capture)
     mine = shard(iter_inputs(paths), w)
 
     def todo() -> Iterator[tuple[int, Item]]:
@@ -135,15 +154,34 @@ def predict(
                 continue
             yield index, item
 
-    # Images of the batch being decoded, kept for drawing: never more than one batch.
+    # Images of the batch being decoded, kept for drawing: never more than one batch
+    # (plus the next batch, decoding in the loader's threads).
     pending: list[tuple[int, Item, object]] = []
+    workers = default_workers() if workers is None else workers
+    size = batch_size or detector.batch_size
+    # A whole next batch in flight while this one decodes.
+    ahead = size + 2 * workers
+    loader = Prefetch(todo(), lambda pair: load_image(pair[1].path), workers=workers, ahead=ahead)
 
     def images() -> Iterator:
-        for index, item in todo():
-            image = load_image(item.path)
+        for (index, item), image in loader:
             pending.append((index, item, image))
             yield image
 
+    def write_outputs(item: Item, image, found: Detections | None, record: dict) -> None:
+        # In the writer's threads (PNG encoding outlasts decoding a batch); JSON last.
+        if found is not None:
+            record["detections"] = found.to_json()
+            if getattr(detector, "calibration", None) is not None:  # calibrated beside the raw score
+                detector.calibration.add_to_json(record["detections"], found)
+            if annotated:
+                png = out / "annotated" / f"{item.name}.png"
+                png.parent.mkdir(parents=True, exist_ok=True)
+                # zlib level 1: 4.7x faster than PIL's default 6 on a 1024 px radiograph, 7% larger
+                annotate(image, found).save(png, format="PNG", compress_level=1)
+        _write_atomic(out / "json" / f"{item.name}.json", json.dumps(record) + "\n")
+
+    writer = Background(workers)
     bar = tqdm(desc="predict", unit="img", disable=not progress or not w.is_main)
     done = 0
     if detecting:
@@ -163,21 +201,20 @@ def predict(
             "logprobs": [round(v, 5) for v in generation.logprobs],
         }
         if found is not None:
-            record["detections"] = found.to_json()
-            if getattr(detector, "calibration", None) is not None:  # calibrated beside the raw score
-                detector.calibration.add_to_json(record["detections"], found)
-            if annotated:
-                png = out / "annotated" / f"{item.name}.png"
-                png.parent.mkdir(parents=True, exist_ok=True)
-                annotate(image, found).save(png)
-        _write_atomic(out / "json" / f"{item.name}.json", json.dumps(record) + "\n")
+            dicom_outputs.write(item, image, found)  # here: it keeps counts; before the JSON
+        writer.submit(write_outputs, item, image, found, record)
         if on_answer is not None:
             on_answer(item.name, generation.text)
         done += 1
         bar.update(1)
+    writer.close()  # every file written (or the first write error raised)
     bar.close()
     barrier(w)
     summary = {"predicted": done, "out": str(out), "world_size": w.size}
+    summary["input_wait_s"] = loader.wait_s  # time the model waited for decoded images
+    summary["output_wait_s"] = writer.wait_s  # ... and for earlier images' files to be written
+    if dicom_sr or secondary_capture:
+        summary.update(dicom_outputs.counts)
     if w.is_main:
         summary.update(_write_coco(out, paths, prompt if detecting else None))
     barrier(w)

@@ -1,7 +1,9 @@
 """PaliGemma checkpoints (big_vision ``.npz`` ⇄ Hugging Face), tokenizer, prompts, tiny models.
 
->>> from paligemma_xray.model import load, save_npz, save_hf   # doctest: +SKIP
->>> model, processor = load("paligemma-3b-pt-224.f16.npz")     # doctest: +SKIP
+Usage (with big_vision weights downloaded; :mod:`paligemma_xray.model.tiny` builds test-sized ones)::
+
+    from paligemma_xray.model import load, save_hf, save_npz
+    model, processor = load("paligemma-3b-pt-224.f16.npz")
 """
 
 from paligemma_xray.model.checkpoints import cast, load, load_lora, save_hf, save_lora, save_npz

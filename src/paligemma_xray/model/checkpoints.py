@@ -43,6 +43,7 @@ from paligemma_xray.model.bigvision import (
     to_numpy,
     uses_qkv,
 )
+from paligemma_xray.model.hub import check_paligemma_folder, is_model_name, resolve_checkpoint
 from paligemma_xray.model.processing import make_processor
 from paligemma_xray.model.tokenizer import load_tokenizer, sentencepiece_size
 
@@ -78,13 +79,18 @@ def load(
     merge_lora: bool = True,
     final_logit_softcapping: float | None = 30.0,
     progress: bool = True,
+    revision: str | None = None,
 ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
     """Load a model and its processor from any checkpoint form we know.
 
     ``path``: a big_vision ``.npz`` (PaliGemma 1 or 2, f32/f16/bf16, any size/resolution), an
     HF ``save_pretrained`` folder, a PEFT LoRA adapter folder (its base is loaded first, from
     ``base_model_name_or_path``; merged unless ``merge_lora=False``, which returns the
-    ``PeftModel``), or a run folder of ours (``best/``, else ``last/``).
+    ``PeftModel``), or a run folder of ours (``best/``, else ``last/``). ``path`` may also
+    name a model: a Hugging Face Hub id (``google/paligemma2-3b-pt-224``; ``revision``: a
+    branch, tag or commit) or a Kaggle handle (``kaggle:google/paligemma/jax/paligemma-3b-pt-224``;
+    ``revision``: a version), fetched through :mod:`paligemma_xray.model.hub` (a local path
+    of the same spelling wins).
 
     ``tokenizer``: the SentencePiece ``.model``; for an npz it defaults to
     ``paligemma_tokenizer.model`` or ``tokenizer.model`` beside it. ``dtype``: ``None`` keeps
@@ -92,8 +98,11 @@ def load(
     ``final_logit_softcapping`` applies to PaliGemma 2 npz files only (see ``bigvision``).
     The model is returned in eval mode.
     """
-    path = Path(path)
     target = resolve_dtype(dtype)
+    path, found_tokenizer = resolve_checkpoint(
+        path, revision, dtype=str(target).removeprefix("torch.") if target else None, progress=progress
+    )
+    tokenizer = tokenizer if tokenizer is not None else found_tokenizer
     if not path.exists():
         raise CheckpointError("checkpoint not found", path=path)
     if path.is_file():
@@ -102,6 +111,7 @@ def load(
         with transformers_progress(progress):
             return _load_lora_folder(path, tokenizer, target, device, merge_lora)
     elif (path / "config.json").is_file():
+        check_paligemma_folder(path)
         with transformers_progress(progress):
             model, processor = _load_hf(path, tokenizer, target)
     else:
@@ -324,16 +334,22 @@ def _load_lora_folder(path: Path, tokenizer, target, device, merge: bool):
     base_path = Path(base)
     if not base_path.is_absolute():
         base_path = (path / base_path) if (path / base_path).exists() else base_path
-    if not base_path.exists():
+    if base_path.exists():
+        model, processor = load(base_path, tokenizer, target, device)
+    elif is_model_name(base):  # a Hub id (at the adapter's recorded revision) or a Kaggle handle
+        model, processor = load(base, tokenizer, target, device, revision=config.get("revision"))
+    else:
         raise CheckpointError(f"base model {base} of the adapter not found", path=path)
-    model, processor = load(base_path, tokenizer, target, device)
     return load_lora(model, path, merge=merge), processor
 
 
 def load_lora(model: PaliGemmaForConditionalGeneration, adapter_dir: str | Path, merge: bool = False):
     """Apply a PEFT adapter folder to ``model``; ``merge=True`` folds it in and returns a plain model.
 
-    >>> # peft_model = load_lora(model, "run/adapter"); model = load_lora(model, "run/adapter", merge=True)
+    Usage (``run/adapter`` as ``train`` writes it with ``trainable: lora``)::
+
+        peft_model = load_lora(model, "run/adapter")
+        merged = load_lora(model, "run/adapter", merge=True)
     """
     from peft import PeftModel
 
@@ -344,11 +360,14 @@ def load_lora(model: PaliGemmaForConditionalGeneration, adapter_dir: str | Path,
     return peft_model.merge_and_unload().eval() if merge else peft_model.eval()
 
 
-def save_lora(peft_model, out_dir: str | Path, base: str | Path | None = None) -> Path:
+def save_lora(
+    peft_model, out_dir: str | Path, base: str | Path | None = None, revision: str | None = None
+) -> Path:
     """Save a ``PeftModel``'s adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     ``base``: the checkpoint the adapter applies to, recorded in ``adapter_config.json`` so
-    that :func:`load` can find it (a path relative to ``out_dir`` or absolute).
+    that :func:`load` can find it (a path relative to ``out_dir`` or absolute, or a Hub id
+    with its ``revision``, PEFT's own field for the base model's revision).
     """
     from peft import PeftModel
 
@@ -358,6 +377,7 @@ def save_lora(peft_model, out_dir: str | Path, base: str | Path | None = None) -
     if base is not None:
         for config in peft_model.peft_config.values():
             config.base_model_name_or_path = str(base)
+            config.revision = revision
     peft_model.save_pretrained(str(out), safe_serialization=True)
     return out
 
@@ -463,15 +483,25 @@ def convert(
     dtype: str | None = None,
     tokenizer: str | Path | None = None,
     progress: bool = True,
+    revision: str | None = None,
 ) -> Path:
     """Convert any checkpoint :func:`load` reads into an HF folder (``to="hf"``) or a big_vision npz.
 
     ``to`` defaults to ``npz`` when ``out`` ends in ``.npz``, else ``hf``. ``dtype`` defaults to
-    the source's. LoRA adapters are merged first. An npz output gets the SentencePiece file
+    the source's. LoRA adapters are merged first. ``src`` may be a Hub id or a ``kaggle:``
+    handle (``revision``: see :func:`load`). An npz output gets the SentencePiece file
     beside it (``paligemma_tokenizer.model``) when it is known, so the pair loads back as is.
 
-    >>> # convert("paligemma-3b-pt-224.f16.npz", "pg-hf")            # → HF folder, float16
-    >>> # convert("runs/x", "finetuned.bf16.npz", dtype="bfloat16")  # → big_vision npz
+    Example (a tiny random checkpoint; ``paligemma-3b-pt-224.f16.npz`` converts alike):
+
+    >>> import pathlib, tempfile
+    >>> from paligemma_xray.model.tiny import write_tiny_npz
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> npz, _ = write_tiny_npz(folder / "tiny.npz")
+    >>> convert(npz, folder / "hf", progress=False).name                                # → HF folder
+    'hf'
+    >>> convert(folder / "hf", folder / "back.npz", dtype="bfloat16", progress=False).name  # → npz
+    'back.npz'
     """
     out = Path(out)
     to = to or ("npz" if out.suffix == ".npz" else "hf")
@@ -479,10 +509,10 @@ def convert(
         raise CheckpointError(f"unknown target format {to!r}; use hf or npz")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    if Path(src).resolve() == out.resolve():
+    if Path(src).exists() and Path(src).resolve() == out.resolve():
         raise CheckpointError("output would overwrite the input", path=out)
     check_output(out, folder=to == "hf")  # before the (long) load
-    model, processor = load(src, tokenizer=tokenizer, dtype=dtype, progress=progress)
+    model, processor = load(src, tokenizer=tokenizer, dtype=dtype, progress=progress, revision=revision)
     if to == "hf":
         return save_hf(model, processor, out)
     out.parent.mkdir(parents=True, exist_ok=True)

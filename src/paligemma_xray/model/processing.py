@@ -164,10 +164,14 @@ def build_batch(
                 targets[i] = target[:room]
         if cut:
             logger.warning("max_length=%d: suffix truncated in example(s) %s", max_length, ", ".join(cut))
-    return _pad_right(prompts, targets, pixel_values, tokenizer.pad_token_id)
+    return pad_right(prompts, targets, pixel_values, tokenizer.pad_token_id)
 
 
-def _pad_right(prompts, targets, pixel_values, pad_id) -> dict[str, torch.Tensor]:
+def pad_right(
+    prompts: Sequence[list[int]], targets: Sequence[list[int]], pixel_values: torch.Tensor, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Token ids of prompts (image tokens, BOS, prefix, "\\n") and targets (suffix, EOS) as
+    :func:`build_batch`'s right-padded training batch: the loss mask is built here only."""
     width = max(len(p) + len(t) for p, t in zip(prompts, targets))
     batch = len(prompts)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)

@@ -284,3 +284,63 @@ def write_tiny_hf(path: str | Path, version: int = 1, seed: int = 0, **config_kw
 
     model, processor = tiny_model(version, seed, **config_kwargs)
     return save_hf(model, processor, path)
+
+
+def write_hub_cache(
+    hf_home: str | Path,
+    repo_id: str,
+    folder: str | Path,
+    *,
+    revision: str = "main",
+    commit: str | None = None,
+) -> Path:
+    """Put ``folder``'s files into a Hugging Face Hub cache as if downloaded; return the snapshot.
+
+    The layout huggingface_hub writes: ``HF_HOME/hub/models--ORG--NAME/blobs/<sha256>``,
+    ``snapshots/<commit>/<file>`` (relative links to the blobs) and ``refs/<revision>``
+    holding the commit. ``commit`` defaults to a hash of the files, so different contents
+    get different snapshots. With ``HF_HOME`` pointing here and ``HF_HUB_OFFLINE=1``,
+    ``repo_id`` loads with no network, through the library's own cache lookup.
+    """
+    import os
+    import shutil
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    digest = hashlib.sha1(repo_id.encode())
+    for file in files:
+        digest.update(file.relative_to(folder).as_posix().encode() + file.read_bytes())
+    commit = commit or digest.hexdigest()
+    repo = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    for file in files:
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if not blob.exists():
+            shutil.copyfile(file, blob)
+        link = snapshot / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)  # no newline, as huggingface_hub writes it
+    return snapshot
+
+
+def write_kaggle_cache(cache: str | Path, handle: str, files: dict[str, str | Path]) -> Path:
+    """Put ``files`` (name in the download → source file) into a kagglehub cache; return the folder.
+
+    ``handle``: ``OWNER/MODEL/FRAMEWORK/VARIATION/VERSION``. The layout kagglehub writes:
+    ``KAGGLEHUB_CACHE/models/OWNER/MODEL/FRAMEWORK/VARIATION/VERSION/…`` and the completion
+    marker ``…/VARIATION/VERSION.complete`` beside it.
+    """
+    import shutil
+
+    owner, model, framework, variation, version = handle.split("/")
+    base = Path(cache) / "models" / owner / model / framework / variation
+    out = base / str(int(version))
+    for name, source in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, out / name)
+    (base / f"{int(version)}.complete").touch()
+    return out

@@ -23,10 +23,11 @@ from pathlib import Path
 from transformers import AddedToken, GemmaTokenizer, PreTrainedTokenizerBase
 
 from paligemma_xray.errors import CheckpointError
+from paligemma_xray.locations import LOC_BINS, SEG_CODES, loc_token, seg_token
 
 IMAGE_TOKEN = "<image>"
-LOC_TOKENS = [f"<loc{i:04d}>" for i in range(1024)]
-SEG_TOKENS = [f"<seg{i:03d}>" for i in range(128)]
+LOC_TOKENS = [loc_token(i) for i in range(LOC_BINS)]
+SEG_TOKENS = [seg_token(i) for i in range(SEG_CODES)]
 
 
 def load_tokenizer(spm_path: str | Path) -> PreTrainedTokenizerBase:

@@ -7,27 +7,26 @@ it at any time; a training run folder adds its loss curve (``metrics.jsonl``).
 
 The gallery shows the worst images first: most missed fractures, then most false alarms
 (each model at its own threshold), then the lowest-scored correct finds. Ground truth is
-green, predictions orange (with their score); a prediction that matches is drawn solid, a
-false alarm dashed. With an operating point or a saved calibration the report says which
-point it is and what it gives, and draws reliability diagrams before and after
-calibration; with a comparison (``comparison.json``, from ``evaluate --compare``) it lists
-the paired differences with their intervals and p-values. Thresholds print with three
-significant digits.
+green, predictions orange (with their score); a prediction that matches is drawn as a full
+box, a false alarm by its corners only (supervision's annotators, :mod:`paligemma_xray.draw`).
+With an operating point or a saved calibration the report says which point it is and what
+it gives, and draws reliability diagrams before and after calibration; with a comparison
+(``comparison.json``, from ``evaluate --compare``) it lists the paired differences with
+their intervals and p-values. Thresholds print with three significant digits.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import html
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import numpy as np
 
+from paligemma_xray.draw import draw_boxes, fit, jpeg_data_uri
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.evaluate.compare import COMPARISON_FILE
 from paligemma_xray.evaluate.metrics import froc_key, match
@@ -168,52 +167,22 @@ def _image_data(path: str, truth, prediction, matching, threshold: float) -> str
         image = load_image(path)
     except Exception:  # a moved image must not break the whole report
         return None
-    scale = THUMBNAIL / max(image.size)
-    if scale < 1:
-        image = image.resize(
-            (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-            Image.Resampling.BILINEAR,
+    image, scale = fit(image, THUMBNAIL)
+    image = draw_boxes(image, truth.xyxy * scale, colour=TRUTH_COLOUR, thickness=3)
+    scores = prediction.score if prediction.score is not None else np.full(len(prediction), np.nan)
+    shown = ~(scores < threshold)  # boxes below the threshold are left out; unscored ones stay
+    labels = np.array([f"{s:.2f}" if not np.isnan(s) else n for s, n in zip(scores, prediction.class_name)])
+    matched = np.asarray(matching.pred_tp, dtype=bool)
+    for keep, corners_only in ((shown & matched, False), (shown & ~matched, True)):  # false alarm: corners
+        image = draw_boxes(
+            image,
+            prediction.xyxy[keep] * scale,
+            labels=list(labels[keep]),
+            colour=PREDICTION_COLOUR,
+            thickness=2,
+            corners_only=corners_only,
         )
-    else:
-        scale = 1.0
-    draw = ImageDraw.Draw(image)
-    for box in truth.xyxy:
-        draw.rectangle([float(v) * scale for v in box], outline=TRUTH_COLOUR, width=3)
-    for i, box in enumerate(prediction.xyxy):
-        score = float(prediction.score[i]) if prediction.score is not None else None
-        if score is not None and score < threshold:
-            continue
-        x1, y1, x2, y2 = (float(v) * scale for v in box)
-        if matching.pred_tp[i]:
-            draw.rectangle([x1, y1, x2, y2], outline=PREDICTION_COLOUR, width=2)
-        else:  # false alarm: dashed
-            _dashed_rectangle(draw, (x1, y1, x2, y2), PREDICTION_COLOUR)
-        label = f"{score:.2f}" if score is not None else prediction.class_name[i]
-        tw = draw.textlength(label)
-        draw.rectangle([x1, max(0, y1 - 12), x1 + tw + 4, max(12, y1)], fill=PREDICTION_COLOUR)
-        draw.text((x1 + 2, max(0, y1 - 12)), label, fill=(255, 255, 255))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=82)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _dashed_rectangle(draw: ImageDraw.ImageDraw, box, colour, dash: int = 6) -> None:
-    x1, y1, x2, y2 = box
-    for (ax, ay), (bx, by) in (
-        ((x1, y1), (x2, y1)),
-        ((x2, y1), (x2, y2)),
-        ((x2, y2), (x1, y2)),
-        ((x1, y2), (x1, y1)),
-    ):
-        length = max(abs(bx - ax), abs(by - ay))
-        steps = max(1, int(length // dash))
-        for s in range(0, steps, 2):
-            t0, t1 = s / steps, min(1.0, (s + 1) / steps)
-            draw.line(
-                [ax + (bx - ax) * t0, ay + (by - ay) * t0, ax + (bx - ax) * t1, ay + (by - ay) * t1],
-                fill=colour,
-                width=2,
-            )
+    return jpeg_data_uri(image, quality=82)
 
 
 @dataclass
@@ -294,7 +263,7 @@ def _gallery(evaluations: Sequence[Evaluation], size: int) -> str:
     legend = (
         f"<p class=legend><span><i class=sw style='background:rgb{TRUTH_COLOUR}'></i>ground truth</span>"
         f"<span><i class=sw style='background:rgb{PREDICTION_COLOUR}'></i>prediction ≥ "
-        f"{' / '.join(threshold_text(t) for t in thresholds)} (score; dashed = false alarm)</span></p>"
+        f"{' / '.join(threshold_text(t) for t in thresholds)} (score; corners only = false alarm)</span></p>"
     )
     shown = min(size, len(order))
     note = f"<p class=note>{shown} of {len(order)} images, worst first.</p>"

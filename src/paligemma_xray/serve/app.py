@@ -4,7 +4,8 @@ Endpoints (OpenAPI schema at ``/openapi.json``, browsable at ``/docs``):
 
 - ``POST /v1/detect`` — multipart upload (``file``: JPEG/PNG/… or DICOM; optional
   ``prompt``, ``threshold``, ``preview``) → boxes in pixels, labels, scores, image size,
-  model id and timing.
+  model id and timing. ``?format=dicom-sr`` (DICOM uploads): the DICOM SR instead
+  (``application/dicom``, see :mod:`.dicom`).
 - ``GET /v1/model`` — model id, limits and batching counters.
 - ``GET /healthz`` — liveness and the same counters (never needs the API key).
 - ``GET /`` — the browser page (one self-contained HTML file).
@@ -15,9 +16,7 @@ User mistakes get a 4xx with ``{"error": code, "detail": message}``; a 500 means
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
-import io
 import logging
 import os
 import time
@@ -36,9 +35,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from paligemma_xray import __version__
+from paligemma_xray.draw import fit, jpeg_data_uri
 from paligemma_xray.errors import ConfigError, ImageLoadError
 from paligemma_xray.locations import Detections
 from paligemma_xray.serve.batching import BatchingQueue, QueueClosedError, QueueFullError
+from paligemma_xray.serve.dicom import check_sr_input, parse_format, sr_response
 from paligemma_xray.serve.errors import ApiError
 from paligemma_xray.serve.uploads import read_form, sniff_kind
 
@@ -274,11 +275,7 @@ def _decode(data: bytes, name: str | None) -> Image.Image:
 
 
 def _preview(image: Image.Image) -> str:
-    thumb = image.copy()
-    thumb.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
-    buffer = io.BytesIO()
-    thumb.convert("RGB").save(buffer, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return jpeg_data_uri(fit(image, PREVIEW_MAX_SIDE)[0], quality=90)
 
 
 def _boxes(detections: Detections, threshold: float | None, calibration: Any = None) -> list[Box]:
@@ -417,9 +414,10 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
         responses=_ERRORS,
         openapi_extra=_DETECT_BODY,
     )
-    async def detect(request: Request) -> DetectResponse:
+    async def detect(request: Request) -> Any:
         started = time.perf_counter()
         _check_key(request, config.api_key)
+        output = parse_format(request.query_params.get("format"))
         try:
             # Bounded: a slow or stalled upload must not hold a connection and its memory forever.
             form = await asyncio.wait_for(
@@ -445,6 +443,7 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
                 "the file is not an image or a DICOM file "
                 "(expected JPEG, PNG, GIF, BMP, TIFF, WebP or DICOM)",
             )
+        check_sr_input(output, kind)
         read_done = time.perf_counter()
         image = await run_in_threadpool(_decode, upload.data, upload.filename)
         decode_done = time.perf_counter()
@@ -456,6 +455,10 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
             ) from error
         except QueueClosedError as error:
             raise ApiError(503, "unavailable", str(error), headers={"Retry-After": "5"}) from error
+        if output == "dicom-sr":
+            return await run_in_threadpool(
+                sr_response, detector, upload.data, upload.filename, kind, detections, prompt, threshold
+            )
         preview = await run_in_threadpool(_preview, image) if want_preview else None
         boxes = _boxes(detections, threshold, calibration)
         finished = time.perf_counter()

@@ -35,11 +35,13 @@ def serve(
     box_or_stop: bool = True,
     min_box_probability: float | None = None,
     log_level: str = "info",
+    revision: str | None = None,
+    attention: str | None = None,
 ) -> None:
     """Load the detector at ``model`` and serve it on ``host:port`` until interrupted.
 
-    ``device``, ``dtype``, ``box_or_stop`` and ``min_box_probability`` go to
-    :meth:`paligemma_xray.infer.Detector.load`.
+    ``device``, ``dtype``, ``box_or_stop``, ``min_box_probability``, ``revision`` (of a Hub id) and
+    ``attention`` go to :meth:`paligemma_xray.infer.Detector.load`.
     """
     from paligemma_xray.infer import Detector  # torch and the model load only when serving
 
@@ -52,6 +54,8 @@ def serve(
         box_or_stop=box_or_stop,
         min_box_probability=min_box_probability,
         batch_size=config.max_batch,
+        revision=revision,
+        attention=attention,
     )
     app = create_app(detector, config)
     if not config.api_key and not _is_loopback(host):

@@ -307,16 +307,22 @@ def _accelerator(config: TrainConfig):
         raise ConfigError("device: cuda asked for, but no CUDA GPU is visible")
     kwargs: dict[str, Any] = {"cpu": cpu, "mixed_precision": "no"}  # autocast is ours (see run)
     if config.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import FullyShardedDataParallelPlugin
-
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["GemmaDecoderLayer", "Gemma2DecoderLayer", "SiglipEncoderLayer"],
-            use_orig_params=True,  # frozen and trainable weights share flat parameters
-            state_dict_type="FULL_STATE_DICT",
-            sync_module_states=True,
-        )
+        kwargs["fsdp_plugin"] = _fsdp_plugin()
     return Accelerator(**kwargs)
+
+
+def _fsdp_plugin():
+    """accelerate's FSDP settings for ``distributed: fsdp`` (also used by the GPU suite's
+    one-process FSDP case). accelerate raises RuntimeError where FSDP has no device (CPU)."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["GemmaDecoderLayer", "Gemma2DecoderLayer", "SiglipEncoderLayer"],
+        use_orig_params=True,  # frozen and trainable weights share flat parameters
+        state_dict_type="FULL_STATE_DICT",
+        sync_module_states=True,
+    )
 
 
 def _use_bf16(config: TrainConfig, device: torch.device) -> bool:

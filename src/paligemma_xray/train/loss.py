@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from paligemma_xray.locations import LOC_BINS
 from paligemma_xray.train.strategies import unwrap
 
 IGNORE = -100
@@ -169,9 +170,6 @@ def linear_cross_entropy(
     return (torch.cat(losses) * weights).sum(), all_nll
 
 
-LOCATION_BINS = 1024
-
-
 def _soft_targets(
     targets: torch.Tensor, vocab: int, location_smoothing: tuple[int, float] | None
 ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
@@ -181,7 +179,7 @@ def _soft_targets(
         return None
     first, sigma = location_smoothing
     bins = targets - first
-    rows = ((bins >= 0) & (bins < LOCATION_BINS) & (first + LOCATION_BINS <= vocab)).nonzero(as_tuple=True)[0]
+    rows = ((bins >= 0) & (bins < LOC_BINS) & (first + LOC_BINS <= vocab)).nonzero(as_tuple=True)[0]
     if rows.numel() == 0:
         return None
     return rows, location_distribution(bins[rows].float(), sigma), first
@@ -190,7 +188,7 @@ def _soft_targets(
 def location_distribution(bins: torch.Tensor, sigma: float) -> torch.Tensor:
     """``(..., 1024)`` Gaussians of width ``sigma`` over the location bins, centred on each
     (possibly fractional) value of ``bins``, each summing to 1: the smoothed target."""
-    grid = torch.arange(LOCATION_BINS, device=bins.device, dtype=torch.float32)
+    grid = torch.arange(LOC_BINS, device=bins.device, dtype=torch.float32)
     return torch.softmax(-0.5 * ((grid - bins[..., None]) / sigma) ** 2, dim=-1)
 
 
@@ -198,7 +196,7 @@ def _soft_ce(z, lse, nll, targets, soft) -> torch.Tensor:
     """Per-row cross-entropy against the smoothed targets (one-hot NLL on other rows)."""
     rows, q, first = soft
     out = nll.clone()
-    out[rows] = lse[rows] - (q * z[rows, first : first + LOCATION_BINS]).sum(dim=1)
+    out[rows] = lse[rows] - (q * z[rows, first : first + LOC_BINS]).sum(dim=1)
     return out
 
 
@@ -238,7 +236,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if soft is not None:
                 rows, q, first = soft
                 onehot[rows] = False
-                g[rows, first : first + LOCATION_BINS] -= q
+                g[rows, first : first + LOC_BINS] -= q
             hard = onehot.nonzero(as_tuple=True)[0]
             g[hard, targets[s:e][hard]] -= 1.0
             g *= weights[s:e, None]

@@ -4,7 +4,7 @@ Resolution order (later wins): the preset named by ``recipe`` â†’ a YAML file â†
 flags. The resolved config is what the run folder's ``config.yaml`` records, so a user who
 runs ``train`` with no flags reads ``recipe: big-vision`` there and every value it implies.
 
-The default preset, ``big-vision``, is DESIGN.md's "Default recipe": the language model's
+The default preset, ``big-vision``, is docs/design.md's "Default recipe": the language model's
 attention weights only, plain SGD at 0.01, cosine to 0 with 10% linear warm-up, batch 8,
 512 examples (64 steps), text length 128, per-example mean loss, augmentations off.
 """
@@ -54,6 +54,9 @@ class TrainConfig:
     # --- where ---------------------------------------------------------------------------
     model: str = ""
     """Base checkpoint: an HF folder or a big_vision ``.npz`` (read by ``model.load``)."""
+    revision: str | None = None
+    """Revision of a Hub id --model (branch, tag or commit; default main) or version of a
+    kaggle: handle."""
     data: str = ""
     """Data set folder (any layout ``data.open_dataset`` detects)."""
     out: str = ""

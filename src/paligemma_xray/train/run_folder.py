@@ -167,7 +167,7 @@ def load_base(config: TrainConfig) -> tuple[Any, Any]:
     """The model and processor the recipe starts from (``config.model``)."""
     from paligemma_xray.model import load
 
-    return load(config.model, tokenizer=config.tokenizer, progress=config.progress)
+    return load(config.model, tokenizer=config.tokenizer, progress=config.progress, revision=config.revision)
 
 
 def save_weights(
@@ -186,6 +186,7 @@ def save_weights(
     ``npz``, the big_vision export ``model.npz``.
     """
     from paligemma_xray.model import save_hf, save_lora, save_npz
+    from paligemma_xray.model.hub import portable_ref
 
     full_fsdp = accelerator.distributed_type.name == "FSDP"
     fsdp_state = accelerator.get_state_dict(step_module) if full_fsdp else None
@@ -195,7 +196,8 @@ def save_weights(
             # No shard-writing bar: it would cut through the training bar.
             save_hf(target, processor, tmp, progress=False)
             if config.trainable == "lora":
-                save_lora(model, tmp / "adapter", base=str(Path(config.model).resolve()))
+                base = portable_ref(config.model)  # a Hub id stays one, with its revision
+                save_lora(model, tmp / "adapter", base=base, revision=config.revision)
             if npz:
                 save_npz(target, tmp / "model.npz", progress=False)
     accelerator.wait_for_everyone()

@@ -10,8 +10,8 @@ import pytest
 
 from paligemma_xray.evaluate.metrics import (
     FROC_FP_RATES,
-    _coco_dicts,
     best_f1_threshold,
+    coco_dicts,
     evaluate_detections,
     match,
 )
@@ -79,7 +79,7 @@ def test_map_agrees_with_pycocotools():
     gts, prs = random_set(seed=3)
     classes = ["fracture", "cast"]
     ours = evaluate_detections(gts, prs, classes, bootstrap=0)
-    gt_dict, results = _coco_dicts(gts, prs, classes, np.arange(len(gts)))
+    gt_dict, results = coco_dicts(gts, prs, classes, np.arange(len(gts)))
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt_dict
@@ -196,7 +196,7 @@ def _pycocotools_eval(gts, prs, classes, iou_thresholds=None):
     pycoco = pytest.importorskip("pycocotools.cocoeval")
     from pycocotools.coco import COCO
 
-    gt_dict, results = _coco_dicts(gts, prs, classes, np.arange(len(gts)))
+    gt_dict, results = coco_dicts(gts, prs, classes, np.arange(len(gts)))
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt_dict
@@ -287,3 +287,16 @@ def test_bootstrap_covers_the_medical_map_and_each_froc_rate():
     for rate, value in zip(FROC_FP_RATES, m["froc"]["sensitivity"]):
         low, high = m["ci95"][f"froc_at_{rate:g}"]
         assert low <= value + 1e-9 and value <= high + 1e-9
+
+
+def test_image_auc_counts_ties_half_like_the_pairwise_definition():
+    # Highest box score per image; an image without boxes scores 0.
+    positives, negatives = [0.9, 0.5, 0.5], [0.5, 0.2, None]
+    gt = [det([[0, 0, 50, 50]], ["fracture"]) for _ in positives] + [det([], []) for _ in negatives]
+    box = [[0, 0, 50, 50]]
+    pred = [det(box, ["fracture"], [s]) if s is not None else det([], []) for s in positives + negatives]
+    auc = evaluate_detections(gt, pred, ["fracture"], bootstrap=0)["image_level"]["auc"]
+    # Independent reference: P(positive outscores negative) over all pairs, ties counting 1/2.
+    scores_neg = [s or 0.0 for s in negatives]
+    pairs = [(p > n) + 0.5 * (p == n) for p in positives for n in scores_neg]
+    assert auc == pytest.approx(sum(pairs) / len(pairs)) and auc == pytest.approx(8 / 9)
