@@ -56,3 +56,18 @@ def test_leftovers_of_killed_writes_are_found_and_removed(tmp_path):
     (tmp_path / "kept.json").write_text("{}")
     assert atomic.remove_stale_temporaries(tmp_path) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["kept.json"]
+
+
+def test_check_fresh_refuses_a_non_empty_target_unless_overwriting(tmp_path):
+    from paligemma_xray.errors import ConfigError
+
+    (tmp_path / "empty").mkdir()
+    assert atomic.check_fresh(tmp_path / "empty", overwrite=False) == tmp_path / "empty"
+    assert atomic.check_fresh(tmp_path / "absent", overwrite=False) == tmp_path / "absent"
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "a.jpg").write_bytes(b"")
+    (tmp_path / "model.npz").write_bytes(b"")
+    for taken in (tmp_path / "set", tmp_path / "model.npz"):
+        with pytest.raises(ConfigError, match="--overwrite"):
+            atomic.check_fresh(taken, overwrite=False, what="data set")
+        assert atomic.check_fresh(taken, overwrite=True) == taken

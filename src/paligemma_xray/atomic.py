@@ -150,3 +150,22 @@ def remove_stale_temporaries(folder: str | Path) -> int:
         _remove(leftover)
         removed += 1
     return removed
+
+
+def check_fresh(path: str | Path, *, overwrite: bool, what: str = "output") -> Path:
+    """Refuse to replace an existing, non-empty ``path`` unless ``overwrite`` (``--overwrite``).
+
+    Writing verbs call this before any work, so that an earlier data set, model or
+    evaluation is never replaced, or merged with a new one, by accident. An empty folder
+    counts as fresh. Raises :class:`~paligemma_xray.errors.ConfigError` naming the path.
+    """
+    from paligemma_xray.errors import ConfigError
+
+    path = Path(path)
+    if overwrite or not (path.exists() or path.is_symlink()):
+        return path
+    if path.is_dir() and not path.is_symlink():
+        with disk_errors(path):
+            if next(path.iterdir(), None) is None:
+                return path
+    raise ConfigError(f"the {what} is already there; add --overwrite to replace it", path=path)

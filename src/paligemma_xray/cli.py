@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,42 @@ from paligemma_xray.errors import PaligemmaXrayError
 
 Handler = Callable[[argparse.Namespace], int]
 
+# The end of each verb's --help: a command or two to start from (keyed by the verb's prog).
+_EXAMPLES: dict[str, list[str]] = {
+    "data synth": ["paligemma-xray data synth synth-data --n 200",
+                   "paligemma-xray data synth synth-data --n 50 --overwrite   # replace the set"],
+    "data check": ["paligemma-xray data check my-set --html check.html"],
+    "data import": ["paligemma-xray data import --format coco coco-export/ my-set"],
+    "data download": ["paligemma-xray data download --workspace W --project P --version 1"],
+    "convert": ["paligemma-xray convert pt_224.npz hf-model/",
+                "paligemma-xray convert runs/r1 r1.npz --dtype bfloat16"],
+    "train": ["paligemma-xray train --model hf-model --data my-set --out runs/r1",
+              "paligemma-xray train --resume runs/r1"],
+    "predict": ["paligemma-xray predict --model runs/r1 xrays/ --out preds",
+                "paligemma-xray predict --model runs/r1 xrays/ --out preds --resume"],
+    "evaluate": ["paligemma-xray evaluate --model runs/r1 --data my-set --out eval-r1"],
+    "report": ["paligemma-xray report eval-r1 --compare eval-base"],
+    "serve": ["PALIGEMMA_XRAY_API_KEY=secret paligemma-xray serve --model runs/r1 --port 8000"],
+    "demo": ["paligemma-xray demo --out demo-out", "paligemma-xray demo --minutes 2 --out quick-demo"],
+    "demo pretrain": ["paligemma-xray demo pretrain --out my-base"],
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line and a pointer to ``--help``.
+
+    argparse prints the whole usage (dozens of lines for ``train``) before the error; the
+    line that says what is wrong then scrolls away.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def format_help(self) -> str:
+        # Flag help taken from docstrings carries reST (``x``, :func:`y`); a terminal shows it raw.
+        text = re.sub(r":[a-z]+:`~?([^`]*)`", r"\1", super().format_help())
+        return re.sub(r"``([^`]*)``", r"\1", text)
+
 
 def _verb(subparsers, name: str, handler: Handler, help: str, description: str | None = None):
     parser = subparsers.add_parser(
@@ -26,7 +63,13 @@ def _verb(subparsers, name: str, handler: Handler, help: str, description: str |
         help=help,
         description=description or help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        conflict_handler="resolve",  # a verb may declare its own --no-progress (train's recipe field)
     )
+    verb = parser.prog.removeprefix("paligemma-xray ")
+    if verb in _EXAMPLES:
+        parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in _EXAMPLES[verb])
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (without a terminal they are plain lines every 30 s)")
     parser.set_defaults(handler=handler)
     return parser
 
@@ -38,7 +81,8 @@ def _verb(subparsers, name: str, handler: Handler, help: str, description: str |
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from paligemma_xray.data.synth import generate
 
-    root = generate(args.out, n=args.n, seed=args.seed, size=args.size, image_format=args.format)
+    root = generate(args.out, n=args.n, seed=args.seed, size=args.size, image_format=args.format,
+                    overwrite=args.overwrite)
     print(f"wrote {args.n} synthetic radiographs to {root / 'dataset'}")
     return 0
 
@@ -46,7 +90,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from paligemma_xray.data.check import check_dataset
 
-    report = check_dataset(args.dir, json_path=args.json, html_path=args.html, gallery=args.gallery)
+    report = check_dataset(args.dir, json_path=args.json, html_path=args.html, gallery=args.gallery,
+                           allow_outside_images=args.allow_outside_images)
     print(report.summary())
     return report.exit_code
 
@@ -54,7 +99,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_data_import(args: argparse.Namespace) -> int:
     from paligemma_xray.data.importers import import_dataset
 
-    print(import_dataset(args.format, args.src, args.out).summary())
+    print(import_dataset(args.format, args.src, args.out, overwrite=args.overwrite).summary())
     return 0
 
 
@@ -85,6 +130,8 @@ def _add_data(verbs) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: 0)")
     p.add_argument("--size", type=int, default=448, metavar="PX", help="image side in pixels (default: 448)")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image file format (default: jpg)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT/dataset (whole: the two sets are never merged)")
 
     p = _verb(sub, "check", cmd_data_check,
               help="check a data set: counts, problems with file and line, leakage, gallery",
@@ -97,6 +144,7 @@ def _add_data(verbs) -> None:
     p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with a gallery to FILE")
     p.add_argument("--gallery", type=int, default=16, metavar="N",
                    help="number of example images with boxes drawn in the HTML report (default: 16)")
+    _outside_flag(p)
 
     p = _verb(sub, "import", cmd_data_import,
               help="convert a COCO, YOLO or Pascal VOC detection set to the Roboflow 'paligemma' layout",
@@ -107,6 +155,8 @@ def _add_data(verbs) -> None:
     p.add_argument("--format", required=True, choices=("coco", "yolo", "voc"), help="format of SRC")
     p.add_argument("src", metavar="SRC", help="source data set folder (or a COCO .json file)")
     p.add_argument("out", metavar="OUT", help="output folder (the set lands in OUT/dataset/)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT/dataset (whole: no split of the old set is kept)")
 
     p = _verb(sub, "download", cmd_data_download,
               help="download a Roboflow project version in the 'paligemma' format",
@@ -132,13 +182,52 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     flags = {**train.recipes.overrides(args), "model": args.model, "data": args.data, "out": args.out}
     config = train.recipes.for_command(args.recipe, args.config, flags, resume=args.resume)
-    summary = train.run(config, resume=args.resume is not None, on_validation=write_progress)
+    try:
+        summary = train.run(config, resume=args.resume is not None, on_validation=write_progress)
+    except KeyboardInterrupt:
+        print(_train_interrupted(Path(config.out)), file=sys.stderr)
+        return 130
     best = f"{summary.best_metric} {summary.best_value:.4f} at step {summary.best_step}" if (
         summary.best_value is not None) else "no evaluation"
-    loss = f"{summary.final_loss:.4f}" if summary.final_loss is not None else "n/a"
+    final_loss = summary.final_loss
+    if final_loss is None:  # a resume of a finished run trains no step: report its last loss
+        final_loss = _last_train_loss(Path(summary.run_dir))
+    if final_loss is None:
+        print(f"nothing to train: {summary.run_dir} has no train steps logged, best {best}")
+        return 0
     stopped = " (early stop)" if summary.stopped_early else ""
-    print(f"trained {summary.steps} steps{stopped} into {summary.run_dir}: final loss {loss}, best {best}")
+    print(f"trained {summary.steps} steps{stopped} into {summary.run_dir}: final loss {final_loss:.4f}, "
+          f"best {best}")
     return 0
+
+
+def _last_train_loss(run_dir: Path) -> float | None:
+    """The last logged training loss of a run (a resume of a finished run trains no step)."""
+    loss = None
+    try:
+        with (run_dir / "metrics.jsonl").open() as handle:
+            for line in handle:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if row.get("kind") == "train" and isinstance(row.get("loss"), (int, float)):
+                    loss = float(row["loss"])
+    except OSError:
+        return None
+    return loss
+
+
+def _train_interrupted(run_dir: Path) -> str:
+    """What Ctrl-C leaves: the last checkpoint saved and the command that continues from it."""
+    from paligemma_xray.train.run_folder import checkpoints
+
+    saved = checkpoints(run_dir) if run_dir.is_dir() else []
+    if not saved:
+        return f"interrupted before the first checkpoint of {run_dir}: nothing saved to resume from"
+    step = saved[-1].name.split("-")[1]
+    return (f"interrupted; the last checkpoint saved is step {step} ({saved[-1]}). "
+            f"Continue with: paligemma-xray train --resume {run_dir}")
 
 
 def _add_train(verbs) -> None:
@@ -237,8 +326,10 @@ def _model_flags(p: argparse.ArgumentParser, several: bool = False) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from paligemma_xray.infer.detector import is_detection_prompt
-    from paligemma_xray.infer.predict import predict
+    from paligemma_xray.infer.predict import check_inputs, predict
 
+    check_inputs(args.paths, args.out, threshold=args.threshold, batch_size=args.batch_size,
+                 max_new_tokens=args.max_new_tokens, resume=args.resume, overwrite=args.overwrite)
     detector = _detector(args)
     free_form = not is_detection_prompt(args.prompt)
     threshold = args.threshold
@@ -250,13 +341,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = predict(
         detector, args.paths, args.out, prompt=args.prompt, threshold=threshold,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, resume=args.resume,
-        annotated=not args.no_images, dicom_sr=args.dicom_sr, secondary_capture=args.secondary_capture,
-        workers=args.workers,
+        overwrite=args.overwrite, annotated=not args.no_images, dicom_sr=args.dicom_sr,
+        secondary_capture=args.secondary_capture, workers=args.workers,
         on_answer=(lambda name, text: print(f"{name}\t{text.strip()}", flush=True)) if free_form else None,
     )
     if "images" in summary:
+        notes = "".join(f", {summary[key]} {what}" for key, what in (
+            ("already_done", "done before (--resume)"), ("duplicates", "given twice, predicted once"))
+            if summary.get(key))
         print(f"predicted {summary['predicted']} image(s) into {summary['out']} "
-              f"({summary['images']} with detections files, {summary['boxes']} boxes)", file=sys.stderr)
+              f"({summary['images']} with detections files, {summary['boxes']} boxes{notes})",
+              file=sys.stderr)
     if "dicom_sr" in summary:
         print(f"wrote DICOM for {summary['dicom_sr']} DICOM image(s); {summary['not_dicom']} input(s) "
               "were not DICOM and got none", file=sys.stderr)
@@ -269,7 +364,9 @@ def _add_predict(verbs) -> None:
               description="Run MODEL on every image under PATH… (files, folders walked recursively, DICOM).\n"
                           "Writes OUT/json/<name>.json per image (boxes, scores, text, token log-probs),\n"
                           "OUT/annotated/<name>.png, and OUT/predictions.coco.json (COCO results) with\n"
-                          "OUT/images.json. Streams folders of any size; --resume skips images done.\n"
+                          "OUT/images.json; <name> is the input's path relative to the folder holding\n"
+                          "all inputs. OUT/manifest.json records the model (and its checksum), prompt and\n"
+                          "decoding flags. Streams folders of any size; --resume skips images done.\n"
                           "Free-form prompts ('caption en', 'answer en …') print NAME<TAB>ANSWER lines.\n"
                           "Several GPUs: torchrun --nproc_per_node N -m paligemma_xray.cli predict …")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, DICOM file or folder")
@@ -282,7 +379,10 @@ def _add_predict(verbs) -> None:
     p.add_argument("--prompt", default="detect fracture", metavar="P",
                    help="prompt (default 'detect fracture'; e.g. 'caption en', "
                         "'answer en is there a fracture?')")
-    p.add_argument("--resume", action="store_true", help="skip images whose OUT/json file exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue OUT: skip images whose OUT/json file exists (refused if OUT was made\n"
+                        "with another model, prompt or decoding flags)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in OUT")
     p.add_argument("--no-images", action="store_true", help="do not write annotated PNGs")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="threads decoding the next images, and as many writing the finished ones' files,\n"
@@ -354,28 +454,43 @@ def _add_pacs(verbs) -> None:
                    help="seconds between polls with --watch (default 60)")
 
 
+def _outside_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="use records whose image lies outside the data set's folder (../.., absolute\n"
+                        "paths, symlinks pointing out); by default they are skipped as errors")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from paligemma_xray.data import open_dataset
     from paligemma_xray.evaluate import evaluate
-    from paligemma_xray.evaluate.calibration import check_method, check_operating_point
     from paligemma_xray.evaluate.compare import check_compare, write_comparison
+    from paligemma_xray.evaluate.runner import check_evaluation
+    from paligemma_xray.infer.detector import check_decoding
     from paligemma_xray.infer.distributed import world
 
-    check_method(args.calibration)
-    if args.operating_point is not None:
-        check_operating_point(args.operating_point)
-    if args.compare is not None:
+    # Everything that needs no model first: a typo must not cost the model's loading time.
+    check_decoding(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    dataset = open_dataset(args.data, allow_outside_images=args.allow_outside_images)
+    check_evaluation(dataset, args.split, args.out, threshold=args.threshold, iou_threshold=args.iou,
+                     bootstrap=args.bootstrap, overwrite=args.overwrite, max_bad_records=args.max_bad_records,
+                     operating_point=args.operating_point, calibration_method=args.calibration)
+    if args.compare:
         check_compare(args.compare)
+    if args.run and not Path(args.run).is_dir():
+        from paligemma_xray.errors import ConfigError
+
+        raise ConfigError("no such training run folder (--run)", path=args.run)
     detector = _detector(args)
     single = len(args.model) == 1 and not args.tta and not args.merge_duplicates
     # Saved beside local weights only (a Hub id or kaggle: handle has no folder of ours).
     local = single and Path(args.model[0]).exists()
     save_with = args.model[0] if local and not args.no_save_calibration else None
-    metrics = evaluate(detector, open_dataset(args.data), args.split, args.out,
+    metrics = evaluate(detector, dataset, args.split, args.out,
                        threshold=args.threshold, iou_threshold=args.iou, operating_point=args.operating_point,
                        calibration_method=args.calibration, save_with_model=save_with,
                        bootstrap=args.bootstrap, seed=args.seed,
-                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       overwrite=args.overwrite, max_bad_records=args.max_bad_records)
     if world().is_main:
         from paligemma_xray.report import write_report
 
@@ -453,6 +568,10 @@ def _add_evaluate(verbs) -> None:
                         "and compares the two (paired bootstrap differences in mAP, FROC, sensitivity and\n"
                         "specificity with p-values; DeLong's test of the image AUC): comparison.json")
     p.add_argument("--run", metavar="RUN", help="training run folder: adds its loss curve to the report")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in OUT")
+    p.add_argument("--max-bad-records", type=int, default=10, metavar="N",
+                   help="skip (and count) records whose image cannot be decoded; stop past N (default 10)")
+    _outside_flag(p)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -528,7 +647,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from paligemma_xray.model.checkpoints import convert
 
     print(convert(args.src, args.out, to=args.to, dtype=args.dtype, tokenizer=args.tokenizer,
-                  revision=args.revision))
+                  revision=args.revision, overwrite=args.overwrite))
     return 0
 
 
@@ -550,6 +669,7 @@ def _add_convert(verbs) -> None:
     p.add_argument("--tokenizer", metavar="F",
                    help="SentencePiece .model for an npz input (default: paligemma_tokenizer.model or "
                         "tokenizer.model beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,7 +682,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = DemoSettings(seed=args.seed, minutes=args.minutes, threads=args.threads)
     if args.images is not None:
         settings.train_images = args.images
-    result = run_demo(args.out, settings, base=args.base)
+    result = run_demo(args.out, settings, base=args.base, overwrite=args.overwrite)
     print(format_summary(result))
     return 0
 
@@ -595,6 +715,7 @@ def _add_demo(verbs) -> None:
 
     demo_defaults = DemoSettings()
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: ./demo-out)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in DIR")
     p.add_argument("--minutes", type=float, default=10.0, metavar="N",
                    help="time budget on a 2-core CPU; sets how many examples are trained on, at a fixed\n"
                         "nominal rate (not by the clock, so runs repeat exactly) (default: 10)")
@@ -610,7 +731,7 @@ def _add_demo(verbs) -> None:
     from paligemma_xray.demo.base import PretrainSettings
 
     defaults = PretrainSettings()
-    sub = p.add_subparsers(title="demo verbs", metavar="DEMO_VERB")
+    sub = p.add_subparsers(title="demo verbs (optional)", metavar="[pretrain]")
     q = _verb(sub, "pretrain", cmd_demo_pretrain,
               help="rebuild the demo's base model: pretrain on synthetic shapes (about 35 min, 1 CPU core)",
               description="Pretrain the demo's small PaliGemma (the real architecture and tokenizer layout)\n"
@@ -633,7 +754,7 @@ def _add_demo(verbs) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="paligemma-xray",
         description="Fine-tune, evaluate and serve PaliGemma bone-fracture detectors.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -656,6 +777,10 @@ _VERBS: list[Callable] = [
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from paligemma_xray import progress
+
+    shown = progress.is_enabled()
+    progress.set_enabled(shown and not getattr(args, "no_progress", False))
     try:
         return int(args.handler(args) or 0)
     except PaligemmaXrayError as error:
@@ -664,6 +789,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        progress.set_enabled(shown)  # main() called in-process (tests, notebooks) leaves it as it was
 
 
 if __name__ == "__main__":

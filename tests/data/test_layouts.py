@@ -156,3 +156,42 @@ def test_usable_records_warn_about_dropped_lines_and_refuse_an_empty_split(tmp_p
         dataset.usable("valid")
     with pytest.raises(DataError, match="no split 'test'"):
         dataset.usable("test")
+
+
+def test_images_outside_the_data_set_are_refused_unless_allowed(tmp_path):
+    """``../..``, absolute paths and symlinks out of the folder used to be read and trained on."""
+    secret = _image(tmp_path / "elsewhere" / "secret.jpg")
+    root = tmp_path / "set"
+    _image(root / "inside.jpg")
+    (root / "link.jpg").symlink_to(secret)
+    _jsonl(root / "train.jsonl", [_row("inside.jpg"), _row("../elsewhere/secret.jpg"), _row(str(secret)),
+                                  _row("link.jpg")])
+    ds = open_dataset(root)
+    assert [r.image.name for r in ds.records("train")] == ["inside.jpg"]
+    outside = [p for p in ds.problems if p.kind == "outside_image"]
+    assert [(p.line, p.severity) for p in outside] == [(2, "error"), (3, "error"), (4, "error")]
+    assert all(p.path == (root / "train.jsonl").resolve() for p in outside)
+    allowed = open_dataset(root, allow_outside_images=True)
+    assert [r.image for r in allowed.records("train")][1:] == [secret.resolve()] * 3
+    # A plain JSONL's image_dir counts as inside.
+    listed = _jsonl(tmp_path / "list" / "train.jsonl", [_row("secret.jpg")])
+    assert len(open_dataset(listed, image_dir=secret.parent).records("train")) == 1
+
+
+def test_symlink_loops_are_problems_not_crashes(tmp_path, capsys):
+    from paligemma_xray.cli import main
+
+    root = tmp_path / "set"
+    _image(root / "ok.jpg")
+    (root / "loop.jpg").symlink_to(root / "loop.jpg")
+    (root / "sub").symlink_to(root / "sub")
+    _jsonl(root / "train.jsonl", [_row("ok.jpg"), _row("loop.jpg"), _row("sub/x.jpg")])
+    ds = open_dataset(root)
+    assert len(ds.records("train")) == 1
+    assert [(p.kind, p.line) for p in ds.problems] == [("missing_image", 2), ("missing_image", 3)]
+    assert main(["data", "check", str(root), "--no-progress"]) == 1
+    out = capsys.readouterr()
+    assert "train.jsonl:2" in out.out and "Traceback" not in out.err
+    (tmp_path / "looped").symlink_to(tmp_path / "looped")
+    assert main(["data", "check", str(tmp_path / "looped")]) == 2
+    assert "Traceback" not in capsys.readouterr().err

@@ -233,3 +233,29 @@ def test_operating_point_on_the_valid_split_itself_decodes_it_once(
     assert metrics["split"] == "valid" and metrics["threshold"] == metrics["best_f1_threshold"]
     assert (out / "predictions.jsonl").read_text() == (out / "valid" / "predictions.jsonl").read_text()
     assert sorted(p.name for p in Path(tiny_boxes_hf_dir).iterdir()) == before  # --no-save-calibration
+
+
+def test_an_unreadable_image_is_skipped_counted_and_named(
+    tiny_boxes_hf_dir, synthetic_dataset, tmp_path, capsys
+):
+    """One truncated image used to stop the evaluation, naming the image but not its record."""
+    from paligemma_xray.data import open_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, data)
+    record = open_dataset(data).records("test")[1]
+    record.image.write_bytes(record.image.read_bytes()[:200])  # a truncated JPEG
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", str(tiny_boxes_hf_dir), "--data", str(data), "--out", str(out),
+            "--bootstrap", "0", "--max-new-tokens", "8", "--no-progress"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped_records"]["count"] == 1
+    assert metrics["skipped_records"]["records"][0].startswith(f"{record.source}:{record.line}: ")
+    n_test = len(open_dataset(data).records("test"))
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == n_test - 1
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "strict"), "--max-bad-records", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{record.source}:{record.line}:" in err and "--max-bad-records 0" in err
+    assert "Traceback" not in err

@@ -184,13 +184,16 @@ def test_run_folder_prefers_best_then_last(tmp_path, tiny_hf_dir):
     assert model.config.text_config.model_type == "gemma2"
 
 
-def test_progress_false_silences_transformers_bars_too(tmp_path, tiny_hf_dir, capfd):
+def test_progress_false_silences_transformers_bars_too(tmp_path, tiny_hf_dir, capfd, monkeypatch):
     from transformers.utils import logging as hf_logging
 
     model, processor = load(tiny_hf_dir, progress=False)
     save_hf(model, processor, tmp_path / "copy", progress=False)
     assert capfd.readouterr().err == ""
     assert hf_logging.is_progress_bar_enabled()  # the global switch is put back
+    load(tmp_path / "copy")  # stderr is no terminal here: their redrawn bars stay off
+    assert "Loading weights" not in capfd.readouterr().err
+    monkeypatch.setattr("paligemma_xray.progress.is_terminal", lambda stream=None: True)
     load(tmp_path / "copy")
     assert "Loading weights" in capfd.readouterr().err
 

@@ -7,6 +7,7 @@ with the real Detector are in test_serve_e2e.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import socket
@@ -308,3 +309,72 @@ def test_stalled_upload_gets_408():
         )
         reply = conn.recv(4096)  # the rest of the body never comes
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+
+
+# --- issue 17: limits in words, one file, JSON for every error, nothing secret shown --------
+
+
+def test_long_prompt_limit_is_stated_in_bytes(fake_server):
+    response = post_image(fake_server.url, xray_png(), prompt="detect " + "x" * 5000)
+    assert response.status_code == 413
+    assert "4,096 bytes" in response.json()["detail"]  # used to say "the limit of 0.0 MiB"
+
+
+def test_a_second_file_part_is_refused(fake_server):
+    files = [("file", ("a.png", xray_png(), "image/png")), ("file", ("b.png", xray_png(50, 40), "image/png"))]
+    response = httpx.post(f"{fake_server.url}/v1/detect", files=files, timeout=30)
+    assert response.status_code == 400 and response.json()["error"] == "bad_form"  # was: b.png ignored
+
+
+def test_requests_the_http_parser_refuses_get_a_json_error(fake_server):
+    """Malformed or oversized request lines and headers never reach the app: uvicorn answered
+    them in plain text; clients of a JSON API get ``{"error", "detail"}`` here too."""
+    with socket.create_connection((fake_server.host, fake_server.port), timeout=10) as connection:
+        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
+        reply = b""
+        while chunk := connection.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head.lower()
+    assert json.loads(body)["error"] == "bad_request"
+
+
+def test_a_key_in_the_query_string_never_reaches_the_access_log():
+    secret = "query-secret-123"
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    app = create_app(FakeDetector(), ServeConfig(api_key="the-real-key"))
+    with ServerThread(app, log_level="info") as server:
+        handler = Keep()
+        logging.getLogger("uvicorn.access").addHandler(handler)
+        try:
+            assert httpx.get(f"{server.url}/v1/model?api_key={secret}&x=1").status_code == 401
+        finally:
+            logging.getLogger("uvicorn.access").removeHandler(handler)
+    assert any("/v1/model?api_key=***&x=1" in line for line in records), records
+    assert not any(secret in line for line in records)
+
+
+def test_health_shows_the_model_name_not_its_path_and_docs_work_offline():
+    detector = FakeDetector()
+    detector.model_id = "/srv/models/runs/r1"
+    with ServerThread(create_app(detector, ServeConfig())) as server:
+        assert httpx.get(f"{server.url}/healthz").json()["model_id"] == "r1"
+        docs = httpx.get(f"{server.url}/docs").text
+        assert "cdn." not in docs  # the page used to load Swagger UI from a CDN: blank offline
+        assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', docs)
+        assert assets and all(httpx.get(server.url + asset).status_code == 200 for asset in assets)
+
+
+def test_a_malformed_multipart_body_leaves_no_stray_parser_line(fake_server, caplog):
+    part = b'Content-Disposition: form-data; name="file"; filename="a.png"\r\n\r\nxx\r\n'
+    body = b"--other\r\n" + part + b"--other--\r\n"
+    with caplog.at_level(logging.DEBUG):
+        response = httpx.post(f"{fake_server.url}/v1/detect", content=body,
+                              headers={"content-type": "multipart/form-data; boundary=expected"}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"] == "bad_form"
+    assert not [r for r in caplog.records if r.name.startswith("python_multipart")]  # "Expected boundary …"

@@ -71,3 +71,33 @@ def test_examples_are_deterministic_and_epochs_reshuffle(tmp_path) -> None:
     assert flipped and len(flipped) < len(suffixes)
     plain = Examples(records, Augment(), seed=3, load_image=Image.open)
     assert plain.example(5)[3] == records[plain.record_index(5)].suffix
+
+
+def test_an_unreadable_training_image_is_skipped_deterministically(tmp_path) -> None:
+    """One broken image used to stop a training run outright; now it is counted and stood in for."""
+    import pytest
+
+    from paligemma_xray.data import load_image
+    from paligemma_xray.data.bad_records import BadRecords
+    from paligemma_xray.data.records import Record
+    from paligemma_xray.errors import DataError
+
+    source = tmp_path / "_annotations.train.jsonl"
+    records = []
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(path)
+        records.append(Record(path, "detect fracture", "", "train", source, i + 1))
+    records[2].image.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    bad = BadRecords(limit=1)
+    examples = Examples(records, Augment(), seed=0, load_image=load_image, bad_records=bad)
+    seen = [examples.example(k)[0] for k in range(10)]
+    assert 2 not in seen and sorted(set(seen)) == [0, 1, 3, 4]
+    assert bad.where() == [f"{source}:3"]  # counted once, named by its annotation line
+    again = Examples(records, Augment(), seed=0, load_image=load_image)
+    assert [again.example(k)[0] for k in range(10)] == seen  # the same stand-in on a resume
+    records[4].image.write_bytes(b"")
+    strict = Examples(records, Augment(), seed=0, load_image=load_image, bad_records=BadRecords(limit=1))
+    with pytest.raises(DataError, match=r"_annotations.train.jsonl:\d: .*--max-bad-records 1"):
+        for k in range(10):
+            strict.example(k)

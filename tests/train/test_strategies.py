@@ -93,3 +93,15 @@ def test_lora_targets_that_match_nothing() -> None:
     config.lora_targets = ["no_such_proj"]
     with pytest.raises(ConfigError, match="does not fit"):
         prepare_model(model, config, CPU, bf16=False)
+
+
+def test_full_recipe_checkpoints_activations_without_a_deprecation_warning() -> None:
+    import warnings
+
+    model, _ = tiny_model(version=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # every `--recipe full` used to warn
+        model = prepare_model(model, preset("full"), CPU, bf16=False)
+    core = unwrap(model)
+    enabled = getattr(core, "is_activation_checkpointing", None)
+    assert enabled if enabled is not None else core.is_gradient_checkpointing

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import re
 import statistics
 from collections import Counter
@@ -40,12 +39,13 @@ from typing import Any
 import imagehash
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from paligemma_xray import atomic
 from paligemma_xray.data.images import load_image
 from paligemma_xray.data.layouts import open_dataset
 from paligemma_xray.data.records import Dataset, Problem, Record, record_targets
 from paligemma_xray.errors import DataError, ImageLoadError, check_output
+from paligemma_xray.progress import bar as progress_bar
 
 # Perceptual hash of 16x16 = 256 bits. Re-encoded, resized, brightened or slightly cropped
 # (~2%) copies of one radiograph stay within 26 bits; distinct radiographs of the same kind
@@ -371,8 +371,12 @@ def check_dataset(
     html_path: str | Path | None = None,
     gallery: int = 16,
     progress: bool = True,
+    allow_outside_images: bool = False,
 ) -> CheckReport:
     """Check the data set at ``root``; write ``json_path``/``html_path`` when given.
+
+    ``allow_outside_images``: see :func:`~paligemma_xray.data.open_dataset` (by default an
+    image outside the set's folder is an ``outside_image`` error, never read or shown).
 
     Raises:
         DataError: when no data set is found at ``root`` (the CLI exits with 2).
@@ -380,14 +384,14 @@ def check_dataset(
     for output in (json_path, html_path):
         if output is not None:
             check_output(output, folder=False)
-    dataset = open_dataset(root)
+    dataset = open_dataset(root, allow_outside_images=allow_outside_images)
     records = [r for split in dataset.splits.values() for r in split]
     if not records and not dataset.problems:
         raise DataError("the data set has no records", path=dataset.root)
     cache: dict[str, _ImageInfo] = {}
     infos: list[_ImageInfo] = []
     problems = list(dataset.problems)
-    for record in tqdm(records, desc="check", unit="img", disable=not progress):
+    for record in progress_bar(records, desc="check", unit="img", enabled=progress):
         key = str(record.image)
         if key not in cache:
             cache[key] = _inspect(record)
@@ -402,12 +406,10 @@ def check_dataset(
     problems.sort(key=lambda p: (str(p.path or ""), p.line or 0))
     report = CheckReport(dataset=dataset, stats=stats, problems=problems, leakage=leakage)
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+        atomic.write_json(json_path, report.to_json())
     if html_path is not None:
         report.gallery = _gallery(infos, gallery)
-        Path(html_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(html_path).write_text(report.to_html(), encoding="utf-8")
+        atomic.write_text(html_path, report.to_html())
     return report
 
 

@@ -40,11 +40,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from paligemma_xray import atomic
 from paligemma_xray.data.records import SPLITS, normalise_split
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.locations import encode
+from paligemma_xray.progress import bar as progress_bar
 
 FORMATS = ("coco", "yolo", "voc")
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -169,8 +170,14 @@ def _clean_label(name: str) -> str:
     return " ".join(str(name).replace(";", ",").split())
 
 
-def import_dataset(fmt: str, src: str | Path, out: str | Path, *, progress: bool = True) -> ImportResult:
+def import_dataset(
+    fmt: str, src: str | Path, out: str | Path, *, progress: bool = True, overwrite: bool = False
+) -> ImportResult:
     """Convert the ``fmt`` (``coco``/``yolo``/``voc``) data set at ``src`` into ``out``.
+
+    An existing ``out/dataset`` is refused unless ``overwrite``, which replaces it whole:
+    no split of an earlier set survives to be mixed with the new one. Written to a
+    temporary folder renamed when complete.
 
     Raises:
         DataError: unknown format, nothing of that format at ``src``, an unreadable
@@ -183,6 +190,7 @@ def import_dataset(fmt: str, src: str | Path, out: str | Path, *, progress: bool
     if not src.exists():
         raise DataError("no such file or folder", path=src)
     check_output(out, folder=True)
+    atomic.check_fresh(out / "dataset", overwrite=overwrite, what="data set")
     datasets = _load(fmt, src)
 
     # Class names by box count over all splits; classes never used (e.g. the supercategory
@@ -216,15 +224,21 @@ def import_dataset(fmt: str, src: str | Path, out: str | Path, *, progress: bool
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                 raise DataError(f"cannot read image: {error}", path=path) from None
 
-    folder = out / "dataset"
-    folder.mkdir(parents=True, exist_ok=True)
+    with atomic.staged_dir(out / "dataset") as folder:
+        counts = _write_set(datasets, folder, fmt, prefix, sizes, progress)
+    return ImportResult(out=out, classes=classes, counts=counts, dropped_classes=dropped)
+
+
+def _write_set(
+    datasets, folder: Path, fmt: str, prefix: str, sizes, progress: bool
+) -> dict[str, dict[str, int]]:
     names: dict[str, int] = {}
     for ds in datasets.values():
         for path in ds.image_paths:
             names[Path(path).name] = names.get(Path(path).name, 0) + 1
     counts: dict[str, dict[str, int]] = {}
     total = sum(len(ds.image_paths) for ds in datasets.values())
-    bar = tqdm(total=total, desc=f"import {fmt}", unit="img", disable=not progress)
+    bar = progress_bar(total=total, desc=f"import {fmt}", unit="img", enabled=progress)
     for split in sorted(datasets, key=lambda s: SPLITS.index(s) if s in SPLITS else len(SPLITS)):
         ds = datasets[split]
         rows: list[str] = []
@@ -232,8 +246,12 @@ def import_dataset(fmt: str, src: str | Path, out: str | Path, *, progress: bool
         for path_str in sorted(ds.image_paths):
             path = Path(path_str)
             size = sizes[path_str]
-            # The same file name in two splits would overwrite: prefix the split there.
+            # The same file name twice would overwrite: prefix the split there, then number.
             name = path.name if names[path.name] == 1 else f"{split}_{path.name}"
+            number = 1
+            while (folder / name).exists():
+                number += 1
+                name = f"{split}_{path.stem}_{number}{path.suffix}"
             shutil.copyfile(path, folder / name)
             detections = ds.annotations[path_str]
             xyxy = np.asarray(detections.xyxy, dtype=np.float64).reshape(-1, 4)
@@ -248,4 +266,4 @@ def import_dataset(fmt: str, src: str | Path, out: str | Path, *, progress: bool
         (folder / f"_annotations.{split}.jsonl").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
         counts[split] = c
     bar.close()
-    return ImportResult(out=out, classes=classes, counts=counts, dropped_classes=dropped)
+    return counts

@@ -11,7 +11,10 @@ Layouts (detected in this order):
 
 Each line is ``{"image": …, "prefix": …, "suffix": …}``. Lines that cannot be used become
 ``error`` problems (with file and line) and are left out of the splits; usable but
-suspicious ones stay, with a ``warning``.
+suspicious ones stay, with a ``warning``. An image outside the data set's folder (``../..``,
+an absolute path, a symlink pointing out; ``image_dir`` counts as inside) is such an error
+(``outside_image``) unless ``allow_outside_images=True``: a set from elsewhere must not make
+the tool read, train on and embed in HTML any file it names.
 
 Example:
     >>> import tempfile
@@ -82,13 +85,17 @@ def _plain_files(folder: Path) -> dict[str, Path]:
     return found
 
 
-def open_dataset(root: str | Path, *, image_dir: str | Path | None = None) -> Dataset:
+def open_dataset(
+    root: str | Path, *, image_dir: str | Path | None = None, allow_outside_images: bool = False
+) -> Dataset:
     """Open the data set at ``root``, detecting its layout (see the module docstring).
 
     Args:
         root: data set folder (or its ``dataset/`` folder), or a single ``.jsonl`` file.
         image_dir: where the images are, for a plain JSONL whose image paths are relative
             to some other folder.
+        allow_outside_images: accept records whose image lies outside ``root`` (and
+            ``image_dir``); by default they are ``outside_image`` errors, left out.
 
     Raises:
         DataError: naming ``root`` when it does not exist or no layout matches.
@@ -96,22 +103,27 @@ def open_dataset(root: str | Path, *, image_dir: str | Path | None = None) -> Da
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError("no such file or folder", path=root)
-    extra = Path(image_dir).expanduser().resolve() if image_dir is not None else None
+    try:
+        extra = Path(image_dir).expanduser().resolve() if image_dir is not None else None
+        home = (root.parent if root.is_file() else root).resolve()
+    except (OSError, RuntimeError) as error:  # a symlink loop: RuntimeError before Python 3.13
+        raise DataError(f"cannot resolve the path: {error}", path=root) from None
+    inside = None if allow_outside_images else [home, *([extra] if extra is not None else [])]
     if root.is_file():
         if not root.name.endswith(".jsonl"):
             raise DataError("not a data set: expected a folder or a .jsonl annotation file", path=root)
         files = {_split_from_name(root): root}
-        return _read(root, "jsonl", files, lambda f: _plain_bases(f, extra))
+        return _read(root, "jsonl", files, lambda f: _plain_bases(f, extra), inside)
 
     folder = root / "dataset"
     if folder.is_dir() and (files := _roboflow_files(folder)):
-        return _read(root, "roboflow", files, lambda f: [f.parent])
+        return _read(root, "roboflow", files, lambda f: [f.parent], inside)
     if files := _roboflow_files(root):
-        return _read(root, "roboflow", files, lambda f: [f.parent])
+        return _read(root, "roboflow", files, lambda f: [f.parent], inside)
     if files := _maestro_files(root):
-        return _read(root, "maestro", files, lambda f: [f.parent])
+        return _read(root, "maestro", files, lambda f: [f.parent], inside)
     if files := _plain_files(root):
-        return _read(root, "jsonl", files, lambda f: _plain_bases(f, extra))
+        return _read(root, "jsonl", files, lambda f: _plain_bases(f, extra), inside)
     raise DataError(
         "no data set found: expected dataset/_annotations.<split>.jsonl (Roboflow 'paligemma'"
         " export), <split>/annotations.jsonl (maestro) or <split>.jsonl files",
@@ -135,21 +147,24 @@ def _resolve_image(name: str, bases: list[Path]) -> Path:
     return (bases[0] / candidate).resolve()
 
 
-def _read(root: Path, layout: str, files: dict[str, Path], bases_for) -> Dataset:
+def _read(root: Path, layout: str, files: dict[str, Path], bases_for, inside: list[Path] | None) -> Dataset:
     splits: dict[str, list[Record]] = {}
     problems: list[Problem] = []
     for split in sorted(files, key=_split_order):
         source = files[split].resolve()
-        records, found = read_jsonl(source, split, bases_for(source))
+        records, found = read_jsonl(source, split, bases_for(source), inside)
         splits[split] = records
         problems.extend(found)
     return Dataset(root=root.resolve(), layout=layout, splits=splits, problems=problems)
 
 
-def read_jsonl(source: Path, split: str, bases: list[Path]) -> tuple[list[Record], list[Problem]]:
+def read_jsonl(
+    source: Path, split: str, bases: list[Path], inside: list[Path] | None = None
+) -> tuple[list[Record], list[Problem]]:
     """Read one annotation file: its usable records and the problems of its lines.
 
-    Image paths are resolved against the first of ``bases`` holding the file.
+    Image paths are resolved against the first of ``bases`` holding the file. ``inside``:
+    the folders images must lie in once symlinks are followed (``None``: anywhere).
     """
     records: list[Record] = []
     problems: list[Problem] = []
@@ -199,9 +214,22 @@ def read_jsonl(source: Path, split: str, bases: list[Path]) -> tuple[list[Record
         if not name:
             problem("bad_value", "empty image name; record skipped", number)
             continue
-        image = _resolve_image(name, bases)
-        if not image.is_file():
+        try:
+            image = _resolve_image(name, bases).resolve()
+            found_file = image.is_file()
+        except (OSError, RuntimeError) as error:  # a symlink loop: RuntimeError before Python 3.13
+            problem("missing_image", f"image {name!r} cannot be resolved ({error}); record skipped", number)
+            continue
+        if not found_file:
             problem("missing_image", f"image {name!r} not found (looked for {image}); record skipped", number)
+            continue
+        if inside is not None and not any(image.is_relative_to(folder) for folder in inside):
+            problem(
+                "outside_image",
+                f"image {name!r} is outside the data set's folder ({image}); record skipped "
+                "(--allow-outside-images to use it)",
+                number,
+            )
             continue
         classes = classes_from_prefix(prefix)
         if not classes:

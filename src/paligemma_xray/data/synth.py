@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
-from tqdm import tqdm
 
+from paligemma_xray import atomic
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.locations import encode
+from paligemma_xray.progress import bar as progress_bar
 
 PREFIX = "detect fracture"
 LABEL = "fracture"
@@ -397,8 +398,13 @@ def generate(
     splits: Sequence[tuple[str, float]] = DEFAULT_SPLITS,
     image_format: str = "jpg",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``n`` synthetic radiographs in the Roboflow "paligemma" layout; returns ``out``.
+
+    An existing ``out/dataset`` is refused unless ``overwrite``, which replaces it whole
+    (never merged with the new set). The set is written to a temporary folder renamed when
+    complete, so a full disk leaves the previous set, or nothing, under ``out/dataset``.
 
     ``out/dataset/_annotations.{split}.jsonl`` lists ``{"image", "prefix", "suffix"}``
     per image (prefix ``"detect fracture"``, empty suffix for a negative image); the
@@ -420,11 +426,16 @@ def generate(
     if not splits or any(w < 0 for _, w in splits) or sum(w for _, w in splits) <= 0:
         raise DataError(f"split ratios must be non-negative and not all zero: {list(splits)}")
     root = check_output(out, folder=True)
-    folder = root / "dataset"
-    folder.mkdir(parents=True, exist_ok=True)
+    atomic.check_fresh(root / "dataset", overwrite=overwrite, what="data set")
+    with atomic.staged_dir(root / "dataset") as folder:
+        _write_set(folder, n, seed, size, splits, image_format, progress)
+    return root
+
+
+def _write_set(folder: Path, n: int, seed: int, size: int, splits, image_format: str, progress: bool) -> None:
     assigned = _split_names(n, splits, seed)
     lines: dict[str, list[str]] = {name: [] for name, _ in splits}
-    for i in tqdm(range(n), desc="synth", unit="img", disable=not progress):
+    for i in progress_bar(range(n), desc="synth", unit="img", enabled=progress):
         image, boxes, labels = render(seed, i, size)
         name = f"xray_{seed}_{i:05d}.{image_format}"
         buf = io.BytesIO()
@@ -438,4 +449,3 @@ def generate(
     for split, rows in lines.items():
         text = "".join(row + "\n" for row in rows)
         (folder / f"_annotations.{split}.jsonl").write_text(text, encoding="utf-8")
-    return root

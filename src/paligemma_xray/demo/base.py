@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from paligemma_xray.errors import CheckpointError, ConfigError
+from paligemma_xray.errors import CheckpointError, ConfigError, check_output
 from paligemma_xray.locations import LOC_BINS
 
 BASE_SIZES: dict[str, int] = {
@@ -205,7 +205,7 @@ def pretrain(
     settings = settings or PretrainSettings()
     if settings.examples < settings.batch_size or settings.train_images < 1:
         raise ConfigError("pretrain needs at least one batch of examples and one training image")
-    out = Path(out)
+    out = check_output(out, folder=True)  # a read-only folder: one line now, not after 35 minutes
     keep_work = work is not None
     work_dir = Path(work) if work is not None else Path(tempfile.mkdtemp(prefix="demo-pretrain-"))
     torch.set_num_threads(settings.threads)
@@ -248,23 +248,22 @@ def pretrain(
         trained, processor = load(work_dir / "run" / "last", dtype="float32", progress=False)
         final_eval = _last_eval(work_dir / "run" / "metrics.jsonl")
         cast(trained, "float16")
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_hf(trained, processor, tmp)
-        size = (tmp / "model.safetensors").stat().st_size
-        if size > MAX_BYTES:
-            raise ConfigError(f"the base model takes {size} bytes, more than the {MAX_BYTES} allowed")
-        result = PretrainSummary(
-            out=str(out),
-            seconds=time.perf_counter() - started,
-            settings=asdict(settings),
-            final_loss=summary.final_loss,
-            valid=final_eval,
-            bytes=size,
-        )
-        (tmp / "pretrain.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        from paligemma_xray import atomic
+
+        with atomic.staged_dir(out) as tmp:  # replaces `out` only once complete
+            save_hf(trained, processor, tmp)
+            size = (tmp / "model.safetensors").stat().st_size
+            if size > MAX_BYTES:
+                raise ConfigError(f"the base model takes {size} bytes, more than the {MAX_BYTES} allowed")
+            result = PretrainSummary(
+                out=str(out),
+                seconds=time.perf_counter() - started,
+                settings=asdict(settings),
+                final_loss=summary.final_loss,
+                valid=final_eval,
+                bytes=size,
+            )
+            (tmp / "pretrain.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
         return result
     finally:
         if not keep_work:
@@ -317,10 +316,9 @@ def warm_up_vision(model, processor, settings: WarmupSettings, seed: int, progre
     embeddings train with them; the rest of the decoder is untouched. Deterministic for a
     given seed and thread count.
     """
-    from tqdm import tqdm
-
     from paligemma_xray.demo.shapes import CLASSES, make_example
     from paligemma_xray.model.processing import image_resolution, preprocess_images
+    from paligemma_xray.progress import bar as progress_bar
     from paligemma_xray.train.loss import location_distribution
 
     if settings.steps <= 0:
@@ -360,7 +358,7 @@ def warm_up_vision(model, processor, settings: WarmupSettings, seed: int, progre
     )
     order = torch.Generator().manual_seed(seed)
     model.train()
-    bar = tqdm(range(settings.steps), desc="pretrain 1/2 vision", unit="step", disable=not progress)
+    bar = progress_bar(range(settings.steps), desc="pretrain 1/2 vision", unit="step", enabled=progress)
     for _ in bar:
         pick = torch.randint(0, len(pixels_all), (settings.batch_size,), generator=order)
         tokens = model.model.get_image_features(pixels_all[pick].float()).pooler_output.reshape(-1, width)

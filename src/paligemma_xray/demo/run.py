@@ -20,7 +20,6 @@ fixed nominal CPU rate, never by looking at the clock).
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -138,18 +137,23 @@ def run_demo(
     base: str | Path | None = None,
     progress: bool = True,
     bootstrap: int = 200,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the whole demo into ``out``; return what ``<out>/metrics.json`` holds.
 
     ``base``: the model to start from (default: the shipped base model). ``bootstrap``:
-    resamples for the report's 95% intervals (0 turns them off).
+    resamples for the report's 95% intervals (0 turns them off). A non-empty ``out`` (an
+    earlier demo) is refused unless ``overwrite``; every file is written atomically.
     """
+    from paligemma_xray import atomic
     from paligemma_xray.data import open_dataset
     from paligemma_xray.data.synth import generate
     from paligemma_xray.demo.base import shipped_base
+    from paligemma_xray.errors import check_output
     from paligemma_xray.evaluate.runner import evaluate
     from paligemma_xray.infer import Detector
     from paligemma_xray.model import load, save_hf, save_npz
+    from paligemma_xray.model.checkpoints import check_checkpoint
     from paligemma_xray.report import write_report
     from paligemma_xray.train import resolve, run
 
@@ -161,9 +165,14 @@ def run_demo(
     examples = settings.training_examples(recipe.batch_size)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    base_path = Path(base) if base is not None else shipped_base()
+    # Inputs and output first: a wrong --base or a read-only folder must not cost minutes.
+    out = check_output(out, folder=True)
+    atomic.check_fresh(out, overwrite=overwrite, what="demo folder")
+    base_path = check_checkpoint(base) if base is not None and Path(base).exists() else (
+        Path(base) if base is not None else shipped_base()
+    )
+    with atomic.disk_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -182,6 +191,7 @@ def run_demo(
             ("test", settings.test_images),
         ),
         progress=progress,
+        overwrite=True,
     )
     dataset = open_dataset(data_dir)
     timings["data"] = time.perf_counter() - t0
@@ -200,6 +210,7 @@ def run_demo(
             bootstrap=bootstrap,
             seed=settings.seed,
             progress=progress,
+            overwrite=True,
         )
 
     # 2. before -------------------------------------------------------------------------
@@ -253,7 +264,8 @@ def run_demo(
     hf_dir = save_hf(model, processor, out / "model", progress=progress)
     npz_path = save_npz(model, out / "model.npz", progress=progress)
     # big_vision keeps the tokenizer beside the .npz under this name; model.load finds it.
-    shutil.copyfile(hf_dir / "tokenizer.model", out / "paligemma_tokenizer.model")
+    with atomic.staged_path(out / "paligemma_tokenizer.model") as tmp:
+        shutil.copyfile(hf_dir / "tokenizer.model", tmp)
     # The operating point and calibration go with both copies of the model, so that predict
     # and serve default to them.
     from paligemma_xray.infer.calibration import Calibration, calibration_path
@@ -296,7 +308,7 @@ def run_demo(
             "after": str(after_dir),
         },
     }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_json(out / "metrics.json", result)
     return result
 
 

@@ -232,14 +232,14 @@ def generate(out: str | Path, n: int, seed: int = 0, size: int = DEFAULT_SIZE, p
     give the same files. Images are grey PNG (lossless: a re-run is byte-identical).
     Returns ``out``.
     """
-    from tqdm import tqdm
+    from paligemma_xray.progress import bar as progress_bar
 
     out = Path(out)
     folder = out / "dataset"
     folder.mkdir(parents=True, exist_ok=True)
     k = EVAL_SPLIT_SIZE
     ranges = {"train": (0, n), "valid": (n, n + k), "test": (n + k, n + 2 * k)}
-    bar = tqdm(total=n + 2 * EVAL_SPLIT_SIZE, desc="shapes", unit="img", disable=not progress)
+    bar = progress_bar(total=n + 2 * EVAL_SPLIT_SIZE, desc="shapes", unit="img", enabled=progress)
     for split, (start, stop) in ranges.items():
         with open(folder / f"_annotations.{split}.jsonl", "w", encoding="utf-8") as jsonl:
             for index in range(start, stop):

@@ -12,6 +12,12 @@ Writes to ``out_dir``:
 * with an operating point: ``calibration.json`` (fitted on the valid split, whose own
   evaluation lands in ``valid/``), also saved with the model when asked.
 
+Every file is written under a temporary name and renamed when complete
+(:mod:`paligemma_xray.atomic`); a folder holding an earlier evaluation is replaced only with
+``overwrite=True``. A record whose image cannot be decoded is skipped and counted
+(``skipped_records`` in the metrics, with its ``file:line``); more than ``max_bad_records``
+stop the evaluation.
+
 Under ``torchrun`` each rank decodes every ``world_size``-th image; the shards are merged
 in image order before scoring, so the files are those of a single-process run.
 """
@@ -22,12 +28,11 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from tqdm.auto import tqdm
-
-from paligemma_xray.data import Dataset, Record, load_image, record_targets
-from paligemma_xray.errors import check_output
+from paligemma_xray import atomic
+from paligemma_xray.data import Dataset, Record, record_targets
+from paligemma_xray.data.bad_records import DEFAULT_MAX_BAD_RECORDS, BadRecords
+from paligemma_xray.errors import ConfigError, DataError, check_output
 from paligemma_xray.evaluate.calibration import (
     calibration_report,
     check_method,
@@ -39,6 +44,7 @@ from paligemma_xray.infer.calibration import Calibration, calibration_path
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector
 from paligemma_xray.infer.distributed import barrier, gather_indexed, shard, world
 from paligemma_xray.locations import Detections, classes_from_prefix
+from paligemma_xray.progress import bar as progress_bar
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -56,10 +62,36 @@ def dataset_classes(prefixes: Sequence[str]) -> list[str]:
     return classes
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+def check_evaluation(
+    dataset: Dataset,
+    split: str,
+    out_dir: str | Path,
+    *,
+    threshold: float | None = None,
+    iou_threshold: float = 0.5,
+    bootstrap: int = 1000,
+    overwrite: bool = False,
+    max_bad_records: int | None = DEFAULT_MAX_BAD_RECORDS,
+    operating_point: str | None = None,
+    calibration_method: str = "platt",
+) -> list[Record]:
+    """Every check that needs no model, so that mistakes show before the model loads.
+
+    Returns the split's usable records. Raises a
+    :class:`~paligemma_xray.errors.PaligemmaXrayError` for bad numbers, an output that cannot
+    be written or holds an earlier evaluation (without ``overwrite``), and a split that is
+    missing or has no usable record.
+    """
+    check_options(threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap)
+    check_method(calibration_method)
+    if operating_point is not None:
+        check_operating_point(operating_point)
+    BadRecords(max_bad_records)  # a negative limit is refused here
+    out = check_output(out_dir, folder=True)
+    if not overwrite and any((out / name).exists() for name in (METRICS_FILE, PREDICTIONS_FILE)):
+        raise ConfigError("holds an earlier evaluation; add --overwrite to replace it, or give another --out",
+                          path=out)
+    return dataset.usable(split)  # DataError when missing or empty
 
 
 def evaluate_records(
@@ -75,6 +107,7 @@ def evaluate_records(
     progress: bool = True,
     curves: bool = True,
     desc: str = "evaluate",
+    max_bad_records: int | None = DEFAULT_MAX_BAD_RECORDS,
 ) -> tuple[list[dict], dict]:
     """Detect on ``records`` and score them: ``(rows, metrics)``, writing nothing.
 
@@ -84,18 +117,35 @@ def evaluate_records(
     record, in record order (see :func:`save_evaluation`); ``metrics``: what
     :func:`~paligemma_xray.evaluate.metrics.evaluate_detections` returns. Under a launcher
     each rank decodes its shard and every rank gets the merged result.
+
+    A record whose image cannot be decoded is skipped, named by ``file:line`` in
+    ``metrics["skipped_records"]``; more than ``max_bad_records`` raise a DataError.
     """
     w = world()
     mine = list(shard(records, w))
     results: list[tuple[int, dict]] = []
-    bar = tqdm(total=len(mine), desc=desc, unit="img", disable=not progress or not w.is_main)
+    bar = progress_bar(total=len(mine), desc=desc, unit="img", enabled=progress and w.is_main)
+    bad = BadRecords(max_bad_records)
+    kept: list[tuple[int, Record]] = []
+    prompts: list[str] = []  # grows with `kept`: the detector slices it batch by batch
+    skipped_here: list[tuple[int, str]] = []
+
+    def images():
+        for index, record in mine:
+            image = bad.load(record)
+            if image is None:
+                skipped_here.append((index, f"{record.where}: {bad.skipped[-1][1]}"))
+                bar.update(1)
+                continue
+            kept.append((index, record))
+            prompts.append(record.prefix)
+            yield image
+
     stream = detector.iter_detect(
-        (load_image(record.image) for _, record in mine),
-        prompt=[record.prefix for _, record in mine],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
+        images(), prompt=prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
-    for (index, record), (generation, found) in zip(mine, stream):
+    for number, (generation, found) in enumerate(stream):
+        index, record = kept[number]
         truth = record_targets(record, found.image_size)
         results.append(
             (
@@ -114,6 +164,10 @@ def evaluate_records(
         bar.update(1)
     bar.close()
     rows = gather_indexed(results, w)
+    skipped = gather_indexed(skipped_here, w)
+    if not rows:
+        raise DataError(f"not one image of these {len(records)} records could be read; the first: "
+                        f"{skipped[0]}")
     ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
     predictions = [Detections.from_json(row["prediction"]) for row in rows]
     classes = dataset_classes([record.prefix for record in records])
@@ -121,6 +175,7 @@ def evaluate_records(
         ground_truth, predictions, classes, threshold=threshold, iou_threshold=iou_threshold,
         bootstrap=bootstrap, seed=seed, curves=curves,
     )  # fmt: skip
+    metrics["skipped_records"] = {"count": len(skipped), "records": skipped}
     return rows, metrics
 
 
@@ -140,6 +195,8 @@ def evaluate(
     batch_size: int | None = None,
     max_new_tokens: int = DEFAULT_DETECT_TOKENS,
     progress: bool = True,
+    overwrite: bool = False,
+    max_bad_records: int | None = DEFAULT_MAX_BAD_RECORDS,
 ) -> dict:
     """Detect on every image of ``split``, write the files above, return the metrics.
 
@@ -155,18 +212,22 @@ def evaluate(
     labelled as such. ``iou_threshold``: the hit criterion of those figures (0.1 is the
     usual medical one; COCO's mAP keeps its own).
     """
-    # Every setting is checked before hours of decoding.
-    check_options(threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap)
-    check_method(calibration_method)
-    if operating_point is not None:
-        check_operating_point(operating_point)
-    out = check_output(out_dir, folder=True)
+    records = check_evaluation(  # before hours of decoding
+        dataset, split, out_dir, threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap,
+        overwrite=overwrite, max_bad_records=max_bad_records, operating_point=operating_point,
+        calibration_method=calibration_method,
+    )  # fmt: skip
+    out = Path(out_dir).expanduser()
     w = world()
-    records = dataset.usable(split)  # DataError when missing or empty
     classes = dataset_classes([record.prefix for record in records])
     calibration: Calibration | None = getattr(detector, "calibration", None)
     source = "saved with the model"
-    decoding = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "progress": progress}
+    decoding = {
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "progress": progress,
+        "max_bad_records": max_bad_records,
+    }
     if operating_point is not None:
         valid_rows, valid_metrics = evaluate_records(
             detector, dataset.usable(VALID_DIR), iou_threshold=iou_threshold, bootstrap=0,
@@ -251,8 +312,7 @@ def save_evaluation(out_dir: str | Path, rows: Sequence[dict], metrics: dict) ->
     and ``ground_truth`` / ``prediction`` as ``Detections.to_json()`` dicts.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / PREDICTIONS_FILE).open("w") as handle:
+    with atomic.open_for_write(out / PREDICTIONS_FILE) as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
     ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
@@ -262,9 +322,9 @@ def save_evaluation(out_dir: str | Path, rows: Sequence[dict], metrics: dict) ->
     )
     for image, row in zip(gt_dict["images"], rows):
         image["file_name"] = row["image"]
-    _write_json(out / "ground_truth.coco.json", gt_dict)
-    _write_json(out / "predictions.coco.json", coco_results)
-    _write_json(out / METRICS_FILE, metrics)
+    atomic.write_json(out / "ground_truth.coco.json", gt_dict)
+    atomic.write_json(out / "predictions.coco.json", coco_results)
+    atomic.write_json(out / METRICS_FILE, metrics)
 
 
 def load_predictions(eval_dir: str | Path) -> list[dict]:

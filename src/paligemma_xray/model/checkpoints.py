@@ -25,10 +25,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from safetensors import SafetensorError
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-from paligemma_xray.errors import CheckpointError, check_output
+from paligemma_xray import atomic
+from paligemma_xray.errors import CheckpointError, ConfigError, check_output
 from paligemma_xray.model.bigvision import (
     NpzArrays,
     NpzWriter,
@@ -46,6 +47,7 @@ from paligemma_xray.model.bigvision import (
 from paligemma_xray.model.hub import check_paligemma_folder, is_model_name, resolve_checkpoint
 from paligemma_xray.model.processing import make_processor
 from paligemma_xray.model.tokenizer import load_tokenizer, sentencepiece_size
+from paligemma_xray.progress import bar as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,92 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``--device`` checked before any weights are read: a name torch knows, and there.
+
+    Raises :class:`ConfigError` for an unknown name (``--device foo``), CUDA asked for on a
+    build or machine without it, or a GPU index past the last one. ``None`` passes.
+    """
+    if device is None:
+        return None
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"device {str(device)!r} asked for, but {build}; use --device cpu")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {str(device)!r} asked for, but MPS is not available; use --device cpu")
+    elif chosen.type not in ("cpu", "cuda", "mps", "meta"):
+        raise ConfigError(f"unsupported device {str(device)!r}: use cpu, cuda, cuda:N or mps")
+    return chosen
+
+
+def describe_file(path: Path) -> str:
+    """What a file is, from its first bytes: for messages about a file given as a checkpoint."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(140)
+    except OSError as error:
+        return f"an unreadable file ({error.strerror or error})"
+    suffix = path.suffix.lower()
+    if head.startswith(b"PK\x03\x04"):
+        return "a PyTorch checkpoint (zip)" if suffix in (".pt", ".pth", ".bin", ".ckpt") else "a zip archive"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "a JPEG image"
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    if head[128:132] == b"DICM" or suffix in (".dcm", ".dicom"):
+        return "a DICOM file"
+    if len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
+        return ("a lone safetensors weights file (an HF checkpoint is the folder holding it, with its "
+                "config.json and tokenizer)")
+    if head.startswith(b"GGUF"):
+        return "a GGUF file (llama.cpp)"
+    if not head:
+        return "an empty file"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a binary file of an unknown kind"
+    return "a text file"
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """Raise :class:`CheckpointError` now, before minutes of work, when ``path`` is no checkpoint.
+
+    Reads no weights: only whether ``path`` is what :func:`load` takes (a big_vision .npz, an
+    HF, LoRA or run folder), saying what a wrong file is (an image, a lone .safetensors …).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError("checkpoint not found", path=path)
+    if path.is_file():
+        with path.open("rb") as handle:
+            is_zip = handle.read(4) == b"PK\x03\x04"
+        if not is_zip or path.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt"):
+            raise CheckpointError(
+                f"is {describe_file(path)}, not a checkpoint: expected a big_vision .npz file, or a folder "
+                "(HF save_pretrained with config.json, LoRA adapter, or a training run)",
+                path=path,
+            )
+        return path
+    if any((path / name).is_file() for name in ("adapter_config.json", "config.json")):
+        return path
+    for sub in ("best", "last"):
+        if (path / sub / "config.json").is_file() or (path / sub / "adapter_config.json").is_file():
+            return path
+    raise CheckpointError(
+        "not a checkpoint: expected a .npz file, or a folder with config.json (HF), "
+        "adapter_config.json (LoRA), or best/ or last/ (a run folder)",
+        path=path,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,12 +187,14 @@ def load(
     The model is returned in eval mode.
     """
     target = resolve_dtype(dtype)
+    check_device(device)  # before a download or a load
     path, found_tokenizer = resolve_checkpoint(
         path, revision, dtype=str(target).removeprefix("torch.") if target else None, progress=progress
     )
     tokenizer = tokenizer if tokenizer is not None else found_tokenizer
     if not path.exists():
         raise CheckpointError("checkpoint not found", path=path)
+    check_checkpoint(path)  # says what a wrong file is, before any weights are read
     if path.is_file():
         model, processor = _load_npz(path, tokenizer, target, final_logit_softcapping, progress)
     elif (path / "adapter_config.json").is_file():
@@ -136,8 +226,10 @@ def transformers_progress(enabled: bool):
     """
     from transformers.utils import logging as hf_logging
 
+    from paligemma_xray.progress import is_enabled, is_terminal
+
     was_enabled = hf_logging.is_progress_bar_enabled()
-    if enabled:
+    if is_enabled(enabled) and is_terminal():  # their bars redraw in place: only on a terminal
         hf_logging.enable_progress_bar()
     else:
         hf_logging.disable_progress_bar()
@@ -192,7 +284,7 @@ def _load_npz(path, tokenizer, target, final_logit_softcapping, progress):
         used = set()
         state: dict[str, torch.Tensor] = {}
         total = sum(len(list(iter_layers(f, dims))) for f in fams)
-        with tqdm(total=total, desc=f"loading {path.name}", unit="array", disable=not progress) as bar:
+        with progress_bar(total=total, desc=f"loading {path.name}", unit="array", enabled=progress) as bar:
             for family in fams:
                 used.add(bv_key(family))
                 for layer in iter_layers(family, dims):
@@ -288,7 +380,8 @@ def cast(model: torch.nn.Module, dtype: str | torch.dtype) -> torch.nn.Module:
 def _load_hf(path: Path, tokenizer, target):
     try:
         model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=target or "auto")
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        # SafetensorError: a truncated or corrupt model.safetensors (e.g. a copy cut short).
         raise CheckpointError(f"cannot load the HF model: {error}", path=path) from error
     restore_rope_float32(model)
     image_size = model.config.vision_config.image_size
@@ -399,16 +492,28 @@ def save_hf(
     and ``AutoProcessor.from_pretrained``) and in :func:`load`.
     """
     out = check_output(out_dir, folder=True)
-    out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):
         raise TypeError("save_hf takes a plain model: merge the LoRA adapter first, or use save_lora")
-    with transformers_progress(progress):
-        model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    spm = getattr(processor.tokenizer, "spm_path", None)
-    if spm and Path(spm).is_file() and Path(spm).resolve() != (out / "tokenizer.model").resolve():
-        shutil.copyfile(spm, out / "tokenizer.model")
+    # Written whole into a temporary sibling, renamed when complete: a full disk never leaves
+    # a folder holding only config files under the final name.
+    with atomic.staged_dir(out) as tmp:
+        with transformers_progress(progress):
+            model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        spm = getattr(processor.tokenizer, "spm_path", None)
+        if spm and Path(spm).is_file():
+            shutil.copyfile(spm, tmp / "tokenizer.model")
+        _usual_modes(tmp)
     return out
+
+
+def _usual_modes(folder: Path) -> None:
+    """Files as the umask makes them (safetensors writes its file 0600, the rest are 0644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~mask)
 
 
 def save_npz(
@@ -436,7 +541,6 @@ def save_npz(
     state = model.state_dict()  # references to the live tensors, no copy
     qkv = dims.kv_heads == dims.heads
     path = check_output(path, folder=False)
-    tmp = path.with_name(path.name + ".partial")
     fams = families(dims, qkv)
     total = sum(len(list(iter_layers(f, dims))) for f in fams)
 
@@ -450,24 +554,19 @@ def save_npz(
         bar.update(1)
         return to_numpy(array, dtype)
 
-    try:
-        with (
-            NpzWriter(tmp, prefix=prefix) as writer,
-            tqdm(total=total, desc=f"writing {path.name}", unit="array", disable=not progress) as bar,
-        ):
-            for family in fams:
-                if not family.per_layer:
-                    writer.write(bv_key(family), bv_array(family, None))
-                elif scanned:
-                    layers = list(iter_layers(family, dims))
-                    writer.write_layers(bv_key(family), len(layers), (bv_array(family, i) for i in layers))
-                else:
-                    for i in iter_layers(family, dims):
-                        writer.write(bv_key(family, i), bv_array(family, i))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with (
+        atomic.staged_path(path) as tmp, NpzWriter(tmp, prefix=prefix) as writer,
+        progress_bar(total=total, desc=f"writing {path.name}", unit="array", enabled=progress) as bar,
+    ):
+        for family in fams:
+            if not family.per_layer:
+                writer.write(bv_key(family), bv_array(family, None))
+            elif scanned:
+                layers = list(iter_layers(family, dims))
+                writer.write_layers(bv_key(family), len(layers), (bv_array(family, i) for i in layers))
+            else:
+                for i in iter_layers(family, dims):
+                    writer.write(bv_key(family, i), bv_array(family, i))
     return path
 
 
@@ -484,8 +583,11 @@ def convert(
     tokenizer: str | Path | None = None,
     progress: bool = True,
     revision: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Convert any checkpoint :func:`load` reads into an HF folder (``to="hf"``) or a big_vision npz.
+
+    An existing ``out`` is refused unless ``overwrite``; the output appears only once complete.
 
     ``to`` defaults to ``npz`` when ``out`` ends in ``.npz``, else ``hf``. ``dtype`` defaults to
     the source's. LoRA adapters are merged first. ``src`` may be a Hub id or a ``kaggle:``
@@ -509,9 +611,16 @@ def convert(
         raise CheckpointError(f"unknown target format {to!r}; use hf or npz")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    if Path(src).exists() and Path(src).resolve() == out.resolve():
+    try:
+        same = Path(src).resolve() == out.resolve()
+    except (OSError, RuntimeError) as error:  # a symlink loop: RuntimeError before Python 3.13
+        raise CheckpointError(f"cannot resolve the path: {error}", path=src) from None
+    if same:
         raise CheckpointError("output would overwrite the input", path=out)
     check_output(out, folder=to == "hf")  # before the (long) load
+    atomic.check_fresh(out, overwrite=overwrite, what="output")
+    if Path(src).exists():  # (a name that is not on disk: load says what it is)
+        check_checkpoint(src)
     model, processor = load(src, tokenizer=tokenizer, dtype=dtype, progress=progress, revision=revision)
     if to == "hf":
         return save_hf(model, processor, out)
@@ -521,5 +630,6 @@ def convert(
     spm = getattr(processor.tokenizer, "spm_path", None)
     beside = out.parent / "paligemma_tokenizer.model"
     if spm and Path(spm).is_file() and not beside.exists():
-        shutil.copyfile(spm, beside)
+        with atomic.staged_path(beside) as tmp:
+            shutil.copyfile(spm, tmp)
     return path

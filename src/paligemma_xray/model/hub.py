@@ -33,7 +33,8 @@ retry storm.
 (True, True)
 >>> is_model_name("runs/r1.npz"), is_model_name("/models/pg2"), is_model_name("runs/r1/best")
 (False, False, False)
->>> # model, processor = load("google/paligemma2-3b-pt-224", revision="main")   # through resolve_model
+
+``model.load("google/paligemma2-3b-pt-224", revision="main")`` goes through :func:`resolve_model`.
 """
 
 from __future__ import annotations

@@ -127,10 +127,9 @@ def _cached_tokenizer_path() -> Path:
     folder = Path(tempfile.gettempdir()) / "paligemma_xray_tiny"
     path = folder / f"tokenizer-{hashlib.sha256(data).hexdigest()[:16]}.model"
     if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{random.getrandbits(32)}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # atomic: parallel test workers never see a half-written file
+        from paligemma_xray import atomic
+
+        atomic.write_bytes(path, data)  # parallel test workers never see a half-written file
     return path
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from paligemma_xray import atomic
 from paligemma_xray.draw import draw_boxes, fit, jpeg_data_uri
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.evaluate.compare import COMPARISON_FILE
@@ -372,10 +373,9 @@ def write_report(
     run_rows = _read_run(run_dir) if run_dir is not None else None
     comparison = _read_comparison(eval_dir, compare) if compare is not None else None
     target = check_output(out if out is not None else Path(eval_dir) / "report.html", folder=False)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed: a full disk never leaves half a report.
     page = render_report(evaluations, run_rows=run_rows, gallery=gallery, title=title, comparison=comparison)
-    target.write_text(page)
-    return target
+    return atomic.write_text(target, page)
 
 
 def _read_comparison(eval_dir: str | Path, compare: str | Path) -> dict | None:

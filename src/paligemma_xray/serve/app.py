@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -341,7 +342,9 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
         finally:
             await queue.stop()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI / ReDoc from files in that package,
+    # not from a CDN, so the API documentation works on a network without internet access.
+    app = FastAPIOffline(
         title="paligemma-xray",
         version=__version__,
         description="Bone-fracture detection on X-ray images with a fine-tuned PaliGemma model.",
@@ -384,7 +387,12 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
     @app.get("/healthz", summary="Liveness and batching counters")
     async def healthz() -> JSONResponse:
         ok = queue.running
-        body = {"status": "ok" if ok else "unavailable", "model_id": model_id, "batching": stats()}
+        # Unauthenticated: the model's name, never its path on the server's disk.
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "model_id": public_model_id(model_id),
+            "batching": stats(),
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/model", summary="The model, the limits and the batching counters", responses=_ERRORS)
@@ -484,6 +492,12 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
         )
 
     return app
+
+
+def public_model_id(model_id: str) -> str:
+    """What anyone may see of the model: its last path component (``/srv/models/r1`` → ``r1``)."""
+    name = model_id.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return name or model_id
 
 
 def api_key_from_env() -> str | None:

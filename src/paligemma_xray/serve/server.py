@@ -8,15 +8,19 @@ and free with no race.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+import re
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import h11
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.serve.app import API_KEY_ENV, ServeConfig, create_app
@@ -60,8 +64,60 @@ def serve(
     app = create_app(detector, config)
     if not config.api_key and not _is_loopback(host):
         log.warning("serving on %s without an API key: set %s to require one", host, API_KEY_ENV)
-    # Access logs carry the request line only, never headers: the API key stays out of logs.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    # Access logs carry the request line only, never headers; a key sent in the query string
+    # (refused: only headers are read) is masked in it.
+    server_config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10, http=JsonErrorsH11
+    )
+    redact_access_log()
+    uvicorn.Server(server_config).run()
+
+
+# Query parameters that may carry a secret; their values never reach the access log.
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:api[_-]?key|apikey|key|token|access_token|auth|password)=)[^&\s\"]*")
+
+
+class _RedactSecrets(logging.Filter):
+    """Masks ``?api_key=…`` (and the like) in uvicorn's access-log request line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _SECRET_QUERY.sub(r"\1***", arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        elif isinstance(record.msg, str):
+            record.msg = _SECRET_QUERY.sub(r"\1***", record.msg)
+        return True
+
+
+def redact_access_log() -> None:
+    """Install the filter on uvicorn's access logger (after uvicorn configured its logging)."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _RedactSecrets) for f in logger.filters):
+        logger.addFilter(_RedactSecrets())
+
+
+class JsonErrorsH11(H11Protocol):
+    """uvicorn's h11 protocol, answering unparsable requests with the service's JSON 4xx.
+
+    A request line or headers h11 cannot accept (malformed, or headers larger than its
+    limit) never reach the app; uvicorn then answers plain text. Clients of a JSON API
+    expect ``{"error", "detail"}`` on every error.
+    """
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps({"error": "bad_request", "detail": f"{msg} (malformed or oversized request "
+                                                             "line or headers)"}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        response = h11.Response(status_code=400, headers=headers, reason=b"Bad Request")
+        self.transport.write(self.conn.send(response))
+        self.transport.write(self.conn.send(h11.Data(data=body)))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self.transport.close()
 
 
 def check_address(host: str, port: int) -> None:
@@ -104,7 +160,9 @@ class ServerThread:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))
         self.port: int = self._socket.getsockname()[1]
+        uvicorn_kwargs.setdefault("http", JsonErrorsH11)
         config = uvicorn.Config(app, log_level=log_level, lifespan="on", **uvicorn_kwargs)
+        redact_access_log()
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
         self._error: BaseException | None = None

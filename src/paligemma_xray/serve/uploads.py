@@ -13,6 +13,7 @@ or the declared content type, which browsers guess (``.dcm`` usually arrives as
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
@@ -25,6 +26,11 @@ from paligemma_xray.serve.errors import ApiError
 FORM_OVERHEAD_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 4096
 MAX_PARTS = 16
+
+# python-multipart logs malformed bodies itself, as bare unprefixed lines ("Expected boundary
+# character …"); each such body is answered with a 400 and its reason here, so its own
+# warnings are noise in the server log.
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -44,12 +50,13 @@ class UploadForm:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MiB"
+def _size(n: int) -> str:
+    """``4096`` → ``4,096 bytes``; ``33554432`` → ``32.0 MiB`` (a small limit never reads 0.0 MiB)."""
+    return f"{n / (1024 * 1024):.1f} MiB" if n >= 1024 * 1024 else f"{n:,} bytes"
 
 
 def too_large(limit: int, what: str) -> ApiError:
-    return ApiError(413, "too_large", f"{what} is larger than the limit of {_mib(limit)}")
+    return ApiError(413, "too_large", f"{what} is larger than the limit of {_size(limit)}")
 
 
 class _FormCollector:
@@ -121,8 +128,11 @@ class _FormCollector:
 
     def on_part_end(self) -> None:
         if self._is_file:
-            if self._name == "file" and self.form.file is None:
-                self.form.file = UploadedFile(self._filename, self._content_type, bytes(self._buffer))
+            if self.form.file is not None:  # answering for one of two images would mislead
+                raise ApiError(400, "bad_form", "the form has more than one file; send one image per request")
+            if self._name != "file":
+                raise ApiError(422, "missing_file", f"the file part is named {self._name!r}; name it 'file'")
+            self.form.file = UploadedFile(self._filename, self._content_type, bytes(self._buffer))
         elif self._name is not None:
             try:
                 self.form.fields[self._name] = self._buffer.decode("utf-8")

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from paligemma_xray.data.bad_records import BadRecords
+from paligemma_xray.errors import DataError, ImageLoadError
 from paligemma_xray.locations import LOC_BINS, SEPARATOR, loc_token
 from paligemma_xray.model.processing import build_batch
 
@@ -82,13 +84,35 @@ def jitter_image(image: Image.Image, strength: float, rng: np.random.Generator) 
 class Examples:
     """The training stream: example ``k`` → (record, image, prefix, suffix), augmented."""
 
-    def __init__(self, records: Sequence, augment: Augment, seed: int, load_image) -> None:
+    def __init__(
+        self, records: Sequence, augment: Augment, seed: int, load_image,
+        bad_records: BadRecords | None = None,
+    ) -> None:
         self.records = list(records)
         self.augment = augment
         self.seed = seed
         self.load_image = load_image
+        # Records whose image cannot be decoded: skipped (the next readable record stands in,
+        # the same on every run and resume), counted, named by file:line; past the limit, stop.
+        self.bad_records = bad_records if bad_records is not None else BadRecords()
+        self._unreadable: set[int] = set()
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None
+
+    def image(self, index: int) -> tuple[int, Image.Image]:
+        """``(index, image)`` of record ``index``, or of the next readable record if it cannot be read."""
+        n = len(self.records)
+        for offset in range(n):
+            candidate = (index + offset) % n
+            if candidate in self._unreadable:
+                continue
+            record = self.records[candidate]
+            try:
+                return candidate, self.load_image(record.image)
+            except ImageLoadError as error:
+                self._unreadable.add(candidate)
+                self.bad_records.note(record, error)  # DataError past the limit
+        raise DataError(f"not one of the {n} training images can be read")
 
     def record_index(self, k: int) -> int:
         """Index into ``records`` of example ``k`` (a fresh permutation every epoch)."""
@@ -101,9 +125,8 @@ class Examples:
 
     def example(self, k: int) -> tuple[int, Image.Image | np.ndarray, str, str]:
         """(record index, image, prefix, suffix) of example ``k``."""
-        index = self.record_index(k)
+        index, image = self.image(self.record_index(k))
         record = self.records[index]
-        image = self.load_image(record.image)
         suffix = record.suffix
         rng = np.random.default_rng([self.seed, 1, k])  # (seed, 1, k): apart from permutations
         if self.augment.shuffle_objects:

@@ -68,6 +68,6 @@ def progress_bar(config: TrainConfig, start: int, *, main: bool) -> Any:
     """A tqdm bar over the run's steps on the main process, or ``None`` (``progress: false``)."""
     if not (config.progress and main):
         return None
-    from tqdm import tqdm
+    from paligemma_xray.progress import bar
 
-    return tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    return bar(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -419,7 +419,7 @@ def _feature_cache(
         records = [examples.records[i] for i in keys]
         pixels = build_batch(
             processor,
-            [_load_image(r.image) for r in records],
+            [examples.image(i)[1] for i in keys],  # an unreadable image: the one standing in
             [r.prefix for r in records],
             [r.suffix for r in records],
             max_length=config.max_length,

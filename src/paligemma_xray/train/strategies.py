@@ -87,7 +87,12 @@ def prepare_model(model: nn.Module, config: TrainConfig, device: torch.device, b
     if config.activation_checkpointing:
         # Non-reentrant checkpointing works when a layer's input needs no gradient
         # (frozen embeddings), which the reentrant variant silently mishandles.
-        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers renamed it (the old name warns on every `--recipe full`); older: the old name.
+        core = unwrap(model)
+        if hasattr(core, "activation_checkpointing_enable"):
+            core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 
