@@ -180,11 +180,12 @@ def _add_data(verbs) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from paligemma_xray import train
+    from paligemma_xray.report.progress import write_progress
 
     flags = {**train.recipes.overrides(args), "model": args.model, "data": args.data, "out": args.out}
     config = train.recipes.for_command(args.recipe, args.config, flags, resume=args.resume)
     try:
-        summary = train.run(config, resume=args.resume is not None)
+        summary = train.run(config, resume=args.resume is not None, on_validation=write_progress)
     except KeyboardInterrupt:
         print(_train_interrupted(Path(config.out)), file=sys.stderr)
         return 130
@@ -196,7 +197,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if final_loss is None:
         print(f"nothing to train: {summary.run_dir} has no train steps logged, best {best}")
         return 0
-    print(f"trained {summary.steps} steps into {summary.run_dir}: final loss {final_loss:.4f}, best {best}")
+    stopped = " (early stop)" if summary.stopped_early else ""
+    print(f"trained {summary.steps} steps{stopped} into {summary.run_dir}: final loss {final_loss:.4f}, "
+          f"best {best}")
     return 0
 
 
@@ -259,9 +262,16 @@ def _add_train(verbs) -> None:
 def _detector(args: argparse.Namespace):
     from paligemma_xray.infer import Detector
 
-    return Detector.load(args.model, device=args.device, dtype=args.dtype, box_or_stop=not args.plain_greedy,
-                         min_box_probability=args.min_box_probability, batch_size=args.batch_size,
-                         revision=args.revision, attention=args.attention)
+    models = args.model if isinstance(args.model, list) else [args.model]
+    detectors = [Detector.load(m, device=args.device, dtype=args.dtype, box_or_stop=not args.plain_greedy,
+                               min_box_probability=args.min_box_probability, batch_size=args.batch_size,
+                               revision=args.revision, attention=args.attention)
+                 for m in models]
+    if len(detectors) == 1 and not args.tta and not args.merge_duplicates:
+        return detectors[0]
+    from paligemma_xray.infer.fusion import FusedDetector
+
+    return FusedDetector(detectors, tta=args.tta or (), method=args.fusion, merge=args.merge_duplicates)
 
 
 _MODEL_HELP = ("checkpoint: HF folder, big_vision .npz, run folder, or a model name: Hugging Face\n"
@@ -277,12 +287,26 @@ def _revision_flag(p: argparse.ArgumentParser) -> None:
 def _detector_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help="images decoded together (default 8)")
-    _model_flags(p)
+    _model_flags(p, several=True)
+    p.add_argument("--tta", action="append", choices=["hflip"], default=None,
+                   help="test-time augmentation: also detect on the mirrored image and fuse the boxes\n"
+                        "(mirrored back) with the plain answer")
+    p.add_argument("--fusion", choices=["wbf", "nms"], default="wbf",
+                   help="how several models' / views' boxes are fused: weighted box fusion (default)\n"
+                        "or non-maximum suppression (ensemble-boxes)")
+    p.add_argument("--merge-duplicates", choices=["nms", "wbf"], default=None,
+                   help="merge each answer's own near-duplicate boxes (IoU >= 0.7) before anything else\n"
+                        "(default: off)")
 
 
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of ``Detector.load`` (predict, evaluate, serve)."""
-    p.add_argument("--model", metavar="M", required=True, help=_MODEL_HELP)
+def _model_flags(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """The flags of ``Detector.load`` (predict, evaluate, serve); ``several``: an ensemble may be given."""
+    if several:
+        p.add_argument("--model", metavar="M", required=True, action="append",
+                       help=_MODEL_HELP + ";\ngive it several times for an ensemble, whose answers are\n"
+                            "fused per image (--fusion)")
+    else:
+        p.add_argument("--model", metavar="M", required=True, help=_MODEL_HELP)
     _revision_flag(p)
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="longest answer in tokens (default 64: about 8 boxes)")
@@ -311,8 +335,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                  max_new_tokens=args.max_new_tokens, resume=args.resume, overwrite=args.overwrite)
     detector = _detector(args)
     free_form = not is_detection_prompt(args.prompt)
+    threshold = args.threshold
+    saved = getattr(detector, "calibration", None)
+    if threshold is None and saved is not None and saved.threshold is not None and not free_form:
+        threshold = saved.threshold
+        print(f"threshold {threshold:.3g}: the operating point saved with the model "
+              f"({saved.operating_point})", file=sys.stderr)
     summary = predict(
-        detector, args.paths, args.out, prompt=args.prompt, threshold=args.threshold,
+        detector, args.paths, args.out, prompt=args.prompt, threshold=threshold,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, resume=args.resume,
         overwrite=args.overwrite, annotated=not args.no_images, dicom_sr=args.dicom_sr,
         secondary_capture=args.secondary_capture, workers=args.workers,
@@ -347,7 +377,8 @@ def _add_predict(verbs) -> None:
     p.add_argument("--out", default="predictions", metavar="DIR",
                    help="output folder (default ./predictions)")
     p.add_argument("--threshold", type=float, default=None, metavar="T",
-                   help="keep boxes scored at least T (default: keep all)")
+                   help="keep boxes scored at least T (default: the operating point saved with the model\n"
+                        "by `evaluate --operating-point`, else keep all; 0 keeps all)")
     p.add_argument("--prompt", default="detect fracture", metavar="P",
                    help="prompt (default 'detect fracture'; e.g. 'caption en', "
                         "'answer en is there a fracture?')")
@@ -435,53 +466,110 @@ def _outside_flag(p: argparse.ArgumentParser) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from paligemma_xray.data import open_dataset
     from paligemma_xray.evaluate import evaluate
-    from paligemma_xray.evaluate.runner import check_evaluation, load_metrics
+    from paligemma_xray.evaluate.compare import check_compare, write_comparison
+    from paligemma_xray.evaluate.runner import check_evaluation
     from paligemma_xray.infer.detector import check_decoding
     from paligemma_xray.infer.distributed import world
 
     # Everything that needs no model first: a typo must not cost the model's loading time.
     check_decoding(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     dataset = open_dataset(args.data, allow_outside_images=args.allow_outside_images)
-    check_evaluation(dataset, args.split, args.out, threshold=args.threshold, bootstrap=args.bootstrap,
-                     overwrite=args.overwrite, max_bad_records=args.max_bad_records)
+    check_evaluation(dataset, args.split, args.out, threshold=args.threshold, iou_threshold=args.iou,
+                     bootstrap=args.bootstrap, overwrite=args.overwrite, max_bad_records=args.max_bad_records,
+                     operating_point=args.operating_point, calibration_method=args.calibration)
     if args.compare:
-        load_metrics(args.compare)
+        check_compare(args.compare)
     if args.run and not Path(args.run).is_dir():
         from paligemma_xray.errors import ConfigError
 
         raise ConfigError("no such training run folder (--run)", path=args.run)
-    metrics = evaluate(_detector(args), dataset, args.split, args.out,
-                       threshold=args.threshold, bootstrap=args.bootstrap, seed=args.seed,
+    detector = _detector(args)
+    single = len(args.model) == 1 and not args.tta and not args.merge_duplicates
+    # Saved beside local weights only (a Hub id or kaggle: handle has no folder of ours).
+    local = single and Path(args.model[0]).exists()
+    save_with = args.model[0] if local and not args.no_save_calibration else None
+    metrics = evaluate(detector, dataset, args.split, args.out,
+                       threshold=args.threshold, iou_threshold=args.iou, operating_point=args.operating_point,
+                       calibration_method=args.calibration, save_with_model=save_with,
+                       bootstrap=args.bootstrap, seed=args.seed,
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        overwrite=args.overwrite, max_bad_records=args.max_bad_records)
     if world().is_main:
         from paligemma_xray.report import write_report
 
+        if args.compare is not None:
+            write_comparison(args.out, args.compare, bootstrap=args.bootstrap, seed=args.seed)
         report = write_report(args.out, run_dir=args.run, compare=args.compare)
-        print(json.dumps({k: metrics[k] for k in ("map50", "map50_95", "precision", "recall", "f1")}))
+        print(json.dumps(headline(metrics)))
+        if save_with is not None and args.operating_point is not None:
+            from paligemma_xray.infer.calibration import calibration_path
+
+            print(f"calibration and operating point saved with the model: {calibration_path(save_with)}",
+                  file=sys.stderr)
         print(f"metrics: {Path(args.out) / 'metrics.json'}\nreport:  {report}", file=sys.stderr)
     return 0
+
+
+def headline(metrics: dict) -> dict:
+    """The line `evaluate` prints: threshold-free figures first, then those at its threshold."""
+    point = metrics.get("operating_point") or {}
+    threshold = metrics.get("threshold")
+    return {
+        "map50": metrics.get("map50"),
+        "map50_95": metrics.get("map50_95"),
+        "map10_50": metrics.get("map10_50"),
+        "froc_score": metrics.get("froc", {}).get("score"),
+        "image_auc": metrics.get("image_level", {}).get("auc"),
+        "threshold": None if threshold is None else float(f"{threshold:.3g}"),
+        "threshold_source": point.get("name") or metrics.get("threshold_source"),
+        "iou": metrics.get("iou_threshold"),
+        "precision": metrics.get("precision"),
+        "recall": metrics.get("recall"),
+        "image_sensitivity": metrics.get("image_level", {}).get("sensitivity"),
+        "image_specificity": metrics.get("image_level", {}).get("specificity"),
+        "duplicate_boxes": metrics.get("duplicates", {}).get("boxes"),
+    }
 
 
 def _add_evaluate(verbs) -> None:
     p = _verb(verbs, "evaluate", cmd_evaluate,
               help="score a model on a data set split: metrics.json, predictions and the HTML report",
               description="Detect on every image of SPLIT of data set D and write into OUT:\n"
-                          "metrics.json (mAP@0.5, mAP@[.5:.95], AP per class, precision/recall/F1 at\n"
-                          "--threshold, FROC, image-level sensitivity/specificity, bootstrap 95% CIs,\n"
-                          "parse failures), predictions.jsonl, COCO files, report.html.\n"
+                          "metrics.json (mAP@0.5, mAP@[.5:.95], mAP@[.1:.5] (nnDetection's medical mAP),\n"
+                          "AP per class, precision/recall/F1 at the threshold, FROC and its CPM score,\n"
+                          "image-level sensitivity/specificity/AUC, calibration, bootstrap 95% CIs,\n"
+                          "duplicate boxes, parse failures), predictions.jsonl, COCO files, report.html.\n"
+                          "--operating-point chooses the threshold on the valid split, fits the calibrated\n"
+                          "probabilities there, and saves both with the model (calibration.json), which\n"
+                          "predict and serve then default to.\n"
                           "Several GPUs: torchrun --nproc_per_node N -m paligemma_xray.cli evaluate …")
     _detector_flags(p)
     p.add_argument("--data", metavar="D", required=True, help="data set folder")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split (default test)")
     p.add_argument("--out", metavar="DIR", required=True, help="output folder")
-    p.add_argument("--threshold", type=float, default=0.5, metavar="T",
-                   help="score threshold for precision/recall/F1 and image level (default 0.5)")
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="score threshold for precision/recall/F1 and image level (default: the\n"
+                        "--operating-point, else the one saved with the model, else this split's best F1,\n"
+                        "labelled as such)")
+    p.add_argument("--operating-point", metavar="P", default=None,
+                   help="f1 | sensitivity=S | specificity=S: choose the threshold on the valid split\n"
+                        "(best box F1, or the image-level sensitivity / specificity target), fit the\n"
+                        "calibration there, report this split at it, and save both with the model")
+    p.add_argument("--calibration", choices=["platt", "isotonic"], default="platt",
+                   help="calibration method fitted with --operating-point (default platt: logistic\n"
+                        "regression on the score's logit, robust on small validation sets)")
+    p.add_argument("--no-save-calibration", action="store_true",
+                   help="do not write calibration.json beside the model (it is still in OUT)")
+    p.add_argument("--iou", type=float, default=0.5, metavar="T",
+                   help="IoU of a hit for precision/recall, FROC, image level and the calibration\n"
+                        "(default 0.5; 0.1 is the usual medical criterion). mAP keeps COCO's thresholds")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="bootstrap resamples for the 95%% intervals (default 1000; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--compare", metavar="DIR",
-                   help="another evaluation folder shown beside this one in the report")
+                   help="another evaluation folder of the same images: the report puts it beside this one\n"
+                        "and compares the two (paired bootstrap differences in mAP, FROC, sensitivity and\n"
+                        "specificity with p-values; DeLong's test of the image AUC): comparison.json")
     p.add_argument("--run", metavar="RUN", help="training run folder: adds its loss curve to the report")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in OUT")
     p.add_argument("--max-bad-records", type=int, default=10, metavar="N",

@@ -153,6 +153,12 @@ def test_shortened_demo_end_to_end(tmp_path):
     report = (out / "report.html").read_text()
     assert "before" in report and "after" in report
     assert (out / "model" / "config.json").is_file() and (out / "model.npz").is_file()
+    # The operating point chosen on valid travels with the model (predict / serve use it).
+    saved_point = json.loads((out / "model" / "calibration.json").read_text())
+    assert saved_point["operating_point"] == "f1"
+    if saved_point["threshold"] is not None:  # None: no true positive on this tiny valid split
+        assert saved_point["threshold"] == saved["after"]["threshold"]
+    assert (out / "model.calibration.json").is_file()
     # The .npz reloads with the tokenizer written beside it, as big_vision keeps them.
     model, _ = load(out / "model.npz", progress=False)
     assert model.config.vision_config.image_size == BASE_SIZES["image_size"]

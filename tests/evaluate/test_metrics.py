@@ -191,6 +191,104 @@ def test_best_f1_threshold_is_none_without_a_true_positive():
     assert best_f1_threshold(truth, wrong, ["fracture"]) is None
 
 
+def _pycocotools_eval(gts, prs, classes, iou_thresholds=None):
+    """pycocotools' own evaluation of the same set (the independent reference)."""
+    pycoco = pytest.importorskip("pycocotools.cocoeval")
+    from pycocotools.coco import COCO
+
+    gt_dict, results = coco_dicts(gts, prs, classes, np.arange(len(gts)))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt_dict
+        coco_gt.createIndex()
+        evaluator = pycoco.COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+        if iou_thresholds is not None:
+            evaluator.params.iouThrs = np.asarray(iou_thresholds, dtype=np.float64)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return evaluator
+
+
+def test_medical_map_agrees_with_pycocotools_at_iou_0_1_to_0_5():
+    gts, prs = random_set(seed=11)
+    classes = ["fracture", "cast"]
+    ours = evaluate_detections(gts, prs, classes, bootstrap=0)
+    evaluator = _pycocotools_eval(gts, prs, classes, np.linspace(0.1, 0.5, 9))
+    p = evaluator.eval["precision"][:, :, :, 0, -1]
+    assert ours["map10_50"] == pytest.approx(p[p > -1].mean(), abs=1e-9)
+    # Lenient hits can only help: every box that matches at 0.5 matches at 0.1.
+    assert ours["map10_50"] >= ours["map50"] - 1e-9
+    for k, name in enumerate(classes):
+        q = p[:, :, k]
+        assert ours["ap_per_class"][name]["ap10_50"] == pytest.approx(q[q > -1].mean(), abs=1e-9)
+
+
+@pytest.mark.parametrize("iou", [0.1, 0.5])
+def test_froc_and_cpm_agree_with_an_nndetection_style_reference(iou):
+    """pycocotools' matches, scikit-learn's ROC points, np.interp at 1/8…8 FP/image."""
+    from sklearn.metrics import roc_curve
+
+    gts, prs = random_set(seed=12, n_images=40)
+    classes = ["fracture", "cast"]
+    ours = evaluate_detections(gts, prs, classes, iou_threshold=iou, bootstrap=0)
+    evaluator = _pycocotools_eval(gts, prs, classes, [iou])
+    matched, scores = [], []
+    for entry in evaluator.evalImgs:  # per category and image; area "all" comes first
+        if entry is None or entry["aRng"] != evaluator.params.areaRng[0]:
+            continue
+        matched.extend((entry["dtMatches"][0] > 0).tolist())
+        scores.extend(entry["dtScores"])
+    matched, scores = np.array(matched), np.array(scores)
+    n_gt = sum(len(g) for g in gts)
+    fpr, tpr, _ = roc_curve(matched, scores)
+    fps = fpr * (~matched).sum() / len(gts)
+    sens = tpr * matched.sum() / n_gt
+    reference = np.interp(FROC_FP_RATES, fps, sens)
+    assert ours["froc"]["sensitivity"] == pytest.approx(reference.tolist(), abs=1e-9)
+    assert ours["froc"]["score"] == pytest.approx(reference.mean(), abs=1e-9)
+
+
+def test_hit_criterion_changes_the_threshold_figures_not_coco():
+    # A box shifted by half its size: IoU 1/3, a hit at 0.1, a miss at 0.5.
+    gt = [det([[0, 0, 40, 40]], ["fracture"])]
+    pred = [det([[20, 0, 60, 40]], ["fracture"], [0.8])]
+    strict = evaluate_detections(gt, pred, ["fracture"], threshold=0.5, iou_threshold=0.5, bootstrap=0)
+    lenient = evaluate_detections(gt, pred, ["fracture"], threshold=0.5, iou_threshold=0.1, bootstrap=0)
+    assert (strict["tp"], lenient["tp"]) == (0, 1)
+    assert lenient["froc"]["score"] == 1.0 and strict["froc"]["score"] == 0.0
+    assert strict["map50"] == lenient["map50"] == 0.0
+    assert lenient["map10_50"] == pytest.approx(5 / 9, abs=1e-6)  # a hit at 0.10 … 0.30
+
+
+def test_no_threshold_given_reports_at_this_sets_best_f1_and_says_so():
+    gts, prs = random_set(seed=4)
+    m = evaluate_detections(gts, prs, ["fracture", "cast"], bootstrap=0)
+    assert m["threshold_source"] == "best_f1_here"
+    assert m["threshold"] == m["best_f1_threshold"]
+    assert m["precision"] is not None and m["recall"] > 0
+    given = evaluate_detections(gts, prs, ["fracture", "cast"], threshold=0.5, bootstrap=0)
+    assert given["threshold_source"] == "given"
+
+
+def test_repeated_boxes_are_counted():
+    gt = [det([[0, 0, 40, 40]], ["fracture"]), det([], [])]
+    runaway = det([[0, 0, 40, 40], [1, 0, 40, 41], [0, 1, 41, 40], [100, 100, 150, 150]], ["fracture"] * 4)
+    runaway.score = np.array([0.9, 0.8, 0.7, 0.6], np.float32)
+    other_label = det([[0, 0, 40, 40], [0, 0, 40, 40]], ["fracture", "cast"], [0.5, 0.5])
+    m = evaluate_detections(gt, [runaway, other_label], ["fracture", "cast"], bootstrap=0)
+    assert m["duplicates"] == {"boxes": 2, "images": 1, "iou": 0.7}
+
+
+def test_bootstrap_covers_the_medical_map_and_each_froc_rate():
+    gts, prs = random_set(seed=5, n_images=25)
+    m = evaluate_detections(gts, prs, ["fracture", "cast"], bootstrap=60, seed=1)
+    low, high = m["ci95"]["map10_50"]
+    assert low <= m["map10_50"] <= high and low < high
+    for rate, value in zip(FROC_FP_RATES, m["froc"]["sensitivity"]):
+        low, high = m["ci95"][f"froc_at_{rate:g}"]
+        assert low <= value + 1e-9 and value <= high + 1e-9
+
+
 def test_image_auc_counts_ties_half_like_the_pairwise_definition():
     # Highest box score per image; an image without boxes scores 0.
     positives, negatives = [0.9, 0.5, 0.5], [0.5, 0.2, None]

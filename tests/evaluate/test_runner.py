@@ -134,6 +134,9 @@ def test_two_processes_merge_to_the_single_process_result(tiny_boxes_hf_dir, syn
         (["--bootstrap", "-5"], "bootstrap is a number of resamples"),
         (["--batch-size", "0"], "batch size must be at least 1"),
         (["--split", "train", "--data", "EMPTY"], "no usable record"),
+        (["--operating-point", "sensitivity=2"], "operating point"),
+        (["--iou", "0"], "iou_threshold must be in (0, 1]"),
+        (["--compare", "NOWHERE"], "no metrics file here"),
     ],
 )
 def test_evaluate_mistakes_are_user_errors_and_write_nothing(
@@ -142,12 +145,94 @@ def test_evaluate_mistakes_are_user_errors_and_write_nothing(
     empty = tmp_path / "empty"
     (empty / "dataset").mkdir(parents=True)
     (empty / "dataset" / "_annotations.train.jsonl").write_text("")
-    flags = [str(empty) if f == "EMPTY" else f for f in flags]
+    named = {"EMPTY": str(empty), "NOWHERE": str(tmp_path / "nowhere")}
+    flags = [named.get(f, f) for f in flags]
     out = tmp_path / "o"
     argv = ["evaluate", "--model", str(tiny_hf_dir), "--data", str(synthetic_dataset), "--out", str(out)]
     assert main([*argv, "--bootstrap", "0", *flags]) == 2
     assert message in capsys.readouterr().err  # each used to run and write metrics.json
     assert not out.exists()
+
+
+def test_operating_point_chosen_on_valid_is_saved_with_the_model_and_reused(
+    tiny_boxes_hf_dir, synthetic_dataset, tmp_path, capsys
+):
+    from paligemma_xray.infer.calibration import Calibration
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_boxes_hf_dir, model)
+    out = tmp_path / "ev"
+    argv = ["evaluate", "--model", str(model), "--data", str(synthetic_dataset), "--split", "test",
+            "--bootstrap", "20", "--batch-size", "4", "--iou", "0.1"]  # fmt: skip
+    assert main([*argv, "--out", str(out), "--operating-point", "sensitivity=0.9"]) == 0
+    headline = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = json.loads((out / "metrics.json").read_text())
+    saved = Calibration.load(model / "calibration.json")
+    assert saved == Calibration.load(out / "calibration.json")
+    assert saved.operating_point == "sensitivity=0.9" and saved.iou_threshold == 0.1
+    assert saved.fitted_on["split"] == "valid" and saved.valid["image_sensitivity"] >= 0.9
+    assert metrics["threshold"] == saved.threshold == metrics["operating_point"]["threshold"]
+    assert metrics["threshold_source"] == "operating_point" and metrics["iou_threshold"] == 0.1
+    assert json.loads((out / "valid" / "metrics.json").read_text())["split"] == "valid"
+    for level in ("box", "image"):
+        assert metrics["calibration"][level]["after"]["ece"] is not None
+    assert headline["threshold_source"] == "sensitivity=0.9" and headline["map10_50"] is not None
+    assert "Operating point" in (out / "report.html").read_text()
+
+    # The next evaluation, without an operating point, uses the one saved with the model.
+    again = run_eval(model, synthetic_dataset, tmp_path / "ev2")
+    assert again["threshold"] == saved.threshold
+    assert again["operating_point"]["source"] == "saved with the model"
+    assert "calibration" in again
+
+    # predict defaults to it and reports the calibrated probability beside the score.
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(Path(synthetic_dataset).rglob("*.jpg"))[:2]:
+        shutil.copy(path, images / path.name)
+    predict = ["predict", "--model", str(model), str(images), "--out", str(tmp_path / "p"), "--no-images"]
+    assert main(predict) == 0
+    assert f"threshold {saved.threshold:.3g}" in capsys.readouterr().err
+    for record in (tmp_path / "p" / "json" / "images").glob("*.json"):
+        found = json.loads(record.read_text())["detections"]
+        assert 0 <= found["image_probability"] <= 1 and found["operating_threshold"] == saved.threshold
+        assert all(d["score"] >= saved.threshold and 0 <= d["probability"] <= 1 for d in found["detections"])
+
+
+def test_ensemble_and_tta_evaluate_and_compare_without_touching_the_model(
+    tiny_boxes_hf_dir, synthetic_dataset, tmp_path
+):
+    before = sorted(p.name for p in Path(tiny_boxes_hf_dir).iterdir())
+    plain = run_eval(tiny_boxes_hf_dir, synthetic_dataset, tmp_path / "plain")
+    fused = run_eval(
+        tiny_boxes_hf_dir,
+        synthetic_dataset,
+        tmp_path / "fused",
+        ["--model", str(tiny_boxes_hf_dir), "--tta", "hflip", "--operating-point", "f1",
+         "--compare", str(tmp_path / "plain")],
+    )  # fmt: skip
+    assert "hflip" in fused["model"] and " + " in fused["model"]
+    assert fused["n_images"] == plain["n_images"]
+    assert sorted(p.name for p in Path(tiny_boxes_hf_dir).iterdir()) == before  # nothing saved there
+    comparison = json.loads((tmp_path / "fused" / "comparison.json").read_text())
+    assert set(comparison["differences"]) >= {"map50", "froc_score", "image_sensitivity", "image_specificity"}
+    assert comparison["differences"]["map50"]["value"] == pytest.approx(fused["map50"] - plain["map50"])
+    assert "Comparison" in (tmp_path / "fused" / "report.html").read_text()
+
+
+def test_operating_point_on_the_valid_split_itself_decodes_it_once(
+    tiny_boxes_hf_dir, synthetic_dataset, tmp_path
+):
+    before = sorted(p.name for p in Path(tiny_boxes_hf_dir).iterdir())
+    out = tmp_path / "ev"
+    argv = ["evaluate", "--model", str(tiny_boxes_hf_dir), "--data", str(synthetic_dataset),
+            "--split", "valid", "--out", str(out), "--bootstrap", "0", "--operating-point", "f1",
+            "--no-save-calibration"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "valid" and metrics["threshold"] == metrics["best_f1_threshold"]
+    assert (out / "predictions.jsonl").read_text() == (out / "valid" / "predictions.jsonl").read_text()
+    assert sorted(p.name for p in Path(tiny_boxes_hf_dir).iterdir()) == before  # --no-save-calibration
 
 
 def test_an_unreadable_image_is_skipped_counted_and_named(

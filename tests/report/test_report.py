@@ -66,7 +66,7 @@ def make_eval(folder: Path, images: Path, shift: float = 0.0) -> Path:
                 "prediction": pred.to_json(),
             }
         )
-    metrics = evaluate_detections(truths, preds, ["fracture"], bootstrap=50)
+    metrics = evaluate_detections(truths, preds, ["fracture"], threshold=0.5, bootstrap=50)
     metrics.update({"model": f"model-shift-{shift:g}", "data": "synthetic", "split": "test"})
     save_evaluation(folder, rows, metrics)
     return folder

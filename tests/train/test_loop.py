@@ -198,3 +198,25 @@ def test_a_model_that_does_not_load_leaves_no_run_folder(tiny_hf_dir, synthetic_
     assert main(["train", *argv]) == 2
     err = capsys.readouterr().err
     assert "taken: exists and is not a folder" in err and "Traceback" not in err
+
+
+def test_early_stop_keeps_best_and_progress_page_shows_each_validation(
+    tiny_hf_dir, synthetic_dataset, tmp_path, capsys
+) -> None:
+    out = tmp_path / "run"
+    # lr 0: the loss never improves after the first evaluation, so the run stops at the third.
+    argv = ["train", "--model", str(tiny_hf_dir), "--data", str(synthetic_dataset), "--out", str(out),
+            "--examples", "32", "--batch-size", "4", "--lr", "0", "--eval-every", "1", "--early-stop", "2",
+            "--eval-max-new-tokens", "6", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "trained 3 steps (early stop)" in capsys.readouterr().out
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "eval"] == [1, 2, 3]
+    assert [r["step"] for r in log if r["kind"] == "early_stop"] == [3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_step"] == 1 and summary["stopped_early"] is True
+    assert (out / "best" / "config.json").is_file() and (out / "last" / "config.json").is_file()
+    page = (out / "progress.html").read_text()
+    n_valid = len((Path(synthetic_dataset) / "dataset" / "_annotations.valid.jsonl").read_text().splitlines())
+    assert "step 3" in page and page.count("data:image/jpeg") == min(8, n_valid)
+    assert page.count("<svg") == 2  # the loss and the mAP curves

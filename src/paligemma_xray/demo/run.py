@@ -197,18 +197,16 @@ def run_demo(
     timings["data"] = time.perf_counter() - t0
 
     def assess(detector: Detector, name: str) -> dict[str, Any]:
-        # The operating point (score threshold of precision, recall, image-level figures) is
-        # chosen on the validation split, then the test split is reported at it.
-        valid = evaluate(
-            detector, dataset, "valid", out / "valid" / name, bootstrap=0, progress=progress, overwrite=True
-        )
-        threshold = valid["best_f1_threshold"]
+        # The operating point (score threshold of precision, recall, image-level figures) and
+        # the calibrated probabilities are chosen on the validation split (written to
+        # OUT/NAME/valid/, the calibration to OUT/NAME/calibration.json), then the test split
+        # is reported at it.
         return evaluate(
             detector,
             dataset,
             "test",
             out / name,
-            threshold=0.5 if threshold is None else threshold,
+            operating_point="f1",
             bootstrap=bootstrap,
             seed=settings.seed,
             progress=progress,
@@ -268,6 +266,13 @@ def run_demo(
     # big_vision keeps the tokenizer beside the .npz under this name; model.load finds it.
     with atomic.staged_path(out / "paligemma_tokenizer.model") as tmp:
         shutil.copyfile(hf_dir / "tokenizer.model", tmp)
+    # The operating point and calibration go with both copies of the model, so that predict
+    # and serve default to them.
+    from paligemma_xray.infer.calibration import Calibration, calibration_path
+
+    fitted = Calibration.load(after_dir / "calibration.json")
+    fitted.save(calibration_path(hf_dir))
+    fitted.save(calibration_path(npz_path))
     report = write_report(
         after_dir,
         out / "report.html",
@@ -315,6 +320,10 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _threshold(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
 def format_summary(result: dict[str, Any]) -> str:
     """The demo's closing lines: headline figures before and after, and where each output is."""
     before, after, paths = result["before"], result["after"], result["paths"]
@@ -329,13 +338,14 @@ def format_summary(result: dict[str, Any]) -> str:
         ("map50", "mAP@0.5"),
         ("map50_95", "mAP@[.5:.95]"),
         ("froc_score", "FROC score"),
-        ("threshold", "score threshold¹"),
+        ("threshold", "score threshold¹"),  # printed with 3 significant digits
         ("precision", "precision¹"),
         ("recall", "recall¹"),
         ("image_sensitivity", "image sensitivity¹"),
         ("image_specificity", "image specificity¹"),
     ):
-        lines.append(f"{name:22}{_fmt(before.get(key)):>10}{_fmt(after.get(key)):>10}")
+        show = _threshold if key == "threshold" else _fmt
+        lines.append(f"{name:22}{show(before.get(key)):>10}{show(after.get(key)):>10}")
     lines.append("¹ boxes at IoU ≥ 0.5 scored ≥ the threshold, chosen for the best F1 on the valid split")
     lines += [
         f"report:          {paths['report']}",

@@ -13,6 +13,7 @@ undefined, e.g. specificity on a set with no negative image).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 from collections.abc import Sequence
@@ -25,6 +26,14 @@ from paligemma_xray.locations import Detections
 
 #: False positives per image at which FROC sensitivity is reported (the CAMELYON / LUNA set).
 FROC_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+#: IoU thresholds of the medical mAP (nnDetection's ``mAP_IoU_0.10_0.50_0.05``): lesions are
+#: small and their borders uncertain, so a hit is judged leniently (LUNA16 matches at 0.1).
+MEDICAL_IOU_THRESHOLDS: tuple[float, ...] = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+
+#: IoU at or above which a box repeats an earlier box of the same label in one answer (the
+#: "runaway" outputs that repeat boxes until the token limit).
+DUPLICATE_IOU = 0.7
 
 
 @dataclass
@@ -159,11 +168,18 @@ def coco_dicts(
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
 
-def coco_precision(gt_dict: dict, results: list[dict], *, all_areas_only: bool = False) -> np.ndarray:
+def coco_precision(
+    gt_dict: dict,
+    results: list[dict],
+    *,
+    all_areas_only: bool = False,
+    iou_thresholds: Sequence[float] | None = None,
+) -> np.ndarray:
     """COCO's accumulated precision array ``[T=10, R=101, K, A, M]`` from faster-coco-eval.
 
     ``all_areas_only`` evaluates the 'all' area range alone (what the bootstrap needs: the
-    same numbers for that range at a quarter of the cost).
+    same numbers for that range at a quarter of the cost). ``iou_thresholds`` replaces
+    COCO's 0.5:0.95 (e.g. :data:`MEDICAL_IOU_THRESHOLDS`); ``T`` is then their number.
     """
     from faster_coco_eval import COCO, COCOeval_faster
 
@@ -175,9 +191,20 @@ def coco_precision(gt_dict: dict, results: list[dict], *, all_areas_only: bool =
         if all_areas_only:
             evaluator.params.areaRng = [evaluator.params.areaRng[0]]
             evaluator.params.areaRngLbl = ["all"]
+        if iou_thresholds is not None:
+            evaluator.params.iouThrs = np.asarray(iou_thresholds, dtype=np.float64)
         evaluator.evaluate()
         evaluator.accumulate()
     return np.asarray(evaluator.eval["precision"])
+
+
+@functools.cache
+def _both_iou_thresholds() -> np.ndarray:
+    """The medical thresholds below 0.5, then COCO's own array (0.5 … 0.95, as it builds it)."""
+    from faster_coco_eval.core.cocoeval import Params
+
+    coco = np.asarray(Params(iouType="bbox").iouThrs, dtype=np.float64)
+    return np.concatenate([np.asarray(MEDICAL_IOU_THRESHOLDS[:-1]), coco])
 
 
 def _mean_valid(values: np.ndarray) -> float | None:
@@ -322,9 +349,11 @@ def _froc_curve(score, tp, n_gt, n_images) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _froc_at(fppi, sens, rates=FROC_FP_RATES) -> list[float]:
-    # Best sensitivity reachable without exceeding each false-positive rate; the curve stays
-    # flat past its last point (no prediction left to lower the threshold to).
-    return [float(sens[fppi <= r].max()) for r in rates]
+    # The curve linearly interpolated at each rate, as LUNA16's CPM, CAMELYON16 and
+    # nnDetection compute it; flat past its last point (no prediction left to lower the
+    # threshold to). Where several points share a false-positive rate, np.interp takes the
+    # last (highest sensitivity) one, the corner the curve reaches there.
+    return [float(v) for v in np.interp(rates, fppi, sens)]
 
 
 def _auc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float | None:
@@ -358,6 +387,34 @@ def _image_level(max_score, positive, threshold) -> dict:
     }
 
 
+def duplicate_boxes(prediction: Detections, iou_threshold: float = DUPLICATE_IOU) -> np.ndarray:
+    """``(N,)`` bool: box ``i`` repeats an earlier box of the same label (IoU ≥ ``iou_threshold``).
+
+    "Earlier" is the order the model wrote them in; the first of a group is not counted.
+
+    >>> from paligemma_xray.locations import parse
+    >>> found = parse("<loc0000><loc0000><loc0100><loc0100> fracture ; "
+    ...               "<loc0001><loc0000><loc0100><loc0100> fracture", (1024, 1024))
+    >>> duplicate_boxes(found).tolist()
+    [False, True]
+    """
+    iou = box_iou(prediction.xyxy, prediction.xyxy)
+    same = np.equal.outer(
+        np.array(prediction.class_name, dtype=object), np.array(prediction.class_name, dtype=object)
+    )
+    earlier = np.tril(np.ones_like(iou, dtype=bool), k=-1)  # [i, j]: j written before i
+    return ((iou >= iou_threshold) & same & earlier).any(axis=1) if len(prediction) else np.zeros(0, bool)
+
+
+def _duplicates(predictions: Sequence[Detections], iou_threshold: float) -> dict:
+    per_image = [int(duplicate_boxes(p, iou_threshold).sum()) for p in predictions]
+    return {
+        "boxes": sum(per_image),
+        "images": sum(1 for n in per_image if n),
+        "iou": iou_threshold,
+    }
+
+
 def _pointwise(flat: _Flat, images: np.ndarray, threshold: float) -> dict[str, float | None]:
     """The non-COCO figures on a (re)sample of images, for the bootstrap."""
     counts = np.bincount(images, minlength=len(flat.gt_per_image))
@@ -374,10 +431,41 @@ def _pointwise(flat: _Flat, images: np.ndarray, threshold: float) -> dict[str, f
         "recall": at["recall"],
         "f1": at["f1"],
         "froc_score": float(np.mean(froc)) if n_gt else None,
+        **{froc_key(rate): (value if n_gt else None) for rate, value in zip(FROC_FP_RATES, froc)},
         "image_sensitivity": img["sensitivity"],
         "image_specificity": img["specificity"],
         "image_auc": img["auc"],
     }
+
+
+def sample_figures(
+    ground_truth: Sequence[Detections],
+    predictions: Sequence[Detections],
+    classes: Sequence[str],
+    flat: _Flat,
+    draw: np.ndarray,
+    threshold: float,
+) -> dict[str, float | None]:
+    """Every bootstrapped figure on the images ``draw`` (indices, repeats allowed).
+
+    Shared by the intervals here and the paired comparison of two models
+    (:mod:`paligemma_xray.evaluate.compare`), which draws the same images for both.
+    """
+    point = _pointwise(flat, draw, threshold)
+    gt_dict, results = coco_dicts(ground_truth, predictions, classes, draw)
+    # One evaluation at both sets of IoU thresholds (each threshold is accumulated on its
+    # own, so the figures are those of two separate runs): 0.1 … 0.45, then COCO's 0.5 … 0.95.
+    medical = len(MEDICAL_IOU_THRESHOLDS) - 1
+    p = coco_precision(gt_dict, results, all_areas_only=True, iou_thresholds=_both_iou_thresholds())
+    p = p[:, :, :, 0, -1]
+    point["map50"], point["map50_95"] = _mean_valid(p[medical]), _mean_valid(p[medical:])
+    point["map10_50"] = _mean_valid(p[: medical + 1])
+    return point
+
+
+def froc_key(rate: float) -> str:
+    """Key of the FROC sensitivity at ``rate`` false positives per image in ``ci95``."""
+    return f"froc_at_{rate:g}"
 
 
 def _interval(samples: list[float | None]) -> list[float] | None:
@@ -387,9 +475,9 @@ def _interval(samples: list[float | None]) -> list[float] | None:
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
-def check_options(*, threshold: float = 0.5, iou_threshold: float = 0.5, bootstrap: int = 0) -> None:
+def check_options(*, threshold: float | None = None, iou_threshold: float = 0.5, bootstrap: int = 0) -> None:
     """Raise :class:`ConfigError` on settings :func:`evaluate_detections` cannot use."""
-    if not 0 <= threshold <= 1:
+    if threshold is not None and not 0 <= threshold <= 1:
         raise ConfigError(f"threshold is a score between 0 and 1, got {threshold}")
     if not 0 < iou_threshold <= 1:
         raise ConfigError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
@@ -402,11 +490,12 @@ def evaluate_detections(
     predictions: Sequence[Detections],
     classes: Sequence[str],
     *,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     iou_threshold: float = 0.5,
     bootstrap: int = 1000,
     seed: int = 0,
     curves: bool = True,
+    duplicate_iou: float = DUPLICATE_IOU,
 ) -> dict:
     """Every figure of a detection evaluation, as a JSON-ready dict.
 
@@ -414,11 +503,17 @@ def evaluate_detections(
     not in ``classes`` are left out of mAP and count as false positives elsewhere.
 
     Keys: ``map50``, ``map50_95``, ``ap_per_class`` (COCO-exact, faster-coco-eval);
-    ``precision`` / ``recall`` / ``f1`` / ``tp`` / ``fp`` / ``fn`` for boxes scored ≥
-    ``threshold``; ``best_f1_threshold`` (the score threshold that would maximise F1 here,
-    see :func:`best_f1_threshold`); ``froc`` (sensitivity at :data:`FROC_FP_RATES` false positives per image
-    and their mean, ``froc.score``); ``image_level`` (any box ≥ threshold vs any fracture:
-    sensitivity, specificity, confusion counts, ROC AUC of the highest box score);
+    ``map10_50`` (the same COCO computation over :data:`MEDICAL_IOU_THRESHOLDS`,
+    nnDetection's ``mAP_IoU_0.10_0.50_0.05``); ``precision`` / ``recall`` / ``f1`` / ``tp`` /
+    ``fp`` / ``fn`` for boxes scored ≥ ``threshold`` and matched at ``iou_threshold`` (0.1
+    is the usual medical criterion); ``threshold_source``: ``"given"``, or, when
+    ``threshold`` is None, ``"best_f1_here"`` (the best-F1 threshold of this very set: an
+    optimistic figure; choose an operating point on a validation split instead);
+    ``best_f1_threshold`` (see :func:`best_f1_threshold`); ``froc`` (sensitivity at
+    :data:`FROC_FP_RATES` false positives per image and their mean, ``froc.score``, the
+    CPM score); ``image_level`` (any box ≥ threshold vs any fracture: sensitivity,
+    specificity, confusion counts, ROC AUC of the highest box score); ``duplicates``
+    (boxes repeating an earlier box of the same answer, see :func:`duplicate_boxes`);
     ``parse_failures`` (summed ``parse_issues``); ``ci95`` (percentile bootstrap over
     images, ``bootstrap`` resamples, seeded by ``seed``; 0 turns it off, e.g. during
     training); ``curves`` (COCO's interpolated precision-recall at IoU 0.5 per class and
@@ -437,14 +532,25 @@ def evaluate_detections(
     n_images = len(ground_truth)
     flat, _ = _flatten(ground_truth, predictions, classes, iou_threshold)
     n_gt = int(flat.gt_per_image.sum())
+    best_f1 = _best_f1_threshold(flat)
+    threshold_source = "given"
+    if threshold is None:
+        # No operating point given: the best F1 of this set (labelled as such), never a fixed
+        # 0.5 that may sit above every score the model gives. No true positive: every box.
+        threshold, threshold_source = (best_f1, "best_f1_here") if best_f1 is not None else (0.0, "all_boxes")
 
     everything = np.arange(n_images)
     if n_images:
         gt_dict, results = coco_dicts(ground_truth, predictions, classes, everything)
         precision = coco_precision(gt_dict, results)
         coco = _coco_summary(precision, classes)
+        medical = coco_precision(gt_dict, results, all_areas_only=True, iou_thresholds=MEDICAL_IOU_THRESHOLDS)
+        coco["map10_50"] = _mean_valid(medical[:, :, :, 0, -1])
+        for k, name in enumerate(classes):
+            coco["ap_per_class"][name]["ap10_50"] = _mean_valid(medical[:, :, k, 0, -1])
     else:
-        precision, coco = None, {"map50": None, "map50_95": None, "ap_per_class": {}}
+        precision = None
+        coco = {"map50": None, "map50_95": None, "map10_50": None, "ap_per_class": {}}
 
     at = _threshold_metrics(flat.score, flat.tp, n_gt, threshold)
     fppi, sens = _froc_curve(flat.score, flat.tp, n_gt, n_images)
@@ -461,6 +567,7 @@ def evaluate_detections(
         "n_predictions": len(flat.score),
         "classes": classes,
         "threshold": threshold,
+        "threshold_source": threshold_source,
         "iou_threshold": iou_threshold,
         "scores_missing": any(p.score is None for p in predictions if len(p)),
         **coco,
@@ -470,8 +577,9 @@ def evaluate_detections(
             "sensitivity": froc_values,
             "score": float(np.mean(froc_values)) if n_gt else None,
         },
-        "best_f1_threshold": _best_f1_threshold(flat),
+        "best_f1_threshold": best_f1,
         "image_level": _image_level(flat.max_score, flat.positive, threshold),
+        "duplicates": _duplicates(predictions, duplicate_iou),
         "parse_failures": {"total": sum(issues.values()), **issues},
     }
 
@@ -480,10 +588,7 @@ def evaluate_detections(
         samples: dict[str, list] = {}
         for _ in range(bootstrap):
             draw = rng.integers(0, n_images, n_images)
-            point = _pointwise(flat, draw, threshold)
-            gt_dict, results_b = coco_dicts(ground_truth, predictions, classes, draw)
-            p = coco_precision(gt_dict, results_b, all_areas_only=True)[:, :, :, 0, -1]
-            point["map50"], point["map50_95"] = _mean_valid(p[0]), _mean_valid(p)
+            point = sample_figures(ground_truth, predictions, classes, flat, draw, threshold)
             for key, value in point.items():
                 samples.setdefault(key, []).append(value)
         result["ci95"] = {key: _interval(values) for key, values in samples.items()}

@@ -8,7 +8,9 @@ Writes to ``out_dir``:
   ground truth and the scored predictions (``Detections.to_json``); what the report and
   :func:`load_predictions` read back;
 * ``ground_truth.coco.json`` and ``predictions.coco.json`` — the same in COCO form for
-  other tools.
+  other tools;
+* with an operating point: ``calibration.json`` (fitted on the valid split, whose own
+  evaluation lands in ``valid/``), also saved with the model when asked.
 
 Every file is written under a temporary name and renamed when complete
 (:mod:`paligemma_xray.atomic`); a folder holding an earlier evaluation is replaced only with
@@ -31,7 +33,14 @@ from paligemma_xray import atomic
 from paligemma_xray.data import Dataset, Record, record_targets
 from paligemma_xray.data.bad_records import DEFAULT_MAX_BAD_RECORDS, BadRecords
 from paligemma_xray.errors import ConfigError, DataError, check_output
+from paligemma_xray.evaluate.calibration import (
+    calibration_report,
+    check_method,
+    check_operating_point,
+    fit_calibration,
+)
 from paligemma_xray.evaluate.metrics import check_options, coco_dicts, evaluate_detections
+from paligemma_xray.infer.calibration import Calibration, calibration_path
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector
 from paligemma_xray.infer.distributed import barrier, gather_indexed, shard, world
 from paligemma_xray.locations import Detections, classes_from_prefix
@@ -39,6 +48,8 @@ from paligemma_xray.progress import bar as progress_bar
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
+CALIBRATION_FILE = "calibration.json"
+VALID_DIR = "valid"
 
 
 def dataset_classes(prefixes: Sequence[str]) -> list[str]:
@@ -56,10 +67,13 @@ def check_evaluation(
     split: str,
     out_dir: str | Path,
     *,
-    threshold: float = 0.5,
+    threshold: float | None = None,
+    iou_threshold: float = 0.5,
     bootstrap: int = 1000,
     overwrite: bool = False,
     max_bad_records: int | None = DEFAULT_MAX_BAD_RECORDS,
+    operating_point: str | None = None,
+    calibration_method: str = "platt",
 ) -> list[Record]:
     """Every check that needs no model, so that mistakes show before the model loads.
 
@@ -68,7 +82,10 @@ def check_evaluation(
     be written or holds an earlier evaluation (without ``overwrite``), and a split that is
     missing or has no usable record.
     """
-    check_options(threshold=threshold, bootstrap=bootstrap)
+    check_options(threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap)
+    check_method(calibration_method)
+    if operating_point is not None:
+        check_operating_point(operating_point)
     BadRecords(max_bad_records)  # a negative limit is refused here
     out = check_output(out_dir, folder=True)
     if not overwrite and any((out / name).exists() for name in (METRICS_FILE, PREDICTIONS_FILE)):
@@ -81,7 +98,8 @@ def evaluate_records(
     detector: Detector,
     records: Sequence[Record],
     *,
-    threshold: float = 0.5,
+    threshold: float | None = None,
+    iou_threshold: float = 0.5,
     bootstrap: int = 1000,
     seed: int = 0,
     batch_size: int | None = None,
@@ -154,8 +172,9 @@ def evaluate_records(
     predictions = [Detections.from_json(row["prediction"]) for row in rows]
     classes = dataset_classes([record.prefix for record in records])
     metrics = evaluate_detections(
-        ground_truth, predictions, classes, threshold=threshold, bootstrap=bootstrap, seed=seed, curves=curves
-    )
+        ground_truth, predictions, classes, threshold=threshold, iou_threshold=iou_threshold,
+        bootstrap=bootstrap, seed=seed, curves=curves,
+    )  # fmt: skip
     metrics["skipped_records"] = {"count": len(skipped), "records": skipped}
     return rows, metrics
 
@@ -166,7 +185,11 @@ def evaluate(
     split: str,
     out_dir: str | Path,
     *,
-    threshold: float = 0.5,
+    threshold: float | None = None,
+    iou_threshold: float = 0.5,
+    operating_point: str | None = None,
+    calibration_method: str = "platt",
+    save_with_model: str | Path | None = None,
     bootstrap: int = 1000,
     seed: int = 0,
     batch_size: int | None = None,
@@ -179,27 +202,90 @@ def evaluate(
 
     Each image is prompted with its own record's prefix (``detect fracture`` in the usual
     set), so multi-class sets are evaluated with the classes they ask for.
+
+    The score threshold of precision, recall and the image-level figures: ``threshold``
+    when given; else, with ``operating_point`` (``f1``, ``sensitivity=S``,
+    ``specificity=S``), the one chosen on the ``valid`` split, where the calibration
+    (``calibration_method``: ``platt`` or ``isotonic``) is fitted too and, with
+    ``save_with_model`` (the model's path), saved beside its weights; else the one saved
+    with the model (``detector.calibration``); else this split's own best-F1 threshold,
+    labelled as such. ``iou_threshold``: the hit criterion of those figures (0.1 is the
+    usual medical one; COCO's mAP keeps its own).
     """
     records = check_evaluation(  # before hours of decoding
-        dataset, split, out_dir, threshold=threshold, bootstrap=bootstrap, overwrite=overwrite,
-        max_bad_records=max_bad_records,
-    )
+        dataset, split, out_dir, threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap,
+        overwrite=overwrite, max_bad_records=max_bad_records, operating_point=operating_point,
+        calibration_method=calibration_method,
+    )  # fmt: skip
     out = Path(out_dir).expanduser()
     w = world()
+    classes = dataset_classes([record.prefix for record in records])
+    calibration: Calibration | None = getattr(detector, "calibration", None)
+    source = "saved with the model"
+    decoding = {
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "progress": progress,
+        "max_bad_records": max_bad_records,
+    }
+    if operating_point is not None:
+        valid_rows, valid_metrics = evaluate_records(
+            detector, dataset.usable(VALID_DIR), iou_threshold=iou_threshold, bootstrap=0,
+            desc=f"evaluate {VALID_DIR}", **decoding,
+        )  # fmt: skip
+        valid_classes = valid_metrics["classes"]
+        ground_truth = [Detections.from_json(row["ground_truth"]) for row in valid_rows]
+        predictions = [Detections.from_json(row["prediction"]) for row in valid_rows]
+        calibration = fit_calibration(
+            ground_truth,
+            predictions,
+            valid_classes,
+            method=calibration_method,
+            iou_threshold=iou_threshold,
+            operating_point=operating_point,
+            fitted_on={"model": detector.model_id, "data": str(dataset.root), "split": VALID_DIR},
+        )
+        source = f"chosen on the {VALID_DIR} split"
+        if w.is_main:
+            valid_metrics = evaluate_detections(
+                ground_truth, predictions, valid_classes, threshold=calibration.threshold,
+                iou_threshold=iou_threshold, bootstrap=0,
+            )  # fmt: skip
+            valid_metrics.update({"model": detector.model_id, "data": str(dataset.root), "split": VALID_DIR})
+            save_evaluation(out / VALID_DIR, valid_rows, valid_metrics)
+            calibration.save(out / CALIBRATION_FILE)
+            if save_with_model is not None:
+                calibration.save(calibration_path(save_with_model))
+    from_point = threshold is None and calibration is not None and calibration.threshold is not None
+    if from_point:
+        threshold = calibration.threshold
+
     started = time.perf_counter()
-    rows, metrics = evaluate_records(
-        detector,
-        records,
-        threshold=threshold,
-        bootstrap=bootstrap,
-        seed=seed,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        progress=progress,
-        desc=f"evaluate {split}",
-        max_bad_records=max_bad_records,
-    )
+    if operating_point is not None and split == VALID_DIR:  # decoded already: score it again
+        rows = valid_rows
+        metrics = evaluate_detections(
+            [Detections.from_json(row["ground_truth"]) for row in rows],
+            [Detections.from_json(row["prediction"]) for row in rows],
+            classes, threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap, seed=seed,
+        )  # fmt: skip
+    else:
+        rows, metrics = evaluate_records(
+            detector, records, threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap,
+            seed=seed, desc=f"evaluate {split}", **decoding,
+        )  # fmt: skip
     seconds = time.perf_counter() - started
+    if from_point:
+        metrics["threshold_source"] = "operating_point"
+        metrics["operating_point"] = {
+            "name": calibration.operating_point,
+            "threshold": calibration.threshold,
+            "source": source,
+            "valid": calibration.valid,
+        }
+    if calibration is not None:
+        ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
+        predictions = [Detections.from_json(row["prediction"]) for row in rows]
+        metrics["calibration"] = calibration_report(calibration, ground_truth, predictions, classes)
     metrics.update(
         {
             "model": detector.model_id,

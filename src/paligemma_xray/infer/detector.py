@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from paligemma_xray.errors import ConfigError
+from paligemma_xray.infer.calibration import Calibration, find_calibration
 from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
 from paligemma_xray.locations import LOC_BINS, Detections, classes_from_prefix, loc_token, parse
 
@@ -124,6 +125,8 @@ class Detector:
             probability, and mAP/FROC measure the whole precision-recall curve; a
             ``threshold`` on the score then picks the operating point.
         batch_size: images decoded together.
+        calibration: score → probability maps and the operating point saved with the
+            model (:mod:`paligemma_xray.infer.calibration`); :meth:`load` reads it.
 
     Example (a tiny random model, so the boxes mean nothing; shapes and types do):
 
@@ -148,6 +151,7 @@ class Detector:
         box_or_stop: bool = True,
         min_box_probability: float | None = None,
         batch_size: int = 8,
+        calibration: Calibration | None = None,
     ) -> None:
         check_decoding(
             batch_size=batch_size, min_box_probability=min_box_probability, box_or_stop=box_or_stop
@@ -159,6 +163,7 @@ class Detector:
         self.box_or_stop = box_or_stop
         self.min_box_probability = min_box_probability
         self.batch_size = batch_size
+        self.calibration = calibration
         self._eos = self._eos_ids()
         self._rule = self._box_rule()
         self._special = set(self.tokenizer.all_special_ids)
@@ -183,7 +188,10 @@ class Detector:
         ``device`` defaults to CUDA when available (under ``torchrun``: this rank's GPU);
         ``dtype`` to the checkpoint's (bfloat16 is the usual choice on a GPU). ``progress``:
         loading bars. ``attention``: one of :data:`ATTENTION_CHOICES` (None: transformers'
-        default, SDPA). ``options`` go to the constructor.
+        default, SDPA). ``options`` go to the constructor. The calibration saved with a local
+        model (``calibration.json``, see
+        :func:`~paligemma_xray.infer.calibration.calibration_path`) is read unless ``options``
+        give one.
         """
         from paligemma_xray.model import load as load_model
 
@@ -199,6 +207,8 @@ class Detector:
 
             w = world()  # under a launcher: one GPU per rank
             device = w.device() if w.size > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+        if "calibration" not in options:
+            options["calibration"] = find_calibration(path)
         model, processor = load_model(path, dtype=dtype, device=device, progress=progress, revision=revision)
         if attention is not None:
             set_attention(model, attention)

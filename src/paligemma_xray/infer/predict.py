@@ -299,6 +299,8 @@ def predict(
         # In the writer's threads (PNG encoding outlasts decoding a batch); JSON last.
         if found is not None:
             record["detections"] = found.to_json()
+            if getattr(detector, "calibration", None) is not None:  # calibrated beside the raw score
+                detector.calibration.add_to_json(record["detections"], found)
             if annotated:
                 # zlib level 1: 4.7x faster than PIL's default 6 on a 1024 px radiograph, 7% larger
                 with atomic.staged_path(out / "annotated" / f"{item.name}.png") as png:

@@ -6,9 +6,13 @@ writes (``metrics.json``, ``predictions.jsonl``), so ``paligemma-xray report`` c
 it at any time; a training run folder adds its loss curve (``metrics.jsonl``).
 
 The gallery shows the worst images first: most missed fractures, then most false alarms
-(at the report's threshold), then the lowest-scored correct finds. Ground truth is green,
-predictions orange (with their score); a prediction that matches is drawn as a full box, a
-false alarm by its corners only (supervision's annotators, :mod:`paligemma_xray.draw`).
+(each model at its own threshold), then the lowest-scored correct finds. Ground truth is
+green, predictions orange (with their score); a prediction that matches is drawn as a full
+box, a false alarm by its corners only (supervision's annotators, :mod:`paligemma_xray.draw`).
+With an operating point or a saved calibration the report says which point it is and what
+it gives, and draws reliability diagrams before and after calibration; with a comparison
+(``comparison.json``, from ``evaluate --compare``) it lists the paired differences with
+their intervals and p-values. Thresholds print with three significant digits.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import numpy as np
 from paligemma_xray import atomic
 from paligemma_xray.draw import draw_boxes, fit, jpeg_data_uri
 from paligemma_xray.errors import DataError, check_output
-from paligemma_xray.evaluate.metrics import match
+from paligemma_xray.evaluate.compare import COMPARISON_FILE
+from paligemma_xray.evaluate.metrics import froc_key, match
 from paligemma_xray.evaluate.runner import load_metrics, load_predictions
-from paligemma_xray.report.plots import SERIES_COLOURS, froc_plot, loss_plot, pr_plot
+from paligemma_xray.report.plots import SERIES_COLOURS, froc_plot, loss_plot, pr_plot, reliability_plot
 
 TRUTH_COLOUR = (47, 158, 68)  # green
 PREDICTION_COLOUR = (230, 119, 0)  # orange
@@ -85,6 +90,11 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def threshold_text(value) -> str:
+    """A score threshold with three significant digits (scores of 0.06 matter), "–" if none."""
+    return "–" if value is None else f"{float(value):.3g}"
+
+
 def _ci(metrics: dict, key: str) -> str:
     interval = metrics.get("ci95", {}).get(key)
     return f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
@@ -94,10 +104,11 @@ def _ci(metrics: dict, key: str) -> str:
 _ROWS = [
     ("mAP@0.5", lambda m: m.get("map50"), "map50"),
     ("mAP@[.5:.95]", lambda m: m.get("map50_95"), "map50_95"),
+    ("mAP@[.1:.5] (nnDetection's medical mAP)", lambda m: m.get("map10_50"), "map10_50"),
     ("precision @ threshold", lambda m: m.get("precision"), "precision"),
     ("recall @ threshold", lambda m: m.get("recall"), "recall"),
     ("F1 @ threshold", lambda m: m.get("f1"), "f1"),
-    ("FROC score (mean sensitivity)", lambda m: m.get("froc", {}).get("score"), "froc_score"),
+    ("FROC score (CPM, mean of 1/8…8 FP/image)", lambda m: m.get("froc", {}).get("score"), "froc_score"),
     ("image sensitivity", lambda m: m.get("image_level", {}).get("sensitivity"), "image_sensitivity"),
     ("image specificity", lambda m: m.get("image_level", {}).get("specificity"), "image_specificity"),
     ("image ROC AUC (top box score)", lambda m: m.get("image_level", {}).get("auc"), "image_auc"),
@@ -108,6 +119,12 @@ def _metrics_table(evaluations: Sequence[Evaluation]) -> str:
     head = "".join(f"<th colspan=2>{html.escape(e.name)}</th>" for e in evaluations)
     sub = "".join("<th>value</th><th>95% CI</th>" for _ in evaluations)
     body = []
+    cells = "".join(
+        f"<td>{threshold_text(e.metrics.get('threshold'))}</td>"
+        f"<td class=ci>{html.escape(_threshold_source(e.metrics))}</td>"
+        for e in evaluations
+    )
+    body.append(f"<tr><td>score threshold</td>{cells}</tr>")
     for label, get, ci_key in _ROWS:
         cells = "".join(
             f"<td>{_fmt(get(e.metrics))}</td><td class=ci>{_ci(e.metrics, ci_key)}</td>" for e in evaluations
@@ -115,7 +132,11 @@ def _metrics_table(evaluations: Sequence[Evaluation]) -> str:
         body.append(f"<tr><td>{label}</td>{cells}</tr>")
     first = evaluations[0].metrics
     for i, rate in enumerate(first.get("froc", {}).get("fp_per_image", [])):
-        cells = "".join(f"<td>{_fmt(e.metrics['froc']['sensitivity'][i])}</td><td></td>" for e in evaluations)
+        cells = "".join(
+            f"<td>{_fmt(e.metrics['froc']['sensitivity'][i])}</td>"
+            f"<td class=ci>{_ci(e.metrics, froc_key(rate))}</td>"
+            for e in evaluations
+        )
         body.append(f"<tr><td>sensitivity at {rate:g} FP/image</td>{cells}</tr>")
     for cls in first.get("classes", []):
         cells = "".join(
@@ -127,6 +148,7 @@ def _metrics_table(evaluations: Sequence[Evaluation]) -> str:
         ("boxes TP / FP / FN", lambda m: f"{m.get('tp')} / {m.get('fp')} / {m.get('fn')}"),
         ("images (with fracture)", lambda m: f"{m.get('n_images')} ({m.get('n_positive_images')})"),
         ("parse failures", lambda m: m.get("parse_failures", {}).get("total")),
+        ("repeated boxes (IoU ≥ 0.7, same answer)", lambda m: m.get("duplicates", {}).get("boxes")),
         ("unfinished answers", lambda m: m.get("unfinished_answers")),
     ]
     for label, get in counts:
@@ -195,9 +217,10 @@ def _cases(evaluation: Evaluation, classes: list[str], threshold: float, iou: fl
 def _gallery(evaluations: Sequence[Evaluation], size: int) -> str:
     main = evaluations[0]
     classes = main.metrics.get("classes", [])
-    threshold = float(main.metrics.get("threshold", 0.5))
     iou = float(main.metrics.get("iou_threshold", 0.5))
-    per_model = [_cases(e, classes, threshold, iou) for e in evaluations]
+    # Each model at its own operating point: the boxes a user of that model would see.
+    thresholds = [float(e.metrics.get("threshold") or 0.0) for e in evaluations]
+    per_model = [_cases(e, classes, t, iou) for e, t in zip(evaluations, thresholds)]
     # Worst first for the first model: misses, then false alarms, then weakest correct finds.
     order = sorted(per_model[0], key=lambda c: (-c.missed, -c.false_alarms, c.lowest_found, c.index))
     cards = []
@@ -212,7 +235,7 @@ def _gallery(evaluations: Sequence[Evaluation], size: int) -> str:
             c = per_model[k][case.index]
             other = other_rows[case.index]
             data = _image_data(
-                other["image"], other["ground_truth"], other["prediction"], c.matching, threshold
+                other["image"], other["ground_truth"], other["prediction"], c.matching, thresholds[k]
             )
             tags = []
             if c.missed:
@@ -228,7 +251,8 @@ def _gallery(evaluations: Sequence[Evaluation], size: int) -> str:
             img = f"<img alt='' src='{data}'>" if data else "<div class=note>image not found</div>"
             colour = SERIES_COLOURS[k % len(SERIES_COLOURS)]
             caption = (
-                f"<div class=name style='color:{colour}'>{html.escape(evaluation.name)}</div>"
+                f"<div class=name style='color:{colour}'>{html.escape(evaluation.name)} "
+                f"(≥ {threshold_text(thresholds[k])})</div>"
                 if len(evaluations) > 1
                 else ""
             )
@@ -239,8 +263,8 @@ def _gallery(evaluations: Sequence[Evaluation], size: int) -> str:
         )
     legend = (
         f"<p class=legend><span><i class=sw style='background:rgb{TRUTH_COLOUR}'></i>ground truth</span>"
-        f"<span><i class=sw style='background:rgb{PREDICTION_COLOUR}'></i>prediction ≥ {threshold:g} "
-        "(score; corners only = false alarm)</span></p>"
+        f"<span><i class=sw style='background:rgb{PREDICTION_COLOUR}'></i>prediction ≥ "
+        f"{' / '.join(threshold_text(t) for t in thresholds)} (score; corners only = false alarm)</span></p>"
     )
     shown = min(size, len(order))
     note = f"<p class=note>{shown} of {len(order)} images, worst first.</p>"
@@ -267,13 +291,17 @@ def render_report(
     run_rows: Sequence[dict] | None = None,
     gallery: int = 24,
     title: str = "Fracture detection report",
+    comparison: dict | None = None,
 ) -> str:
-    """The report's HTML for one evaluation or several side by side (first = reference)."""
+    """The report's HTML for one evaluation or several side by side (first = reference).
+
+    ``comparison``: the paired comparison of the first two (``comparison.json``).
+    """
     main = evaluations[0]
     m = main.metrics
     subtitle = (
         f"{html.escape(str(m.get('data', '')))} · split {html.escape(str(m.get('split', '?')))} · "
-        f"threshold {m.get('threshold')} · IoU {m.get('iou_threshold')} · "
+        f"threshold {threshold_text(m.get('threshold'))} · IoU {m.get('iou_threshold')} · "
         f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}"
     )
     ci_note = ""
@@ -307,6 +335,10 @@ def render_report(
         if loss:
             sections.append(f"<figure>{loss}</figure>")
     sections.append("</div>")
+    sections += _operating_point_section(evaluations)
+    sections += _calibration_section(evaluations)
+    if comparison:
+        sections += ["<h2>Comparison</h2>", _comparison_table(comparison)]
     sections += ["<h2>Gallery</h2>", _gallery(evaluations, gallery)]
     models = " vs ".join(html.escape(e.name) for e in evaluations)
     return (
@@ -339,7 +371,162 @@ def write_report(
         if evaluations[1].name == evaluations[0].name:
             evaluations[1].name += " (2)"
     run_rows = _read_run(run_dir) if run_dir is not None else None
+    comparison = _read_comparison(eval_dir, compare) if compare is not None else None
     target = check_output(out if out is not None else Path(eval_dir) / "report.html", folder=False)
     # Written under a temporary name and renamed: a full disk never leaves half a report.
-    page = render_report(evaluations, run_rows=run_rows, gallery=gallery, title=title)
+    page = render_report(evaluations, run_rows=run_rows, gallery=gallery, title=title, comparison=comparison)
     return atomic.write_text(target, page)
+
+
+def _read_comparison(eval_dir: str | Path, compare: str | Path) -> dict | None:
+    """``comparison.json`` of ``eval_dir`` when it was made against ``compare`` (else None)."""
+    path = Path(eval_dir) / COMPARISON_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"not valid JSON: {error}", path=path) from None
+    return data if data.get("against") == str(Path(compare).resolve()) else None
+
+
+def _threshold_source(metrics: dict) -> str:
+    point = metrics.get("operating_point")
+    if point:
+        return f"operating point {point.get('name')} ({point.get('source')})"
+    return {
+        "given": "given",
+        "best_f1_here": "best F1 on this split (optimistic)",
+        "all_boxes": "every box (no true positive)",
+    }.get(str(metrics.get("threshold_source")), "")
+
+
+def _operating_point_section(evaluations: Sequence[Evaluation]) -> list[str]:
+    rows = []
+    for e in evaluations:
+        point = e.metrics.get("operating_point")
+        if not point:
+            continue
+        valid = point.get("valid") or {}
+        m = e.metrics
+        image = m.get("image_level", {})
+        reached = "" if valid.get("reached", True) else " (target not reached on valid)"
+        rows.append(
+            f"<tr><td>{html.escape(e.name)}</td><td>{html.escape(str(point.get('name')))}{reached}</td>"
+            f"<td>{threshold_text(point.get('threshold'))}</td>"
+            f"<td>{_fmt(valid.get('image_sensitivity'))} / {_fmt(valid.get('image_specificity'))}</td>"
+            f"<td>{_fmt(image.get('sensitivity'))} <span class=ci>{_ci(m, 'image_sensitivity')}</span></td>"
+            f"<td>{_fmt(image.get('specificity'))} <span class=ci>{_ci(m, 'image_specificity')}</span></td>"
+            f"<td>{_fmt(m.get('precision'))} / {_fmt(m.get('recall'))}</td></tr>"
+        )
+    if not rows:
+        return []
+    head = (
+        "<tr><th>model</th><th>operating point</th><th>threshold</th>"
+        "<th>valid: image sens. / spec.</th><th>image sensitivity (95% CI)</th>"
+        "<th>image specificity (95% CI)</th><th>box precision / recall</th></tr>"
+    )
+    note = (
+        "<p class=note>The threshold is chosen on the valid split and applied here; sensitivity and "
+        "specificity are image level (an image is called positive when a box scores at least the "
+        "threshold).</p>"
+    )
+    return [
+        "<h2>Operating point</h2>",
+        f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>",
+        note,
+    ]
+
+
+def _calibration_section(evaluations: Sequence[Evaluation]) -> list[str]:
+    calibrated = [e for e in evaluations if e.metrics.get("calibration")]
+    if not calibrated:
+        return []
+    rows, plots = [], []
+    for e in calibrated:
+        c = e.metrics["calibration"]
+        for level, label in (("image", "image: P(fracture)"), ("box", "box: P(true positive)")):
+            before, after = c[level]["before"], c[level]["after"]
+            rows.append(
+                f"<tr><td>{html.escape(e.name)}</td><td>{label}</td><td>{before.get('n')}</td>"
+                f"<td>{_fmt(before.get('ece'))}</td><td>{_fmt(after.get('ece'))}</td>"
+                f"<td>{_fmt(before.get('brier'))}</td><td>{_fmt(after.get('brier'))}</td></tr>"
+            )
+            series = [
+                ("raw score", before.get("curve")),
+                (f"calibrated ({c.get('method')})", after.get("curve")),
+            ]
+            plots.append(f"<figure>{reliability_plot(series, f'{e.name} · {label}')}</figure>")
+    head = (
+        "<tr><th>model</th><th>probability of</th><th>n</th><th>ECE raw</th><th>ECE calibrated</th>"
+        "<th>Brier raw</th><th>Brier calibrated</th></tr>"
+    )
+    fitted = calibrated[0].metrics["calibration"].get("fitted_on", {})
+    note = (
+        f"<p class=note>Fitted on the {html.escape(str(fitted.get('split', 'valid')))} split "
+        f"({fitted.get('n_images')} images, {fitted.get('n_boxes')} boxes); measured here. ECE: 10 "
+        "equal-width bins; Brier: scikit-learn's brier_score_loss.</p>"
+    )
+    return [
+        "<h2>Calibration</h2>",
+        f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>",
+        note,
+        f"<div class=plots>{''.join(plots)}</div>",
+    ]
+
+
+_COMPARED_LABELS = {
+    "map50": "mAP@0.5",
+    "map50_95": "mAP@[.5:.95]",
+    "map10_50": "mAP@[.1:.5]",
+    "froc_score": "FROC score",
+    "image_sensitivity": "image sensitivity",
+    "image_specificity": "image specificity",
+    "image_auc": "image ROC AUC",
+}
+
+
+def _p(value) -> str:
+    if value is None:
+        return "–"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _comparison_table(comparison: dict) -> str:
+    names = comparison.get("names") or ["first", "second"]
+    rows = []
+    for key, label in _COMPARED_LABELS.items():
+        d = comparison.get("differences", {}).get(key)
+        if not d:
+            continue
+        interval = d.get("ci95")
+        ci = f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""
+        value = "–" if d.get("value") is None else f"{d['value']:+.3f}"
+        rows.append(
+            f"<tr><td>{label}</td><td>{_fmt(d.get('a'))}</td><td>{_fmt(d.get('b'))}</td>"
+            f"<td>{value}</td><td class=ci>{ci}</td><td>{_p(d.get('p_value'))}</td></tr>"
+        )
+    auc = comparison.get("image_auc") or {}
+    if auc.get("auc_a") is not None:
+        rows.append(
+            f"<tr><td>image ROC AUC, DeLong</td><td>{_fmt(auc.get('auc_a'))}</td>"
+            f"<td>{_fmt(auc.get('auc_b'))}</td>"
+            f"<td>{auc['difference']:+.3f}</td><td class=ci>z {_fmt(auc.get('z'), 2)}</td>"
+            f"<td>{_p(auc.get('p_value'))}</td></tr>"
+        )
+    head = (
+        f"<tr><th>figure</th><th>{html.escape(names[0])}</th><th>{html.escape(names[1])}</th>"
+        "<th>difference</th><th>95% CI (paired)</th><th>p</th></tr>"
+    )
+    boot = comparison.get("bootstrap", {})
+    pair = (
+        f"{threshold_text(comparison.get('threshold_a'))} / {threshold_text(comparison.get('threshold_b'))}"
+    )
+    note = (
+        f"<p class=note>{comparison.get('n_images')} images; each model at its own threshold ({pair}). "
+        f"Paired percentile bootstrap over images ({boot.get('samples')} resamples, "
+        f"seed {boot.get('seed')}), "
+        "two-sided p-values; the AUC difference is also tested with DeLong's method "
+        f"({html.escape(str(auc.get('method')))}).</p>"
+    )
+    return f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>{note}"

@@ -109,3 +109,52 @@ def loss_plot(rows: Sequence[dict]) -> str | None:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     return _svg(figure)
+
+
+def reliability_plot(series: Sequence[tuple[str, dict | None]], title: str = "Reliability") -> str:
+    """Reliability diagram: observed frequency against predicted probability, per series.
+
+    ``series``: (name, ``calibration_figures(...)["curve"]``) — scikit-learn's
+    ``calibration_curve`` points with their bin counts (marker area ∝ count). The diagonal
+    is perfect calibration.
+    """
+    figure, axes = plt.subplots(figsize=(4.6, 4.0), dpi=100)
+    axes.plot([0, 1], [0, 1], ":", color="#888", lw=1, label="perfect")
+    for k, (name, curve) in enumerate(series):
+        if not curve or not curve.get("prob_pred"):
+            continue
+        colour = SERIES_COLOURS[k % len(SERIES_COLOURS)]
+        counts = curve.get("count") or [1] * len(curve["prob_pred"])
+        biggest = max(counts) or 1
+        axes.plot(curve["prob_pred"], curve["prob_true"], "-", color=colour, lw=1.6, label=name)
+        axes.scatter(
+            curve["prob_pred"], curve["prob_true"], s=[12 + 60 * c / biggest for c in counts], color=colour
+        )
+    axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="predicted probability", ylabel="observed frequency")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", fontsize=8)
+    return _svg(figure)
+
+
+def metric_plot(rows: Sequence[dict], keys: Sequence[str], title: str) -> str | None:
+    """``keys`` of a run's evaluation rows (``kind == "eval"``) against the step (None: none logged)."""
+    figure, axes = plt.subplots(figsize=(5.2, 3.4), dpi=100)
+    drawn = False
+    for k, key in enumerate(keys):
+        points = [
+            (r["step"], r[key])
+            for r in rows
+            if r.get("kind") == "eval" and isinstance(r.get(key), (int, float))
+        ]
+        if points:
+            xs, ys = zip(*points)
+            axes.plot(xs, ys, "-o", ms=3, color=SERIES_COLOURS[k % len(SERIES_COLOURS)], label=key)
+            drawn = True
+    if not drawn:
+        plt.close(figure)
+        return None
+    axes.set(xlabel="step", title=title, ylim=(0, 1.02))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _svg(figure)

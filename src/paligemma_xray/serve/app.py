@@ -108,6 +108,9 @@ class Box(BaseModel):
     label: str = Field(description="the label the model wrote")
     class_id: int = Field(description="index in the prompt's class list; -1 when not in it")
     score: float | None = Field(description="confidence in (0, 1] from the decoder's token probabilities")
+    probability: float | None = Field(
+        None, description="calibrated P(true positive) for the score (None: the model has no calibration)"
+    )
 
 
 class ImageInfo(BaseModel):
@@ -133,6 +136,12 @@ class DetectResponse(BaseModel):
     image: ImageInfo
     detections: list[Box]
     count: int
+    image_probability: float | None = Field(
+        None, description="calibrated P(the image shows a fracture) (None: the model has no calibration)"
+    )
+    operating_threshold: float | None = Field(
+        None, description="score threshold of the operating point saved with the model (the page's default)"
+    )
     parse_issues: dict[str, int]
     timing: Timing
     preview: str | None = Field(None, description="data: URL of the decoded image (when preview=true)")
@@ -270,9 +279,10 @@ def _preview(image: Image.Image) -> str:
     return jpeg_data_uri(fit(image, PREVIEW_MAX_SIDE)[0], quality=90)
 
 
-def _boxes(detections: Detections, threshold: float | None) -> list[Box]:
+def _boxes(detections: Detections, threshold: float | None, calibration: Any = None) -> list[Box]:
     boxes: list[Box] = []
     scores = detections.score
+    described = calibration.describe(detections) if calibration is not None else None
     for i in range(len(detections)):
         score = None if scores is None else float(scores[i])
         if threshold is not None and score is not None and score < threshold:
@@ -284,6 +294,7 @@ def _boxes(detections: Detections, threshold: float | None) -> list[Box]:
                 label=detections.class_name[i],
                 class_id=int(detections.class_id[i]),
                 score=None if score is None else round(score, 5),
+                probability=None if described is None else described["box_probability"][i],
             )
         )
     return boxes
@@ -308,6 +319,8 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
     config = config or ServeConfig()
     model_id = str(detector.model_id)
     max_new_tokens = config.max_new_tokens
+    calibration = getattr(detector, "calibration", None)  # saved with the model, if any
+    operating = None if calibration is None else calibration.threshold
 
     def run_batch(images: list[Image.Image], prompt: str) -> list[Detections]:
         kwargs: dict[str, Any] = {"batch_size": len(images)}
@@ -396,6 +409,9 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
                 "queue": config.queue,
             },
             "auth": bool(config.api_key),
+            "threshold": operating,
+            "operating_point": None if calibration is None else calibration.operating_point,
+            "calibrated": calibration is not None,
             "batching": stats(),
         }
 
@@ -452,7 +468,7 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
                 sr_response, detector, upload.data, upload.filename, kind, detections, prompt, threshold
             )
         preview = await run_in_threadpool(_preview, image) if want_preview else None
-        boxes = _boxes(detections, threshold)
+        boxes = _boxes(detections, threshold, calibration)
         finished = time.perf_counter()
         return DetectResponse(
             model_id=model_id,
@@ -461,6 +477,8 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
             image=ImageInfo(width=image.width, height=image.height, filename=upload.filename, kind=kind),
             detections=boxes,
             count=len(boxes),
+            image_probability=None if calibration is None else calibration.image_probability(detections),
+            operating_threshold=operating,
             parse_issues={k: int(v) for k, v in detections.parse_issues.items()},
             timing=Timing(
                 read_ms=round((read_done - started) * 1000, 3),

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ from paligemma_xray.train.validation import validate
 
 logger = logging.getLogger(__name__)
 
+#: ``on_validation(run_dir, step, rows)``: see :func:`run`.
+OnValidation = Callable[[Path, int, list[dict]], None]
+
 # Image-feature caches larger than this stay in host memory.
 _CACHE_ON_DEVICE_BYTES = 4 * 2**30
 
@@ -59,6 +63,7 @@ class RunSummary:
     best_value: float | None
     best_step: int | None
     last_eval: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False
     trainable_parameters: int = 0
     total_parameters: int = 0
     processes: int = 1
@@ -90,8 +95,17 @@ class _StepModule(nn.Module):
         return out.loss, out.token_nll, out.example_index
 
 
-def run(config: TrainConfig, *, resume: bool = False) -> RunSummary:
-    """Train as ``config`` says; ``resume``: continue the run in ``config.out`` exactly."""
+def run(
+    config: TrainConfig, *, resume: bool = False, on_validation: OnValidation | None = None
+) -> RunSummary:
+    """Train as ``config`` says; ``resume``: continue the run in ``config.out`` exactly.
+
+    ``on_validation(run_dir, step, rows)``: called on the main process after every
+    validation with its decoded rows (``evaluate_records``' rows), after ``metrics.jsonl``
+    has the evaluation; the CLI passes the report layer's progress page writer. With
+    ``early_stop`` N, training stops after N evaluations in a row without a new best
+    (``best/`` is kept; ``last/`` is the weights at the stop).
+    """
     config.validate()
     accelerator = _accelerator(config)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -135,6 +149,7 @@ def run(config: TrainConfig, *, resume: bool = False) -> RunSummary:
     per_rank = config.batch_size // world
     t_start, loss_value, last_eval = time.perf_counter(), None, {}
 
+    done = start
     for step in range(start, steps):
         t0 = time.perf_counter()
         # --- build this process's micro-batches; denominator over the GLOBAL batch --------
@@ -175,14 +190,27 @@ def run(config: TrainConfig, *, resume: bool = False) -> RunSummary:
         if done % config.log_every == 0 or done == steps:
             logs.write({"kind": "train", "step": done, "loss": loss_value, "lr": lr, "examples_per_s": rate})
         if valid_records and (done % config.eval_interval == 0 or done == steps):
-            last_eval = validate(
-                model, processor, valid_records, config, device=device, bf16=bf16, accelerator=accelerator
+            last_eval, rows = validate(
+                model,
+                processor,
+                valid_records,
+                config,
+                device=device,
+                bf16=bf16,
+                accelerator=accelerator,
+                return_rows=True,
             )
             logs.write({"kind": "eval", "step": done, **last_eval})
             if state.improves(last_eval):
                 state.record_best(last_eval, done)
+                state.stale_evals = 0
                 save_weights(out / "best", full=False, **exports)
-        if done % config.checkpoint_interval == 0 or done == steps:
+            else:
+                state.stale_evals += 1
+            if main and on_validation is not None:
+                on_validation(out, done, rows)
+        stop = bool(config.early_stop) and state.stale_evals >= config.early_stop and done < steps
+        if done % config.checkpoint_interval == 0 or done == steps or stop:
             state.step = done
             save_checkpoint(
                 out,
@@ -194,21 +222,28 @@ def run(config: TrainConfig, *, resume: bool = False) -> RunSummary:
                 accelerator=accelerator,
                 step_module=step_module,
             )
+        if stop:
+            logs.write(
+                {"kind": "early_stop", "step": done, "evaluations_without_improvement": state.stale_evals}
+            )
+            logger.info("early stop at step %d: %d evaluations without a new best", done, state.stale_evals)
+            break
 
     if bar is not None:
         bar.close()
-    if start < steps or not (out / "last").exists():
+    if start < done or not (out / "last").exists():
         save_weights(out / "last", npz=config.export_npz, **exports)
     elapsed = time.perf_counter() - t_start
     summary = RunSummary(
         run_dir=str(out),
-        steps=steps,
-        examples_per_s=(steps - start) * config.batch_size / elapsed if steps > start else 0.0,
+        steps=done,
+        examples_per_s=(done - start) * config.batch_size / elapsed if done > start else 0.0,
         final_loss=loss_value,
         best_metric=state.best_metric,
         best_value=state.best_value,
         best_step=state.best_step,
         last_eval=last_eval,
+        stopped_early=done < steps,
         trainable_parameters=n_trainable,
         total_parameters=n_total,
         processes=world,

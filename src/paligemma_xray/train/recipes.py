@@ -149,6 +149,8 @@ class TrainConfig:
     """Longest greedy decode during evaluation (parse rate / mAP)."""
     eval_decode: bool = True
     """Decode the validation split (parse rate, mAP when available), not only its loss."""
+    early_stop: NonNegative = 0
+    """Stop after this many evaluations in a row without a new best (0: never); best/ is kept."""
     checkpoint_every: NonNegative = 0
     """Write a resumable checkpoint every N steps; 0 means at each evaluation."""
     keep_last: AtLeastOne = 2

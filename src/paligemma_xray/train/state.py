@@ -25,6 +25,8 @@ class TrainState:
     best_value: float | None = None
     best_step: int | None = None
     best_val_loss: float | None = None
+    stale_evals: int = 0
+    """Evaluations since the last new best (what ``early_stop`` counts)."""
 
     def improves(self, metrics: dict[str, Any]) -> bool:
         """Whether ``metrics`` beat the best so far.

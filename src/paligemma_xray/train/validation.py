@@ -35,16 +35,20 @@ def validate(
     device: torch.device,
     bf16: bool,
     accelerator: Any,
-) -> dict[str, Any]:
+    return_rows: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], list[dict]]:
     """``val_loss`` (per-example mean, then mean) over ALL ``records``; with ``eval_decode``
     also ``parse_rate`` (answers that ended and lost no object) and COCO ``map50`` /
-    ``map50_95``. Records are shared out over processes and the results gathered."""
+    ``map50_95``. Records are shared out over processes and the results gathered.
+    ``return_rows``: also return the decoded rows (``evaluate_records``' rows; empty
+    without ``eval_decode``), what a run's ``progress.html`` draws."""
     was_training = model.training
     model.eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     metrics: dict[str, Any] = {
         "val_loss": _loss(model, processor, records, config, device, autocast, accelerator)
     }
+    rows: list[dict] = []
     if config.eval_decode:
         detector = Detector(
             unwrap(model), processor, model_id=str(config.out), batch_size=config.eval_batch_size
@@ -66,7 +70,7 @@ def validate(
         metrics.update(map50=figures.get("map50"), map50_95=figures.get("map50_95"))
     if was_training:
         model.train()
-    return metrics
+    return (metrics, rows) if return_rows else metrics
 
 
 def _loss(
