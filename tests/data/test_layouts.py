@@ -164,8 +164,10 @@ def test_images_outside_the_data_set_are_refused_unless_allowed(tmp_path):
     root = tmp_path / "set"
     _image(root / "inside.jpg")
     (root / "link.jpg").symlink_to(secret)
-    _jsonl(root / "train.jsonl", [_row("inside.jpg"), _row("../elsewhere/secret.jpg"), _row(str(secret)),
-                                  _row("link.jpg")])
+    _jsonl(
+        root / "train.jsonl",
+        [_row("inside.jpg"), _row("../elsewhere/secret.jpg"), _row(str(secret)), _row("link.jpg")],
+    )
     ds = open_dataset(root)
     assert [r.image.name for r in ds.records("train")] == ["inside.jpg"]
     outside = [p for p in ds.problems if p.kind == "outside_image"]

@@ -246,8 +246,20 @@ def test_an_unreadable_image_is_skipped_counted_and_named(
     record = open_dataset(data).records("test")[1]
     record.image.write_bytes(record.image.read_bytes()[:200])  # a truncated JPEG
     out = tmp_path / "eval"
-    args = ["evaluate", "--model", str(tiny_boxes_hf_dir), "--data", str(data), "--out", str(out),
-            "--bootstrap", "0", "--max-new-tokens", "8", "--no-progress"]
+    args = [
+        "evaluate",
+        "--model",
+        str(tiny_boxes_hf_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--bootstrap",
+        "0",
+        "--max-new-tokens",
+        "8",
+        "--no-progress",
+    ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["skipped_records"]["count"] == 1

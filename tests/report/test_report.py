@@ -86,7 +86,7 @@ def evals(tmp_path_factory):
             for r in [
                 {"kind": "train", "step": 1, "loss": 2.0},
                 {"kind": "train", "step": 2, "loss": 1.2},
-                {"kind": "eval", "step": 2, "val_loss": 1.4}  # as train/loop.py logs it,
+                {"kind": "eval", "step": 2, "val_loss": 1.4},  # as train/loop.py logs it,
             ]
         )
         + "\n"

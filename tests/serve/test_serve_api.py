@@ -374,7 +374,11 @@ def test_a_malformed_multipart_body_leaves_no_stray_parser_line(fake_server, cap
     part = b'Content-Disposition: form-data; name="file"; filename="a.png"\r\n\r\nxx\r\n'
     body = b"--other\r\n" + part + b"--other--\r\n"
     with caplog.at_level(logging.DEBUG):
-        response = httpx.post(f"{fake_server.url}/v1/detect", content=body,
-                              headers={"content-type": "multipart/form-data; boundary=expected"}, timeout=30)
+        response = httpx.post(
+            f"{fake_server.url}/v1/detect",
+            content=body,
+            headers={"content-type": "multipart/form-data; boundary=expected"},
+            timeout=30,
+        )
     assert response.status_code == 400 and response.json()["error"] == "bad_form"
     assert not [r for r in caplog.records if r.name.startswith("python_multipart")]  # "Expected boundary …"

@@ -129,7 +129,10 @@ class Dataset:
             logging.getLogger(__name__).warning(
                 "%s: %d line(s) of the %r split could not be used and are left out "
                 "(`paligemma-xray data check` lists them); the first: %s",
-                self.root, len(dropped), key, dropped[0],
+                self.root,
+                len(dropped),
+                key,
+                dropped[0],
             )
         return records
 

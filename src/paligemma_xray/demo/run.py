@@ -168,8 +168,10 @@ def run_demo(
     # Inputs and output first: a wrong --base or a read-only folder must not cost minutes.
     out = check_output(out, folder=True)
     atomic.check_fresh(out, overwrite=overwrite, what="demo folder")
-    base_path = check_checkpoint(base) if base is not None and Path(base).exists() else (
-        Path(base) if base is not None else shipped_base()
+    base_path = (
+        check_checkpoint(base)
+        if base is not None and Path(base).exists()
+        else (Path(base) if base is not None else shipped_base())
     )
     with atomic.disk_errors(out):
         out.mkdir(parents=True, exist_ok=True)

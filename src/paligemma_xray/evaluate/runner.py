@@ -89,8 +89,9 @@ def check_evaluation(
     BadRecords(max_bad_records)  # a negative limit is refused here
     out = check_output(out_dir, folder=True)
     if not overwrite and any((out / name).exists() for name in (METRICS_FILE, PREDICTIONS_FILE)):
-        raise ConfigError("holds an earlier evaluation; add --overwrite to replace it, or give another --out",
-                          path=out)
+        raise ConfigError(
+            "holds an earlier evaluation; add --overwrite to replace it, or give another --out", path=out
+        )
     return dataset.usable(split)  # DataError when missing or empty
 
 
@@ -166,8 +167,9 @@ def evaluate_records(
     rows = gather_indexed(results, w)
     skipped = gather_indexed(skipped_here, w)
     if not rows:
-        raise DataError(f"not one image of these {len(records)} records could be read; the first: "
-                        f"{skipped[0]}")
+        raise DataError(
+            f"not one image of these {len(records)} records could be read; the first: {skipped[0]}"
+        )
     ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
     predictions = [Detections.from_json(row["prediction"]) for row in rows]
     classes = dataset_classes([record.prefix for record in records])

@@ -46,8 +46,16 @@ from paligemma_xray.progress import bar as progress_bar
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"} | DICOM_SUFFIXES
 MANIFEST = "manifest.json"
 # What predict writes into its folder: removed by overwrite=True, nothing else is.
-OUTPUTS = ("json", "annotated", "dicom-sr", "dicom-sc", "predictions.coco.json", "images.json",
-           "categories.json", MANIFEST)
+OUTPUTS = (
+    "json",
+    "annotated",
+    "dicom-sr",
+    "dicom-sc",
+    "predictions.coco.json",
+    "images.json",
+    "categories.json",
+    MANIFEST,
+)
 # Settings that change what is written: a resume must use the same.
 SETTINGS = ("model", "prompt", "threshold", "max_new_tokens", "box_or_stop", "min_box_probability")
 
@@ -131,11 +139,15 @@ def check_inputs(
     check_decoding(batch_size=batch_size, max_new_tokens=max_new_tokens, threshold=threshold)
     out = check_output(out_dir, folder=True)
     if resume and overwrite:
-        raise ConfigError("--resume continues the results in the folder and --overwrite replaces them: "
-                          "give one", path=out)
+        raise ConfigError(
+            "--resume continues the results in the folder and --overwrite replaces them: give one", path=out
+        )
     if not resume and not overwrite and out.is_dir() and any(out.iterdir()):
-        raise ConfigError("the output folder is not empty; add --resume to continue the predictions in it, "
-                          "or --overwrite to replace them", path=out)
+        raise ConfigError(
+            "the output folder is not empty; add --resume to continue the predictions in it, "
+            "or --overwrite to replace them",
+            path=out,
+        )
     if next(iter_inputs(paths), None) is None:  # a typo'd folder must not "succeed" with nothing
         suffixes = " ".join(sorted(IMAGE_SUFFIXES))
         raise DataError(f"no image files here (looked for {suffixes})", path=paths[0] if paths else ".")
@@ -159,12 +171,18 @@ def _check_resume(out: Path, previous: dict | None, settings: dict, checksum: di
     """Refuse to continue results made with other settings (they would be mixed, silently)."""
     if previous is None:
         if (out / "json").is_dir():
-            raise ConfigError(f"no {MANIFEST} here, so nothing says which model and prompt made these "
-                              "results; use --overwrite to start again", path=out)
+            raise ConfigError(
+                f"no {MANIFEST} here, so nothing says which model and prompt made these "
+                "results; use --overwrite to start again",
+                path=out,
+            )
         return
     old = previous["settings"]
-    differ = [f"{key} {old.get(key)!r} then, {settings[key]!r} now"
-              for key in SETTINGS if key != "model" and old.get(key) != settings[key]]
+    differ = [
+        f"{key} {old.get(key)!r} then, {settings[key]!r} now"
+        for key in SETTINGS
+        if key != "model" and old.get(key) != settings[key]
+    ]
     old_sum = (previous.get("model_checksum") or {}).get("sha256")
     new_sum = (checksum or {}).get("sha256")
     if old_sum and new_sum:
@@ -173,9 +191,11 @@ def _check_resume(out: Path, previous: dict | None, settings: dict, checksum: di
     elif old.get("model") != settings["model"]:
         differ.insert(0, f"model {old.get('model')!r} then, {settings['model']!r} now")
     if differ:
-        raise ConfigError(f"--resume with other settings than the results here: {'; '.join(differ)}. "
-                          "Use the same settings, another --out, or --overwrite to start again",
-                          path=out / MANIFEST)
+        raise ConfigError(
+            f"--resume with other settings than the results here: {'; '.join(differ)}. "
+            "Use the same settings, another --out, or --overwrite to start again",
+            path=out / MANIFEST,
+        )
 
 
 class _DicomOutputs:
@@ -200,9 +220,19 @@ class _DicomOutputs:
         if self.algorithm is None:
             self.algorithm = dicom_sr.algorithm_of(self.detector)
         boxes, whole = dicom_sr.calibrated(self.detector, found)
-        dicom_sr.write_for_image(self.out, item.name, item.path, image, found, self.algorithm,
-                                 settings=self.settings, sr=self.sr, secondary_capture=self.sc,
-                                 probability=boxes, image_probability=whole)
+        dicom_sr.write_for_image(
+            self.out,
+            item.name,
+            item.path,
+            image,
+            found,
+            self.algorithm,
+            settings=self.settings,
+            sr=self.sr,
+            secondary_capture=self.sc,
+            probability=boxes,
+            image_probability=whole,
+        )
         self.counts["dicom_sr"] += 1
 
 
@@ -240,8 +270,15 @@ def predict(
     from paligemma_xray.data import load_image
     from paligemma_xray.model.fingerprint import fingerprint
 
-    out = check_inputs(paths, out_dir, threshold=threshold, batch_size=batch_size,
-                       max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite)
+    out = check_inputs(
+        paths,
+        out_dir,
+        threshold=threshold,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        resume=resume,
+        overwrite=overwrite,
+    )
     w = world()
     detecting = is_detection_prompt(prompt)
     if (dicom_sr or secondary_capture) and not detecting:
@@ -336,8 +373,13 @@ def predict(
     writer.close()  # every file written (or the first write error raised)
     bar.close()
     barrier(w)
-    summary = {"predicted": done, "out": str(out), "world_size": w.size,
-               "duplicates": counts.get("duplicates", 0), "already_done": counts.get("already_done", 0)}
+    summary = {
+        "predicted": done,
+        "out": str(out),
+        "world_size": w.size,
+        "duplicates": counts.get("duplicates", 0),
+        "already_done": counts.get("already_done", 0),
+    }
     summary["input_wait_s"] = loader.wait_s  # time the model waited for decoded images
     summary["output_wait_s"] = writer.wait_s  # ... and for earlier images' files to be written
     if dicom_sr or secondary_capture:

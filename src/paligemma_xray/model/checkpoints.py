@@ -116,8 +116,10 @@ def describe_file(path: Path) -> str:
     if head[128:132] == b"DICM" or suffix in (".dcm", ".dicom"):
         return "a DICOM file"
     if len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
-        return ("a lone safetensors weights file (an HF checkpoint is the folder holding it, with its "
-                "config.json and tokenizer)")
+        return (
+            "a lone safetensors weights file (an HF checkpoint is the folder holding it, with its "
+            "config.json and tokenizer)"
+        )
     if head.startswith(b"GGUF"):
         return "a GGUF file (llama.cpp)"
     if not head:
@@ -697,7 +699,8 @@ def _write_npz(get, dims, path, dtype: str, prefix: str, scanned: bool, progress
         return to_numpy(array, dtype)
 
     with (
-        atomic.staged_path(path) as tmp, NpzWriter(tmp, prefix=prefix) as writer,
+        atomic.staged_path(path) as tmp,
+        NpzWriter(tmp, prefix=prefix) as writer,
         progress_bar(total=total, desc=f"writing {path.name}", unit="array", enabled=progress) as bar,
     ):
         for family in fams:

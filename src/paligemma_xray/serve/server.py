@@ -106,8 +106,9 @@ class JsonErrorsH11(H11Protocol):
     """
 
     def send_400_response(self, msg: str) -> None:
-        body = json.dumps({"error": "bad_request", "detail": f"{msg} (malformed or oversized request "
-                                                             "line or headers)"}).encode()
+        body = json.dumps(
+            {"error": "bad_request", "detail": f"{msg} (malformed or oversized request line or headers)"}
+        ).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

@@ -85,7 +85,11 @@ class Examples:
     """The training stream: example ``k`` → (record, image, prefix, suffix), augmented."""
 
     def __init__(
-        self, records: Sequence, augment: Augment, seed: int, load_image,
+        self,
+        records: Sequence,
+        augment: Augment,
+        seed: int,
+        load_image,
         bad_records: BadRecords | None = None,
     ) -> None:
         self.records = list(records)
