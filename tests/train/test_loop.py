@@ -215,7 +215,8 @@ def test_early_stop_keeps_best_and_progress_page_shows_each_validation(
     assert [r["step"] for r in log if r["kind"] == "early_stop"] == [3]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_step"] == 1 and summary["stopped_early"] is True
-    assert (out / "best" / "config.json").is_file() and (out / "last" / "config.json").is_file()
+    # best/ holds only what training changed (trained.json + weights); last/ is a full HF folder
+    assert (out / "best" / "trained.json").is_file() and (out / "last" / "config.json").is_file()
     page = (out / "progress.html").read_text()
     n_valid = len((Path(synthetic_dataset) / "dataset" / "_annotations.valid.jsonl").read_text().splitlines())
     assert "step 3" in page and page.count("data:image/jpeg") == min(8, n_valid)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.evaluate.metrics import (
@@ -87,6 +88,7 @@ def choose_threshold(
         threshold = _best_f1_threshold(flat)
         reached = threshold is not None
     elif kind == "sensitivity":
+        assert target is not None  # check_operating_point: sensitivity=S always carries S
         scores = np.sort(top[flat.positive & (top > 0)])[::-1]
         n_pos = int(flat.positive.sum())
         if n_pos == 0 or len(scores) == 0:
@@ -97,6 +99,7 @@ def choose_threshold(
             reached = k <= len(scores)
             threshold = float(scores[min(k, len(scores)) - 1])
     else:
+        assert target is not None  # check_operating_point: specificity=S always carries S
         negatives = np.sort(top[~flat.positive & (top > 0)])[::-1]
         n_neg = int((~flat.positive).sum())
         if n_neg == 0:
@@ -144,8 +147,9 @@ def fit_calibration(
     image_scores, positive = _image_arrays(ground_truth, predictions, classes)
     threshold, valid = choose_threshold(ground_truth, predictions, classes, operating_point, iou_threshold)
     return Calibration(
-        box=ScoreMap.fit(flat.score, flat.tp, method),
-        image=ScoreMap.fit(image_scores, positive, method),
+        # ScoreMap.fit takes sequences (it applies np.asarray itself): hand it lists.
+        box=ScoreMap.fit(flat.score.tolist(), flat.tp.tolist(), method),
+        image=ScoreMap.fit(image_scores.tolist(), positive.tolist(), method),
         threshold=threshold,
         operating_point=operating_point.strip(),
         iou_threshold=iou_threshold,
@@ -161,7 +165,7 @@ def fit_calibration(
     )
 
 
-def calibration_figures(probabilities: Sequence[float], outcomes: Sequence[bool], n_bins: int = 10) -> dict:
+def calibration_figures(probabilities: ArrayLike, outcomes: ArrayLike, n_bins: int = 10) -> dict:
     """ECE, Brier score and the reliability curve of probabilities against outcomes.
 
     ECE: Σ over the ``n_bins`` equal-width bins of |observed rate − mean probability| ×

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from paligemma_xray.errors import DataError
 from paligemma_xray.evaluate.metrics import _flatten, _interval, sample_figures
@@ -35,6 +36,10 @@ COMPARED = (
 )
 
 
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
 def _p_value(differences: np.ndarray) -> float | None:
     if differences.size < 2:
         return None
@@ -43,7 +48,7 @@ def _p_value(differences: np.ndarray) -> float | None:
     return min(1.0, 2 * min(below, above))
 
 
-def delong(truth: Sequence[bool], scores_a: Sequence[float], scores_b: Sequence[float]) -> dict[str, Any]:
+def delong(truth: ArrayLike, scores_a: ArrayLike, scores_b: ArrayLike) -> dict[str, Any]:
     """DeLong's test of AUC(a) − AUC(b) on the same cases (MLstatkit).
 
     Returns ``auc_a``, ``auc_b``, ``difference``, ``z``, ``p_value`` and ``method``:
@@ -106,10 +111,10 @@ def compare_models(
         a = sample_figures(ground_truth, predictions_a, classes, flat_a, draw, threshold_a)
         b = sample_figures(ground_truth, predictions_b, classes, flat_b, draw, threshold_b)
         for key in COMPARED:
-            draws[key].append(None if a[key] is None or b[key] is None else a[key] - b[key])
+            draws[key].append(_difference(a[key], b[key]))
     differences = {}
     for key in COMPARED:
-        value = None if full_a[key] is None or full_b[key] is None else full_a[key] - full_b[key]
+        value = _difference(full_a[key], full_b[key])
         kept = np.array([d for d in draws[key] if d is not None], dtype=np.float64)
         differences[key] = {
             "a": full_a[key],

@@ -28,6 +28,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict
 
 from paligemma_xray import atomic
 from paligemma_xray.data import Dataset, Record, record_targets
@@ -50,6 +51,14 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 CALIBRATION_FILE = "calibration.json"
 VALID_DIR = "valid"
+
+
+class _Decoding(TypedDict):
+    # The decoding options of evaluate_records, passed on as they came.
+    batch_size: int | None
+    max_new_tokens: int
+    progress: bool
+    max_bad_records: int | None
 
 
 def dataset_classes(prefixes: Sequence[str]) -> list[str]:
@@ -224,7 +233,7 @@ def evaluate(
     classes = dataset_classes([record.prefix for record in records])
     calibration: Calibration | None = getattr(detector, "calibration", None)
     source = "saved with the model"
-    decoding = {
+    decoding: _Decoding = {
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "progress": progress,
@@ -258,9 +267,14 @@ def evaluate(
             calibration.save(out / CALIBRATION_FILE)
             if save_with_model is not None:
                 calibration.save(calibration_path(save_with_model))
-    from_point = threshold is None and calibration is not None and calibration.threshold is not None
-    if from_point:
-        threshold = calibration.threshold
+    # The calibration whose operating point gives the threshold, if one does.
+    point = (
+        calibration
+        if threshold is None and calibration is not None and calibration.threshold is not None
+        else None
+    )
+    if point is not None:
+        threshold = point.threshold
 
     started = time.perf_counter()
     if operating_point is not None and split == VALID_DIR:  # decoded already: score it again
@@ -276,13 +290,13 @@ def evaluate(
             seed=seed, desc=f"evaluate {split}", **decoding,
         )  # fmt: skip
     seconds = time.perf_counter() - started
-    if from_point:
+    if point is not None:
         metrics["threshold_source"] = "operating_point"
         metrics["operating_point"] = {
-            "name": calibration.operating_point,
-            "threshold": calibration.threshold,
+            "name": point.operating_point,
+            "threshold": point.threshold,
             "source": source,
-            "valid": calibration.valid,
+            "valid": point.valid,
         }
     if calibration is not None:
         ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]

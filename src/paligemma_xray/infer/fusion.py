@@ -210,10 +210,10 @@ class FusedDetector:
                 [prompt] * len(chunk) if isinstance(prompt, str) else list(prompt[index : index + len(chunk)])
             )
             index += len(chunk)
-            per_view = []
+            per_view: list[list[tuple[Generation, Detections]]] = []
             for detector, view, mirrored in self._views(chunk):
-                answers = list(detector.iter_detect(view, prompts, max_new_tokens, len(chunk)))
-                per_view.append([(g, hflip(d) if mirrored else d) for g, d in answers])
+                results = list(detector.iter_detect(view, prompts, max_new_tokens, len(chunk)))
+                per_view.append([(g, hflip(d) if mirrored else d) for g, d in results])
             for i in range(len(chunk)):
                 answers = [view[i][1] for view in per_view]
                 if self.merge is not None:

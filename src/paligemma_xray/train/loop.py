@@ -147,7 +147,9 @@ def run(
     steps, start = config.steps, state.step
     bar = progress_bar(config, start, main=main)
     per_rank = config.batch_size // world
-    t_start, loss_value, last_eval = time.perf_counter(), None, {}
+    t_start = time.perf_counter()
+    loss_value: float | None = None
+    last_eval: dict[str, Any] = {}
 
     done = start
     for step in range(start, steps):
@@ -190,7 +192,7 @@ def run(
         if done % config.log_every == 0 or done == steps:
             logs.write({"kind": "train", "step": done, "loss": loss_value, "lr": lr, "examples_per_s": rate})
         if valid_records and (done % config.eval_interval == 0 or done == steps):
-            last_eval, rows = validate(
+            validated = validate(
                 model,
                 processor,
                 valid_records,
@@ -200,6 +202,8 @@ def run(
                 accelerator=accelerator,
                 return_rows=True,
             )
+            assert isinstance(validated, tuple)  # return_rows=True: (metrics, rows)
+            last_eval, rows = validated
             logs.write({"kind": "eval", "step": done, **last_eval})
             if state.improves(last_eval):
                 state.record_best(last_eval, done)
