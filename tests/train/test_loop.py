@@ -221,3 +221,40 @@ def test_early_stop_keeps_best_and_progress_page_shows_each_validation(
     n_valid = len((Path(synthetic_dataset) / "dataset" / "_annotations.valid.jsonl").read_text().splitlines())
     assert "step 3" in page and page.count("data:image/jpeg") == min(8, n_valid)
     assert page.count("<svg") == 2  # the loss and the mAP curves
+
+
+def test_train_skips_unreadable_images_up_to_max_bad_records_and_refuses_outside_images(
+    tiny_hf_dir, synthetic_dataset, tmp_path, capsys
+) -> None:
+    import shutil
+
+    from paligemma_xray.data import open_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, data)
+    records = open_dataset(data).records("train")
+    first = records[0]
+    first.image.write_bytes(b"not a jpeg")  # an image that data check would report
+    # one pass over every training record, so the unreadable one is met
+    argv = ["train", "--model", str(tiny_hf_dir), "--data", str(data), "--examples", str(len(records)),
+            "--batch-size", "1", "--eval-every", "1000", "--eval-max-new-tokens", "4",
+            "--no-progress"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "tolerant")]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "strict"), "--max-bad-records", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{first.source}:{first.line}:" in err and "Traceback" not in err
+
+    # a record whose image lies outside the data set: refused (file:line), unless allowed
+    annotations = first.source
+    lines = annotations.read_text().splitlines()
+    record = json.loads(lines[1])
+    outside = tmp_path / "elsewhere.jpg"
+    shutil.copyfile(data / "dataset" / record["image"], outside)
+    record["image"] = os.path.relpath(outside, annotations.parent)
+    annotations.write_text("\n".join([lines[0], json.dumps(record), *lines[2:]]) + "\n")
+    ds = open_dataset(data)
+    assert [p.line for p in ds.problems if p.kind == "outside_image"] == [2]
+    assert main([*argv, "--out", str(tmp_path / "outside"), "--allow-outside-images"]) == 0
+    config = yaml.safe_load((tmp_path / "outside" / "config.yaml").read_text())
+    assert config["allow_outside_images"] is True and config["max_bad_records"] == 10

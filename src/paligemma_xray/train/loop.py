@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from paligemma_xray.data.bad_records import BadRecords
 from paligemma_xray.errors import ConfigError, DataError
 from paligemma_xray.model.processing import build_batch
 from paligemma_xray.train.batches import Augment, Examples, FeatureCache, step_positions
@@ -137,7 +138,8 @@ def run(
         model=model, processor=processor, config=config, accelerator=accelerator, step_module=step_module
     )
 
-    examples = Examples(train_records, _augment(config), config.seed, _load_image)
+    bad_records = BadRecords(config.max_bad_records)
+    examples = Examples(train_records, _augment(config), config.seed, _load_image, bad_records=bad_records)
     state = TrainState()
     if resume:
         state = load_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank)
@@ -370,7 +372,7 @@ def _load_image(path):
 def _records(config: TrainConfig) -> tuple[list, list]:
     from paligemma_xray.data import open_dataset
 
-    dataset = open_dataset(config.data)
+    dataset = open_dataset(config.data, allow_outside_images=config.allow_outside_images)
     train = dataset.usable(config.train_split)  # DataError naming the data set if missing or empty
     try:
         valid = dataset.records(config.valid_split)

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
+from paligemma_xray.data.bad_records import DEFAULT_MAX_BAD_RECORDS
 from paligemma_xray.errors import ConfigError
 
 
@@ -67,6 +68,12 @@ class TrainConfig:
     """Split trained on."""
     valid_split: str = "valid"
     """Split evaluated on (all of it); missing → no evaluation, with a warning."""
+    max_bad_records: NonNegative = DEFAULT_MAX_BAD_RECORDS
+    """Records whose image cannot be decoded that are skipped (counted, named by file:line)
+    before the run stops with an error."""
+    allow_outside_images: bool = False
+    """Use records whose image lies outside the data set's folder (../.., absolute paths,
+    symlinks pointing out); by default they are refused as errors."""
 
     # --- what is trained -----------------------------------------------------------------
     recipe: str = "big-vision"

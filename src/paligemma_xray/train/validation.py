@@ -60,6 +60,7 @@ def validate(
                 bootstrap=0,
                 curves=False,
                 max_new_tokens=config.eval_max_new_tokens,
+                max_bad_records=config.max_bad_records,
                 progress=False,
             )
         parsed = [
