@@ -400,7 +400,7 @@ def _poll(job: _Job, state: PacsState, studies, since, totals: dict[str, int], p
             if counts["images"] == 0 and counts["skipped_images"]:
                 totals["skipped_studies"] += 1
             state.record(study_uid, **counts)
-            bar.set_postfix(images=totals["images"], srs=totals["srs"])
+            bar.set_postfix(images=totals["images"], srs=totals["srs"], refresh=False)
 
 
 @dataclass

@@ -189,7 +189,8 @@ def run(
         rate = per_rank * world / max(time.perf_counter() - t0, 1e-9)
         done = step + 1
         if bar is not None:
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", ex_s=f"{rate:.1f}")
+            # refresh=False: the bar prints at its own interval (every 30 s off a terminal), not every step
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", ex_s=f"{rate:.1f}", refresh=False)
             bar.update(1)
         if done % config.log_every == 0 or done == steps:
             logs.write({"kind": "train", "step": done, "loss": loss_value, "lr": lr, "examples_per_s": rate})
