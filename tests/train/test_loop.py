@@ -264,8 +264,9 @@ def test_training_progress_off_a_terminal_is_a_few_plain_lines(
     tiny_hf_dir, synthetic_dataset, tmp_path, capsys
 ):
     """A log file gets periodic lines, not one per step (the demo's log once had thousands)."""
-    argv = ["train", "--model", str(tiny_hf_dir), "--data", str(synthetic_dataset), "--out", str(tmp_path / "r"),
-            "--examples", "12", "--batch-size", "1", "--eval-every", "1000", "--eval-max-new-tokens", "4"]  # fmt: skip
+    argv = ["train", "--model", str(tiny_hf_dir), "--data", str(synthetic_dataset),
+            "--out", str(tmp_path / "r"), "--examples", "12", "--batch-size", "1",
+            "--eval-every", "1000", "--eval-max-new-tokens", "4"]  # fmt: skip
     assert main(argv) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train:")]
     assert 1 <= len(lines) <= 3, lines  # opening, (maybe one periodic), closing — of 12 steps
