@@ -37,6 +37,7 @@ URL that carries a password is refused, and :class:`Credentials` hides them in i
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import io
@@ -250,12 +251,11 @@ class PacsState:
         self.studies[study_uid] = {"status": "done", "at": _now(), **info}
         data: dict[str, Any] = {"version": STATE_VERSION, "runs": {}}
         if self.path.is_file():
-            try:
+            # An unreadable or older state file is replaced: it only records what is already done.
+            with contextlib.suppress(OSError, ValueError):
                 old = json.loads(self.path.read_text())
                 if isinstance(old, dict) and old.get("version") == STATE_VERSION:
                     data = old
-            except (OSError, ValueError):
-                pass
         data.setdefault("runs", {})[self.key] = {"studies": self.studies}
         write_json(self.path, data)
 

@@ -9,13 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    JPEGLSLossless,
-    RLELossless,
-    generate_uid,
-)
+from dicom_builder import build_dataset  # tests/ is on the path (its conftest)
+from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -46,18 +41,14 @@ def radiograph(
     **attrs,
 ) -> Path:
     """Write one radiograph; returns ``path``."""
-    sop_class = CR_IMAGE_STORAGE if modality == "CR" else DX_IMAGE_STORAGE
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds = build_dataset(
+        pixels(width, height, seed, monochrome1=monochrome1),
+        photometric="MONOCHROME1" if monochrome1 else "MONOCHROME2",
+        modality=modality,
+        sop_class=CR_IMAGE_STORAGE if modality == "CR" else DX_IMAGE_STORAGE,
+    )
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = modality
     ds.PatientName = "Phantom^Wrist"
     ds.PatientID = patient_id
     ds.PatientBirthDate = "19700101"
@@ -69,11 +60,6 @@ def radiograph(
     ds.ReferringPhysicianName = "Doctor^Referring"
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1 + seed
-    ds.set_pixel_data(
-        pixels(width, height, seed, monochrome1=monochrome1),
-        photometric_interpretation="MONOCHROME1" if monochrome1 else "MONOCHROME2",
-        bits_stored=12,
-    )
     for key, value in attrs.items():
         setattr(ds, key, value)
     if compression == "rle":
