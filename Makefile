@@ -32,11 +32,13 @@ pacs-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools dcmtk >/dev/null) || \
 	  echo "orthanc / orthanc-dicomweb / dicom3tools / dcmtk not installed: the PACS and DICOM validator tests will be skipped"; }
 
-# ruff (lint + format check) and mypy on src/ ([tool.mypy] in pyproject.toml); CI runs it through `make test`.
+# ruff (lint + format check), mypy on src/ ([tool.mypy]) and the import contracts: layer order and
+# no private names across modules ([tool.importlinter], lint-imports); CI runs it through `make test`.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: setup browser pacs-deps lint
 	$(VENV)/bin/pytest -n 2 -q $(PYTEST_ARGS)

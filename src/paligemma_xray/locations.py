@@ -178,9 +178,11 @@ class Detections:
         return cls(
             xyxy=np.array([obj["box"] for obj in objects], np.float32).reshape(-1, 4),
             class_name=[obj["label"] for obj in objects],
-            class_id=[obj.get("class_id", -1) for obj in objects],
+            class_id=np.array([obj.get("class_id", -1) for obj in objects], np.int64),
             score=np.array(scores, np.float32) if scored else (None if objects else np.zeros(0)),
-            seg_codes=[obj.get("seg_codes") or [-1] * SEG_TOKENS_PER_OBJECT for obj in objects],
+            seg_codes=np.array(
+                [obj.get("seg_codes") or [-1] * SEG_TOKENS_PER_OBJECT for obj in objects], np.int16
+            ),
             image_size=tuple(data["image_size"]),
             parse_issues=data.get("parse_issues", {}),
         )

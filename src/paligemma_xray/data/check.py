@@ -163,7 +163,7 @@ class CheckReport:
 
 
 def _thumb_hashes(image: Image.Image) -> np.ndarray:
-    small = image.convert("L").resize((8 * HASH_SIZE, 8 * HASH_SIZE), Image.BILINEAR)
+    small = image.convert("L").resize((8 * HASH_SIZE, 8 * HASH_SIZE), Image.Resampling.BILINEAR)
     hashes = []
     for _, transform in _TRANSFORMS:
         variant = small if transform is None else small.transpose(transform)
@@ -307,9 +307,10 @@ def _leakage(infos: list[_ImageInfo]) -> tuple[list[Problem], list[dict[str, Any
         reported.update((min(i, j), max(i, j)) for i in members for j in members if i != j)
 
     # Perceptual near-duplicates across splits, under the eight flips/rotations.
-    hashed = [k for k, info in enumerate(unique) if info.hashes is not None]
+    with_hashes = [(k, info.hashes) for k, info in enumerate(unique) if info.hashes is not None]
+    hashed = [k for k, _ in with_hashes]
     if len(hashed) > 1:
-        table = np.stack([unique[k].hashes for k in hashed])  # (n, 8, 32) packed bits
+        table = np.stack([hashes for _, hashes in with_hashes])  # (n, 8, 32) packed bits
         splits = np.array([unique[k].record.split for k in hashed])
         base = table[:, 0]
         for row in range(len(hashed) - 1):

@@ -37,6 +37,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -46,6 +47,9 @@ from paligemma_xray.data.records import SPLITS, normalise_split
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.locations import encode
 from paligemma_xray.progress import bar as progress_bar
+
+if TYPE_CHECKING:
+    from supervision import DetectionDataset
 
 FORMATS = ("coco", "yolo", "voc")
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -147,14 +151,14 @@ def _voc_sources(src: Path) -> dict[str, tuple]:
     return sources
 
 
-def _load(fmt: str, src: Path) -> dict[str, object]:
+def _load(fmt: str, src: Path) -> dict[str, DetectionDataset]:
     finder = {"coco": _coco_sources, "yolo": _yolo_sources, "voc": _voc_sources}[fmt]
     sources = finder(src)
     if not sources:
         raise DataError(
             f"no {fmt.upper()} data set found (see `paligemma-xray data import --help`)", path=src
         )
-    datasets = {}
+    datasets: dict[str, DetectionDataset] = {}
     for split, (read, *args) in sources.items():
         try:
             with warnings.catch_warnings():

@@ -286,12 +286,12 @@ def render(seed: int, index: int, size: int = 448, fracture_rate: float = 0.75):
     bones = _scene(rng, s)
 
     # Decide the fractures: ~25% negatives, ~20% of positives with two (on two bones).
-    candidates = [(i, _visible_t(b, s)) for i, b in enumerate(bones)]
-    candidates = [(i, r) for i, r in candidates if r is not None]
+    visible = [(i, _visible_t(b, s)) for i, b in enumerate(bones)]
+    candidates = [(i, r) for i, r in visible if r is not None]
     n_frac = 0
     if candidates and rng.random() < fracture_rate:
         n_frac = 2 if (len(candidates) > 1 and rng.random() < 0.25) else 1
-    chosen = rng.permutation(len(candidates))[:n_frac] if candidates else []
+    chosen = rng.permutation(len(candidates))[:n_frac] if candidates else np.zeros(0, np.int64)
     fractures: list[_Fracture] = []
     for c in chosen:
         bone_i, (lo, hi) = candidates[int(c)]
@@ -353,7 +353,7 @@ def render(seed: int, index: int, size: int = 448, fracture_rate: float = 0.75):
     # Large-scale unevenness of the soft tissue (muscle and fat layers).
     # (A coarse noise grid upsampled: as smooth as a wide blur, at a fraction of its cost.)
     coarse = Image.fromarray(rng.standard_normal((10, 10)).astype(np.float32), mode="F")
-    lumps = np.asarray(coarse.resize((s, s), Image.BICUBIC), dtype=np.float32)
+    lumps = np.asarray(coarse.resize((s, s), Image.Resampling.BICUBIC), dtype=np.float32)
     soft_total *= 1 + 0.12 * lumps
 
     atten = soft_total * rng.uniform(0.35, 0.55) + bone_total * rng.uniform(0.4, 0.6)

@@ -45,11 +45,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from paligemma_xray.errors import CheckpointError, ConfigError, check_output
 from paligemma_xray.locations import LOC_BINS
+
+if TYPE_CHECKING:
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 BASE_SIZES: dict[str, int] = {
     "image_size": 112,  # 8×8 = 64 image tokens of 14-px patches: fast on a CPU
@@ -127,16 +132,19 @@ def shipped_base() -> Path:
     return path
 
 
-def initial_model(seed: int = 0):
+def initial_model(seed: int = 0) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
     """The untrained base model and its processor, with the structured initialisation."""
     from paligemma_xray.model.tiny import tiny_model
 
     model, processor = tiny_model(version=1, seed=seed, **BASE_SIZES)
     first_loc = processor.tokenizer.convert_tokens_to_ids("<loc0000>")
+    text_table = model.get_input_embeddings()
+    image_table = model.get_submodule("model.vision_tower.embeddings.position_embedding")
+    assert isinstance(text_table, nn.Embedding) and isinstance(image_table, nn.Embedding)
     with torch.no_grad():
-        embedding = model.get_input_embeddings().weight
+        embedding = text_table.weight
         embedding[first_loc : first_loc + LOC_BINS] = _loc_embeddings(embedding.shape[1], std=0.02)
-        positions = model.model.vision_tower.embeddings.position_embedding.weight
+        positions = image_table.weight
         positions.copy_(_sincos_2d(positions.shape[0], positions.shape[1]))
     return model, processor
 

@@ -23,10 +23,10 @@ from numpy.typing import ArrayLike
 
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.evaluate.metrics import (
-    _best_f1_threshold,
-    _flatten,
-    _image_level,
-    _threshold_metrics,
+    best_f1_threshold_of,
+    flatten_predictions,
+    image_level_metrics,
+    threshold_metrics,
 )
 from paligemma_xray.infer.calibration import CALIBRATION_METHODS, Calibration, ScoreMap, image_score
 from paligemma_xray.locations import Detections
@@ -59,7 +59,7 @@ def check_method(method: str) -> None:
 
 
 def _image_arrays(ground_truth, predictions, classes) -> tuple[np.ndarray, np.ndarray]:
-    flat, _ = _flatten(ground_truth, predictions, classes, 0.5)
+    flat, _ = flatten_predictions(ground_truth, predictions, classes, 0.5)
     scores = np.array([image_score(p) for p in predictions], dtype=np.float64)
     return scores, flat.positive
 
@@ -81,11 +81,11 @@ def choose_threshold(
     and ``reached`` (False when no threshold meets the target; the closest one is used).
     """
     kind, target = check_operating_point(operating_point)
-    flat, _ = _flatten(ground_truth, predictions, classes, iou_threshold)
+    flat, _ = flatten_predictions(ground_truth, predictions, classes, iou_threshold)
     top = flat.max_score
     reached = True
     if kind == "f1":
-        threshold = _best_f1_threshold(flat)
+        threshold = best_f1_threshold_of(flat)
         reached = threshold is not None
     elif kind == "sensitivity":
         assert target is not None  # check_operating_point: sensitivity=S always carries S
@@ -113,8 +113,8 @@ def choose_threshold(
                 threshold = float(np.nextafter(negatives[allowed], np.inf))
     figures: dict[str, Any] = {"reached": reached}
     if threshold is not None:
-        at = _threshold_metrics(flat.score, flat.tp, int(flat.gt_per_image.sum()), threshold)
-        image = _image_level(top, flat.positive, threshold)
+        at = threshold_metrics(flat.score, flat.tp, int(flat.gt_per_image.sum()), threshold)
+        image = image_level_metrics(top, flat.positive, threshold)
         figures.update(
             {
                 "precision": at["precision"],
@@ -143,7 +143,7 @@ def fit_calibration(
     isotonic regression makes no shape assumption but needs more data.
     """
     check_method(method)
-    flat, _ = _flatten(ground_truth, predictions, classes, iou_threshold)
+    flat, _ = flatten_predictions(ground_truth, predictions, classes, iou_threshold)
     image_scores, positive = _image_arrays(ground_truth, predictions, classes)
     threshold, valid = choose_threshold(ground_truth, predictions, classes, operating_point, iou_threshold)
     return Calibration(
@@ -214,7 +214,7 @@ def calibration_report(
     ``box``: box scores vs "true positive at the calibration's IoU"; ``image``: top box
     score vs "the image shows a fracture".
     """
-    flat, _ = _flatten(ground_truth, predictions, classes, calibration.iou_threshold)
+    flat, _ = flatten_predictions(ground_truth, predictions, classes, calibration.iou_threshold)
     image_scores, positive = _image_arrays(ground_truth, predictions, classes)
     return {
         "method": calibration.method,

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from paligemma_xray.errors import DataError
-from paligemma_xray.evaluate.metrics import _flatten, _interval, sample_figures
+from paligemma_xray.evaluate.metrics import flatten_predictions, percentile_interval, sample_figures
 from paligemma_xray.infer.calibration import image_score
 from paligemma_xray.locations import Detections
 
@@ -99,8 +99,8 @@ def compare_models(
     if not (len(ground_truth) == len(predictions_a) == len(predictions_b)):
         raise ValueError("the two models must be evaluated on the same images")
     n = len(ground_truth)
-    flat_a, _ = _flatten(ground_truth, predictions_a, classes, iou_threshold)
-    flat_b, _ = _flatten(ground_truth, predictions_b, classes, iou_threshold)
+    flat_a, _ = flatten_predictions(ground_truth, predictions_a, classes, iou_threshold)
+    flat_b, _ = flatten_predictions(ground_truth, predictions_b, classes, iou_threshold)
     everything = np.arange(n)
     full_a = sample_figures(ground_truth, predictions_a, classes, flat_a, everything, threshold_a)
     full_b = sample_figures(ground_truth, predictions_b, classes, flat_b, everything, threshold_b)
@@ -120,7 +120,7 @@ def compare_models(
             "a": full_a[key],
             "b": full_b[key],
             "value": value,
-            "ci95": _interval(draws[key]),
+            "ci95": percentile_interval(draws[key]),
             "p_value": _p_value(kept),
         }
     auc = delong(

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.locations import Detections
@@ -126,14 +127,16 @@ def coco_dicts(
     ground_truth: Sequence[Detections],
     predictions: Sequence[Detections],
     classes: Sequence[str],
-    image_order: Sequence[int],
+    image_order: Sequence[int] | NDArray[np.integer],
 ) -> tuple[dict, list[dict]]:
     """COCO ground-truth dict and results list; image ``k`` of the result is ``image_order[k]``.
 
     Image ids are positions in ``image_order`` (1-based), so a bootstrap sample that draws
     the same image twice gets two distinct COCO images.
     """
-    images, annotations, results = [], [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
+    results: list[dict] = []
     for k, index in enumerate(image_order, start=1):
         gt, pr = ground_truth[index], predictions[index]
         width, height = gt.image_size
@@ -173,7 +176,7 @@ def coco_precision(
     results: list[dict],
     *,
     all_areas_only: bool = False,
-    iou_thresholds: Sequence[float] | None = None,
+    iou_thresholds: Sequence[float] | NDArray[np.floating] | None = None,
 ) -> np.ndarray:
     """COCO's accumulated precision array ``[T=10, R=101, K, A, M]`` from faster-coco-eval.
 
@@ -240,8 +243,11 @@ def _ratio(num: float, den: float) -> float | None:
 
 
 @dataclass
-class _Flat:
-    """All predictions of the set flattened, with what bootstrap resampling needs."""
+class FlatPredictions:
+    """All predictions of the set flattened, with what bootstrap resampling needs.
+
+    Built by :func:`flatten_predictions`; shared with calibration and the paired comparison.
+    """
 
     score: np.ndarray  # (P,)
     tp: np.ndarray  # (P,) bool
@@ -251,7 +257,13 @@ class _Flat:
     positive: np.ndarray  # (I,) image has at least one ground-truth box
 
 
-def _flatten(ground_truth, predictions, classes, iou_threshold) -> tuple[_Flat, list[Matching]]:
+def flatten_predictions(
+    ground_truth: Sequence[Detections],
+    predictions: Sequence[Detections],
+    classes: Sequence[str],
+    iou_threshold: float,
+) -> tuple[FlatPredictions, list[Matching]]:
+    """Every prediction of the set matched at ``iou_threshold``, flattened; and each image's matching."""
     scores, tps, images, matchings = [], [], [], []
     gt_count = np.zeros(len(ground_truth), dtype=np.int64)
     max_score = np.zeros(len(ground_truth))
@@ -264,7 +276,7 @@ def _flatten(ground_truth, predictions, classes, iou_threshold) -> tuple[_Flat, 
         images.append(np.full(len(pr), i))
         gt_count[i] = int((_class_index(gt.class_name, classes) >= 0).sum())
         max_score[i] = s.max() if len(s) else 0.0
-    flat = _Flat(
+    flat = FlatPredictions(
         score=np.concatenate(scores) if scores else np.zeros(0),
         tp=np.concatenate(tps) if tps else np.zeros(0, dtype=bool),
         image=np.concatenate(images).astype(np.int64) if images else np.zeros(0, dtype=np.int64),
@@ -275,7 +287,8 @@ def _flatten(ground_truth, predictions, classes, iou_threshold) -> tuple[_Flat, 
     return flat, matchings
 
 
-def _threshold_metrics(score, tp, n_gt, threshold) -> dict:
+def threshold_metrics(score: np.ndarray, tp: np.ndarray, n_gt: int, threshold: float) -> dict:
+    """Box-level precision, recall, F1 and counts of predictions ``score`` (true positive: ``tp``)."""
     keep = score >= threshold
     n_tp = int(tp[keep].sum())
     n_fp = int(keep.sum()) - n_tp
@@ -315,11 +328,12 @@ def best_f1_threshold(
     >>> round(best_f1_threshold([truth], [found], ["fracture"]), 3)
     0.2
     """
-    flat, _ = _flatten(ground_truth, predictions, classes, iou_threshold)
-    return _best_f1_threshold(flat)
+    flat, _ = flatten_predictions(ground_truth, predictions, classes, iou_threshold)
+    return best_f1_threshold_of(flat)
 
 
-def _best_f1_threshold(flat: _Flat) -> float | None:
+def best_f1_threshold_of(flat: FlatPredictions) -> float | None:
+    """:func:`best_f1_threshold` of predictions already flattened."""
     n_gt = int(flat.gt_per_image.sum())
     if not flat.tp.any() or n_gt == 0:
         return None
@@ -368,7 +382,8 @@ def _auc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float | None:
     return float((r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _image_level(max_score, positive, threshold) -> dict:
+def image_level_metrics(max_score: np.ndarray, positive: np.ndarray, threshold: float) -> dict:
+    """Image-level sensitivity, specificity, counts and AUC, an image called by its highest score."""
     called = max_score >= threshold
     # An image without any prediction has max_score 0: never "called", whatever the threshold.
     called &= max_score > 0
@@ -415,17 +430,17 @@ def _duplicates(predictions: Sequence[Detections], iou_threshold: float) -> dict
     }
 
 
-def _pointwise(flat: _Flat, images: np.ndarray, threshold: float) -> dict[str, float | None]:
+def _pointwise(flat: FlatPredictions, images: np.ndarray, threshold: float) -> dict[str, float | None]:
     """The non-COCO figures on a (re)sample of images, for the bootstrap."""
     counts = np.bincount(images, minlength=len(flat.gt_per_image))
     weight = counts[flat.image]  # a prediction counts once per draw of its image
     score = np.repeat(flat.score, weight)
     tp = np.repeat(flat.tp, weight)
     n_gt = int((flat.gt_per_image * counts).sum())
-    at = _threshold_metrics(score, tp, n_gt, threshold)
+    at = threshold_metrics(score, tp, n_gt, threshold)
     fppi, sens = _froc_curve(score, tp, n_gt, len(images))
     froc = _froc_at(fppi, sens)
-    img = _image_level(flat.max_score[images], flat.positive[images], threshold)
+    img = image_level_metrics(flat.max_score[images], flat.positive[images], threshold)
     return {
         "precision": at["precision"],
         "recall": at["recall"],
@@ -442,7 +457,7 @@ def sample_figures(
     ground_truth: Sequence[Detections],
     predictions: Sequence[Detections],
     classes: Sequence[str],
-    flat: _Flat,
+    flat: FlatPredictions,
     draw: np.ndarray,
     threshold: float,
 ) -> dict[str, float | None]:
@@ -468,7 +483,8 @@ def froc_key(rate: float) -> str:
     return f"froc_at_{rate:g}"
 
 
-def _interval(samples: list[float | None]) -> list[float] | None:
+def percentile_interval(samples: list[float | None]) -> list[float] | None:
+    """The 95% percentile interval of bootstrap ``samples`` (None and NaN left out; None if < 2)."""
     values = np.array([v for v in samples if v is not None and not math.isnan(v)], dtype=np.float64)
     if values.size < 2:
         return None
@@ -530,9 +546,9 @@ def evaluate_detections(
         raise ValueError(f"{len(ground_truth)} ground-truth images but {len(predictions)} predictions")
     classes = list(classes)
     n_images = len(ground_truth)
-    flat, _ = _flatten(ground_truth, predictions, classes, iou_threshold)
+    flat, _ = flatten_predictions(ground_truth, predictions, classes, iou_threshold)
     n_gt = int(flat.gt_per_image.sum())
-    best_f1 = _best_f1_threshold(flat)
+    best_f1 = best_f1_threshold_of(flat)
     threshold_source = "given"
     if threshold is None:
         # No operating point given: the best F1 of this set (labelled as such), never a fixed
@@ -552,7 +568,7 @@ def evaluate_detections(
         precision = None
         coco = {"map50": None, "map50_95": None, "map10_50": None, "ap_per_class": {}}
 
-    at = _threshold_metrics(flat.score, flat.tp, n_gt, threshold)
+    at = threshold_metrics(flat.score, flat.tp, n_gt, threshold)
     fppi, sens = _froc_curve(flat.score, flat.tp, n_gt, n_images)
     froc_values = _froc_at(fppi, sens)
     issues: dict[str, int] = {}
@@ -578,7 +594,7 @@ def evaluate_detections(
             "score": float(np.mean(froc_values)) if n_gt else None,
         },
         "best_f1_threshold": best_f1,
-        "image_level": _image_level(flat.max_score, flat.positive, threshold),
+        "image_level": image_level_metrics(flat.max_score, flat.positive, threshold),
         "duplicates": _duplicates(predictions, duplicate_iou),
         "parse_failures": {"total": sum(issues.values()), **issues},
     }
@@ -591,7 +607,7 @@ def evaluate_detections(
             point = sample_figures(ground_truth, predictions, classes, flat, draw, threshold)
             for key, value in point.items():
                 samples.setdefault(key, []).append(value)
-        result["ci95"] = {key: _interval(values) for key, values in samples.items()}
+        result["ci95"] = {key: percentile_interval(values) for key, values in samples.items()}
         result["bootstrap"] = {"samples": bootstrap, "seed": seed, "unit": "image"}
     else:
         result["ci95"] = {}

@@ -30,15 +30,16 @@ from paligemma_xray import atomic
 from paligemma_xray.draw import draw_boxes, fit, jpeg_data_uri
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.evaluate.compare import COMPARISON_FILE
-from paligemma_xray.evaluate.metrics import froc_key, match
+from paligemma_xray.evaluate.metrics import Matching, froc_key, match
 from paligemma_xray.evaluate.runner import load_metrics, load_predictions
+from paligemma_xray.locations import Detections
 from paligemma_xray.report.plots import SERIES_COLOURS, froc_plot, loss_plot, pr_plot, reliability_plot
 
 TRUTH_COLOUR = (47, 158, 68)  # green
 PREDICTION_COLOUR = (230, 119, 0)  # orange
 THUMBNAIL = 360  # px, longest side in the gallery
 
-_CSS = """
+PAGE_CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;
      color:#1d1d1f;background:#fafafa}
 header{background:#15324f;color:#fff;padding:18px 28px}
@@ -65,6 +66,7 @@ td.ci{color:#666;font-size:12px}
 .sw{display:inline-block;width:12px;height:12px;vertical-align:middle;margin-right:4px}
 .note{color:#666;font-size:12px}
 """
+"""Style sheet of the report pages (the evaluation report and the live training page)."""
 
 
 @dataclass
@@ -160,8 +162,14 @@ def _metrics_table(evaluations: Sequence[Evaluation]) -> str:
     )
 
 
-def _image_data(path: str, truth, prediction, matching, threshold: float) -> str | None:
-    """The image with its boxes, as a base64 JPEG data URI (None if it cannot be read)."""
+def annotated_image_uri(
+    path: str, truth: Detections, prediction: Detections, matching: Matching, threshold: float
+) -> str | None:
+    """The image with its boxes, as a base64 JPEG data URI (None if it cannot be read).
+
+    Ground truth in one colour; predictions scored at least ``threshold`` in another, false
+    alarms (unmatched in ``matching``) drawn as corners only. Shared with the live training page.
+    """
     try:
         from paligemma_xray.data import load_image
 
@@ -193,7 +201,7 @@ class _Case:
     false_alarms: int
     found: int
     lowest_found: float
-    matching: object
+    matching: Matching
 
 
 def _cases(evaluation: Evaluation, classes: list[str], threshold: float, iou: float) -> list[_Case]:
@@ -234,7 +242,7 @@ def _gallery(evaluations: Sequence[Evaluation], size: int) -> str:
                 continue
             c = per_model[k][case.index]
             other = other_rows[case.index]
-            data = _image_data(
+            data = annotated_image_uri(
                 other["image"], other["ground_truth"], other["prediction"], c.matching, thresholds[k]
             )
             tags = []
@@ -344,7 +352,7 @@ def render_report(
     return (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
         "<meta name=viewport content='width=device-width,initial-scale=1'>"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<title>{html.escape(title)}</title><style>{PAGE_CSS}</style></head><body>"
         f"<header><h1>{html.escape(title)}</h1><p>{models}</p><p>{subtitle}</p></header>"
         f"<main>{''.join(sections)}</main></body></html>\n"
     )

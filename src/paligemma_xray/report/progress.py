@@ -18,7 +18,7 @@ from paligemma_xray.atomic import write_text
 from paligemma_xray.evaluate.metrics import match
 from paligemma_xray.evaluate.runner import dataset_classes
 from paligemma_xray.locations import Detections
-from paligemma_xray.report.html import _CSS, _image_data
+from paligemma_xray.report.html import PAGE_CSS, annotated_image_uri
 from paligemma_xray.report.plots import loss_plot, metric_plot
 
 PROGRESS_FILE = "progress.html"
@@ -48,7 +48,7 @@ def render_progress(run_dir: str | Path, step: int, rows: Sequence[dict], galler
     for row in list(rows)[:gallery]:
         truth, prediction = Detections.from_json(row["ground_truth"]), Detections.from_json(row["prediction"])
         matching = match(truth, prediction, classes)
-        data = _image_data(row["image"], truth, prediction, matching, 0.0)
+        data = annotated_image_uri(row["image"], truth, prediction, matching, 0.0)
         img = f"<img alt='' src='{data}'>" if data else "<div class=note>image not found</div>"
         scores = ", ".join(f"{s:.3g}" for s in (prediction.score if prediction.score is not None else []))
         cards.append(
@@ -68,7 +68,7 @@ def render_progress(run_dir: str | Path, step: int, rows: Sequence[dict], galler
     )
     return (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
-        f"<title>Training progress · step {step}</title><style>{_CSS}</style></head><body>"
+        f"<title>Training progress · step {step}</title><style>{PAGE_CSS}</style></head><body>"
         f"<header><h1>Training progress</h1><p>{html.escape(str(run_dir))} · step {step} · {figures}</p>"
         f"<p>{_dt.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}</p></header><main>"
         f"<h2>Curves</h2><div class=plots>{''.join(f'<figure>{p}</figure>' for p in plots)}</div>"

@@ -125,6 +125,7 @@ class Examples:
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
             self._perm_epoch = epoch
+        assert self._perm is not None  # set above on the first call
         return int(self._perm[k % n])
 
     def example(self, k: int) -> tuple[int, Image.Image | np.ndarray, str, str]:
@@ -141,7 +142,7 @@ class Examples:
                 suffix = mirrored
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.augment.jitter > 0:
-            image = jitter_image(image, self.augment.jitter, rng)
+            return index, jitter_image(image, self.augment.jitter, rng), record.prefix, suffix
         return index, image, record.prefix, suffix
 
     def batch(

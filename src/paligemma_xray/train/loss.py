@@ -128,7 +128,10 @@ def suffix_loss(
     softcap = getattr(text_config, "final_logit_softcapping", None)
     weight = core.lm_head.weight
     chunk = chunk_tokens or max(1, _CHUNK_ELEMENTS // weight.shape[0])
-    smoothing = (first_location_id, location_sigma) if location_sigma > 0 else None
+    # first_location_id is set whenever location_sigma > 0 (checked on entry).
+    smoothing = (
+        (first_location_id, location_sigma) if location_sigma > 0 and first_location_id is not None else None
+    )
     loss, nll = linear_cross_entropy(
         picked, weight, targets, weights, softcap=softcap, chunk=chunk, location_smoothing=smoothing
     )
@@ -244,9 +247,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g *= 1.0 - squashed * squashed
             del z
             g = g.to(hidden.dtype)
-            if need_h:
+            if grad_h is not None:  # None unless hidden needs a gradient
                 grad_h[s:e] = g @ compute
-            if need_w:
+            if grad_w is not None:
                 grad_w += (g.T @ h).float()
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)

@@ -34,8 +34,9 @@ _LANGUAGE_MODEL = re.compile(r"(^|\.)language_model\.")
 
 def unwrap(model: nn.Module) -> PaliGemmaForConditionalGeneration:
     """The ``PaliGemmaForConditionalGeneration`` inside a peft wrapper (or the model itself)."""
-    if hasattr(model, "get_base_model"):
-        return cast("PaliGemmaForConditionalGeneration", model.get_base_model())
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model):
+        return cast("PaliGemmaForConditionalGeneration", get_base_model())
     return cast("PaliGemmaForConditionalGeneration", model)
 
 
@@ -134,7 +135,8 @@ def _add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
         )
     lora = LoraConfig(
         r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
+        # peft annotates lora_alpha as int; it only divides by it (scaling = alpha / r), floats work.
+        lora_alpha=config.lora_alpha,  # type: ignore[arg-type]
         lora_dropout=config.lora_dropout,
         target_modules=pattern,
         bias="none",
@@ -192,6 +194,8 @@ def merged_state_dict(model: nn.Module, base_state: dict[str, torch.Tensor]) -> 
             raise KeyError(f"adapted layer {name} has no base weight {key}")
         for adapter in module.active_adapters:
             if adapter in module.lora_A:
-                delta = module.get_delta_weight(adapter)
+                # Every concrete LoraLayer (Linear, bitsandbytes' 8/4-bit) defines it; the base
+                # class that peft's stubs describe does not declare it.
+                delta = module.get_delta_weight(adapter)  # type: ignore[attr-defined]
                 merged[key] += delta.detach().to("cpu", torch.float32)
     return merged
