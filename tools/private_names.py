@@ -2,9 +2,11 @@
 
 A name is private when it starts with one underscore (``_helper``; dunders such as
 ``__version__`` are not private). A module of the package may use its own private names
-only: ``from paligemma_xray.x import _helper``, ``from .x import _helper`` and
-``x._helper`` (``x`` bound to another module of the package, at module or function level)
-are violations. A name two modules legitimately share is public; make it so.
+only: ``from paligemma_xray.x import _helper``, ``from .x import _helper``, ``x._helper``
+(``x`` bound to another module of the package, at module or function level) and
+``Thing._helper`` (``Thing`` imported from another module) are violations. Attributes of
+instances (``self._x``, ``detector._model``) are not seen: that needs types, not syntax.
+A name two modules legitimately share is public; make it so.
 
 import-linter's graph holds modules, not names, so the check reads each module's source
 (``ast``) itself. Registered in pyproject.toml ``[tool.importlinter]``::
@@ -42,6 +44,10 @@ class Violation:
         )
 
 
+# Public API spelled with an underscore (namedtuple's methods), allowed on another module's classes.
+_PUBLIC_UNDERSCORED = frozenset({"_asdict", "_fields", "_field_defaults", "_make", "_replace"})
+
+
 def is_private(name: str) -> bool:
     """``_x`` is private; ``__x__`` (dunder) and ``x`` are not."""
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
@@ -73,7 +79,9 @@ def violations_in(
 ) -> Iterator[Violation]:
     """Each use, in ``source`` (module ``module``), of a private name of another of ``modules``."""
     tree = ast.parse(source, filename=str(path))
-    # Names bound to a module of the package (at any level: lazy imports count too).
+    # What each name bound by an import of the package stands for, as a dotted path: a module
+    # (``from pkg import a``) or something in one (``from pkg.a import Thing``). At any level:
+    # lazy imports count too.
     bound: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -98,7 +106,7 @@ def violations_in(
                 inside = full in modules and module.startswith(owner + ".")
                 if is_private(alias.name) and owner != module and not inside:
                     yield Violation(module, path, node.lineno, owner, alias.name)
-                if full in modules:
+                if alias.name != "*":
                     bound[alias.asname or alias.name] = full
     for node in ast.walk(tree):
         if not isinstance(node, ast.Attribute) or not is_private(node.attr):
@@ -106,10 +114,17 @@ def violations_in(
         chain = _dotted(node.value)
         if chain is None or chain[0] not in bound:
             continue
-        owner = ".".join([bound[chain[0]], *chain[1:]])
-        if owner in modules and owner != module:
-            if f"{owner}.{node.attr}" in modules and module.startswith(owner + "."):
-                continue  # a private submodule, used inside its parent package
+        target = [*bound[chain[0]].split("."), *chain[1:]]
+        # The module that holds it: the longest prefix of the path that is a module.
+        cut = max(k for k in range(1, len(target) + 1) if ".".join(target[:k]) in modules)
+        owner, inner = ".".join(target[:cut]), target[cut:]
+        if owner == module:
+            continue
+        if inner:  # an attribute of a class, function or object of another module
+            if node.attr not in _PUBLIC_UNDERSCORED:
+                yield Violation(module, path, node.lineno, owner, ".".join([*inner, node.attr]))
+        elif not (f"{owner}.{node.attr}" in modules and module.startswith(owner + ".")):
+            # (a private submodule may be used inside its parent package)
             yield Violation(module, path, node.lineno, owner, node.attr)
 
 

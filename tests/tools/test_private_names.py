@@ -52,6 +52,9 @@ def found(contract, source: str, module: str = "pkg.b", *, is_package: bool = Fa
         ("from pkg import sub\nsub.c._helper\n", ["2:pkg.sub.c._helper"]),
         ("from pkg.sub._hidden import thing\n", []),  # a private module is import-linter's own contract
         ("from pkg.sub import _hidden\n", ["1:pkg.sub._hidden"]),  # outside its parent package
+        ("from pkg.a import Thing\nThing._cache\n", ["2:pkg.a.Thing._cache"]),
+        ("from pkg import a\na.Thing._cache.clear()\n", ["2:pkg.a.Thing._cache"]),
+        ("from .a import Thing as T\ndef f():\n    return T._build()\n", ["3:pkg.a.Thing._build"]),
     ],
 )
 def test_uses_of_another_modules_private_names_are_found(contract, source, expected):
@@ -68,6 +71,8 @@ def test_uses_of_another_modules_private_names_are_found(contract, source, expec
         "import numpy as np\nnp._NoValue\n",  # not a module of the package
         "from pkg.a import Thing\nThing()._cache\n",
         "def f(a):\n    return a._x\n",  # a parameter named like a module
+        "from pkg.a import Point\nPoint._make((1, 2))._asdict()\n",  # namedtuple's API
+        "from pkg.b import Thing\nThing._cache\n",  # its own class
     ],
 )
 def test_own_public_and_foreign_names_are_allowed(contract, source):
