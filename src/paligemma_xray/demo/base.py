@@ -50,6 +50,7 @@ import torch
 
 from paligemma_xray.errors import CheckpointError, ConfigError, check_output
 from paligemma_xray.locations import LOC_BINS
+from paligemma_xray.model.forms import LAST
 
 BASE_SIZES: dict[str, int] = {
     "image_size": 112,  # 8×8 = 64 image tokens of 14-px patches: fast on a CPU
@@ -199,7 +200,7 @@ def pretrain(
     """
     from paligemma_xray.demo import shapes
     from paligemma_xray.model import load, save_hf
-    from paligemma_xray.model.checkpoints import cast
+    from paligemma_xray.model.loading import cast
     from paligemma_xray.train import resolve, run
 
     settings = settings or PretrainSettings()
@@ -245,7 +246,7 @@ def pretrain(
             },
         )
         summary = run(config)
-        trained, processor = load(work_dir / "run" / "last", dtype="float32", progress=False)
+        trained, processor = load(work_dir / "run" / LAST, dtype="float32", progress=False)
         final_eval = _last_eval(work_dir / "run" / "metrics.jsonl")
         cast(trained, "float16")
         from paligemma_xray import atomic

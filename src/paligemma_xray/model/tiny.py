@@ -38,6 +38,7 @@ from paligemma_xray.model.bigvision import (
     make_config,
     to_numpy,
 )
+from paligemma_xray.model.forms import HF_TOKENIZER, NPZ_TOKENIZER
 from paligemma_xray.model.processing import make_processor
 from paligemma_xray.model.tokenizer import LOC_TOKENS, SEG_TOKENS, load_tokenizer
 
@@ -146,7 +147,7 @@ def real_layout_tokenizer(path: str | Path) -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "tokenizer.model"
+        path = path / HF_TOKENIZER
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_real_layout_spm_bytes())
     return path
@@ -168,7 +169,7 @@ def tiny_tokenizer(path: str | Path) -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "tokenizer.model"
+        path = path / HF_TOKENIZER
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_spm_bytes(TINY_BASE_VOCAB))
     return path
@@ -332,14 +333,14 @@ def write_tiny_npz(
             else:
                 for i, v in enumerate(value):
                     writer.write(bv_key(family, i), to_numpy(torch.from_numpy(v), dtype))
-    spm = path.parent / "paligemma_tokenizer.model"
+    spm = path.parent / NPZ_TOKENIZER
     spm.write_bytes(_spm_for(dims.vocab))
     return path, spm
 
 
 def write_tiny_hf(path: str | Path, version: int = 1, seed: int = 0, **config_kwargs) -> Path:
     """Save a tiny random model + processor as an HF folder (``save_pretrained``); return it."""
-    from paligemma_xray.model.checkpoints import save_hf
+    from paligemma_xray.model.saving import save_hf
 
     model, processor = tiny_model(version, seed, **config_kwargs)
     return save_hf(model, processor, path)
