@@ -36,6 +36,7 @@ from paligemma_xray.model.bigvision import (
     layer_layout,
     make_config,
     read_family,
+    sub_configs,
     uses_qkv,
 )
 from paligemma_xray.model.forms import (
@@ -147,7 +148,8 @@ def load(
         with transformers_progress(progress):
             model, processor = _load_hf(form.weights, tokenizer, target)
     if device is not None:
-        model.to(device)
+        # transformers' decorated ``to`` is typed as taking the model again; it takes a device.
+        model.to(device)  # type: ignore[arg-type]
     return model.eval(), processor
 
 
@@ -292,18 +294,16 @@ def restore_rope_float32(model: torch.nn.Module) -> None:
     """Recompute rotary ``inv_freq`` buffers in float32 (``.to(bfloat16)`` rounds them, an error
     that grows with position). Call after casting a model with ``.to(dtype)``."""
     for module in model.modules():
-        if (
-            hasattr(module, "inv_freq")
-            and hasattr(module, "config")
-            and module.inv_freq.dtype != torch.float32
-        ):
-            fresh = type(module)(config=module.config)
-            device = module.inv_freq.device
-            module.register_buffer("inv_freq", fresh.inv_freq.to(device), persistent=False)
-            if hasattr(module, "original_inv_freq"):
-                module.register_buffer(
-                    "original_inv_freq", fresh.original_inv_freq.to(device), persistent=False
-                )
+        inv_freq = module.inv_freq if hasattr(module, "inv_freq") else None
+        if not isinstance(inv_freq, torch.Tensor) or inv_freq.dtype == torch.float32:
+            continue
+        if not hasattr(module, "config"):
+            continue
+        fresh = type(module)(config=module.config)  # computes them on the CPU, float32
+        for name in ("inv_freq", "original_inv_freq"):
+            value = getattr(fresh, name, None) if hasattr(module, name) else None
+            if isinstance(value, torch.Tensor):
+                module.register_buffer(name, value.to(inv_freq.device), persistent=False)
 
 
 def cast(model: torch.nn.Module, dtype: str | torch.dtype) -> torch.nn.Module:
@@ -322,8 +322,8 @@ def _load_hf(
         # SafetensorError: a truncated or corrupt model.safetensors (e.g. a copy cut short).
         raise CheckpointError(f"cannot load the HF model: {error}", path=path) from error
     restore_rope_float32(model)
-    image_size = model.config.vision_config.image_size
-    patch = model.config.vision_config.patch_size
+    vision = sub_configs(model.config)[1]
+    image_size, patch = vision.image_size, vision.patch_size
     if tokenizer is not None:
         processor = make_processor(load_tokenizer(tokenizer), image_size, patch)
     elif (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
@@ -339,7 +339,9 @@ def _load_hf(
         raise CheckpointError("the folder has no tokenizer; pass the SentencePiece .model file", path=path)
     # A padded embedding (257216 rows for 257152 pieces) is fine; a smaller one would fail
     # later, deep in the model, with an IndexError on the first token past its end.
-    rows = model.get_input_embeddings().num_embeddings
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, torch.nn.Embedding)  # Gemma's scaled embedding is one
+    rows = embedding.num_embeddings
     pieces = sentencepiece_size(processor.tokenizer)
     if pieces > rows:
         raise CheckpointError(
