@@ -50,7 +50,7 @@ import torch
 
 from paligemma_xray.errors import CheckpointError, ConfigError, check_output
 from paligemma_xray.locations import LOC_BINS
-from paligemma_xray.model.forms import LAST
+from paligemma_xray.model.forms import HF_WEIGHTS, LAST
 
 BASE_SIZES: dict[str, int] = {
     "image_size": 112,  # 8×8 = 64 image tokens of 14-px patches: fast on a CPU
@@ -119,7 +119,7 @@ class PretrainSettings:
 def shipped_base() -> Path:
     """Folder of the base model shipped inside the package (an HF folder ``model.load`` reads)."""
     path = Path(str(resources.files("paligemma_xray") / "assets" / "demo-base"))
-    if not (path / "model.safetensors").is_file():
+    if not (path / HF_WEIGHTS).is_file():
         raise CheckpointError(
             "the demo base model is missing from the package; rebuild it with "
             "`paligemma-xray demo pretrain --out src/paligemma_xray/assets/demo-base`",
@@ -253,7 +253,7 @@ def pretrain(
 
         with atomic.staged_dir(out) as tmp:  # replaces `out` only once complete
             save_hf(trained, processor, tmp)
-            size = (tmp / "model.safetensors").stat().st_size
+            size = (tmp / HF_WEIGHTS).stat().st_size
             if size > MAX_BYTES:
                 raise ConfigError(f"the base model takes {size} bytes, more than the {MAX_BYTES} allowed")
             result = PretrainSummary(

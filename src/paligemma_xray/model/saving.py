@@ -85,11 +85,11 @@ def _write_hf(
         # records the first parameter's dtype, and loading "auto" would round the trained
         # weights to it. float32 reproduces every stored weight exactly.
         config = json.loads((folder / CONFIG).read_text())
-        write_json(folder / "config.json", {**config, "dtype": "float32"})
+        write_json(folder / CONFIG, {**config, "dtype": "float32"})
     processor.save_pretrained(folder)
     spm = getattr(processor.tokenizer, "spm_path", None)
     if spm and Path(spm).is_file() and Path(spm).resolve() != (folder / HF_TOKENIZER).resolve():
-        shutil.copyfile(spm, folder / "tokenizer.model")
+        shutil.copyfile(spm, folder / HF_TOKENIZER)
     _usual_modes(folder)
 
 
