@@ -242,8 +242,9 @@ def evaluate(
         "max_bad_records": max_bad_records,
     }
     # The weights the calibration will be fitted on, fingerprinted before hours of decoding
-    # (weights replaced meanwhile then do not get it; the files are hashed once per process).
-    weights = fingerprint(save_with_model) if operating_point is not None and save_with_model else None
+    # (weights replaced meanwhile then do not get it), by the process that saves it.
+    stamp = operating_point is not None and save_with_model is not None and w.is_main
+    weights = fingerprint(save_with_model) if stamp and save_with_model is not None else None
     if operating_point is not None:
         valid_rows, valid_metrics = evaluate_records(
             detector, dataset.usable(VALID_DIR), iou_threshold=iou_threshold, bootstrap=0,
