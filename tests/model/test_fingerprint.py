@@ -65,8 +65,16 @@ def test_unchanged_files_reuse_the_recorded_hash(tmp_path, monkeypatch):
     assert fingerprint(path, previous=fake)["files"]["model.npz"][2] == "recorded"  # not read again
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     assert fingerprint(path, previous=fake)["files"]["model.npz"][2] == first["files"]["model.npz"][2]
-    # ... and within one process a file is hashed once (a multi-GB load is not read twice).
+    # ... and within one process a file is hashed once (a multi-GB load is not read twice),
+    # also when its hash came from a recorded fingerprint (a calibration checked at load time
+    # spares predict's manifest the reading).
     reads = []
     monkeypatch.setattr(fingerprint_module, "_sha256", lambda file: reads.append(file) or "x")
     fingerprint(path)
+    other = tmp_path / "other.npz"
+    other.write_bytes(b"PK\x03\x04other")
+    stat = other.stat()
+    recorded = {"files": {"other.npz": [stat.st_size, stat.st_mtime_ns, "from-calibration"]}}
+    fingerprint(other, previous=recorded)
+    assert fingerprint(other)["files"]["other.npz"][2] == "from-calibration"
     assert reads == []

@@ -83,11 +83,12 @@ def fingerprint(path: str | Path, previous: dict[str, Any] | None = None) -> dic
             files[name] = [0, 0, hashlib.sha256(entry.encode()).hexdigest()]
             continue
         stat = entry.stat()
+        key = (str(entry.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
         old = known.get(name)
         if old is not None and old[0] == stat.st_size and old[1] == stat.st_mtime_ns:
+            _HASHED.setdefault(key, old[2])  # trusted as for this call: the next one reuses it too
             files[name] = list(old)
             continue
-        key = (str(entry.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
         if key not in _HASHED:
             _HASHED[key] = _sha256(entry)
         files[name] = [stat.st_size, stat.st_mtime_ns, _HASHED[key]]
