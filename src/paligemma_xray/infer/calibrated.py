@@ -249,7 +249,7 @@ def find_calibration(model_path: str | Path) -> Calibration | None:
     sound and ``predict``/``serve`` still work, with raw scores and the default threshold, and
     ``evaluate --operating-point`` refits a calibration for them in minutes.
     """
-    path = Path(model_path)
+    path = Path(model_path).expanduser()
     if not path.exists():  # a Hub id or kaggle: handle: no folder of ours
         return None
     file = calibration_path(path)

@@ -73,7 +73,7 @@ def fingerprint(path: str | Path, previous: dict[str, Any] | None = None) -> dic
     known by its id alone. ``previous``: an earlier fingerprint whose per-file hashes are
     reused for files of the same size and modification time.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         return None
     known = (previous or {}).get("files", {})
