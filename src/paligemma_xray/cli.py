@@ -772,7 +772,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report = write_report(args.out, run_dir=args.run, compare=args.compare)
         print(json.dumps(headline(metrics)))
         if save_with is not None and args.operating_point is not None:
-            from paligemma_xray.infer.calibration import calibration_path
+            from paligemma_xray.infer.calibrated import calibration_path
 
             print(
                 f"calibration and operating point saved with the model: {calibration_path(save_with)}",
@@ -1015,7 +1015,7 @@ def _add_serve(verbs) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from paligemma_xray.model.checkpoints import convert
+    from paligemma_xray.model import convert
 
     print(
         convert(

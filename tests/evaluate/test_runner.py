@@ -157,7 +157,7 @@ def test_evaluate_mistakes_are_user_errors_and_write_nothing(
 def test_operating_point_chosen_on_valid_is_saved_with_the_model_and_reused(
     tiny_boxes_hf_dir, synthetic_dataset, tmp_path, capsys
 ):
-    from paligemma_xray.infer.calibration import Calibration
+    from paligemma_xray.infer.calibrated import Calibration
 
     model = tmp_path / "model"
     shutil.copytree(tiny_boxes_hf_dir, model)

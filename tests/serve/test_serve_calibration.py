@@ -6,7 +6,7 @@ import httpx
 import pytest
 from serve_helpers import FakeDetector, xray_png
 
-from paligemma_xray.infer.calibration import Calibration, ScoreMap
+from paligemma_xray.infer.calibrated import Calibration, ScoreMap
 from paligemma_xray.serve import ServeConfig, ServerThread, create_app
 
 

@@ -52,6 +52,7 @@ from torch import nn
 
 from paligemma_xray.errors import CheckpointError, ConfigError, check_output
 from paligemma_xray.locations import LOC_BINS
+from paligemma_xray.model.forms import HF_WEIGHTS, LAST
 
 if TYPE_CHECKING:
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
@@ -123,7 +124,7 @@ class PretrainSettings:
 def shipped_base() -> Path:
     """Folder of the base model shipped inside the package (an HF folder ``model.load`` reads)."""
     path = Path(str(resources.files("paligemma_xray") / "assets" / "demo-base"))
-    if not (path / "model.safetensors").is_file():
+    if not (path / HF_WEIGHTS).is_file():
         raise CheckpointError(
             "the demo base model is missing from the package; rebuild it with "
             "`paligemma-xray demo pretrain --out src/paligemma_xray/assets/demo-base`",
@@ -207,7 +208,7 @@ def pretrain(
     """
     from paligemma_xray.demo import shapes
     from paligemma_xray.model import load, save_hf
-    from paligemma_xray.model.checkpoints import cast
+    from paligemma_xray.model.loading import cast
     from paligemma_xray.train import resolve, run
 
     settings = settings or PretrainSettings()
@@ -253,14 +254,14 @@ def pretrain(
             },
         )
         summary = run(config)
-        trained, processor = load(work_dir / "run" / "last", dtype="float32", progress=False)
+        trained, processor = load(work_dir / "run" / LAST, dtype="float32", progress=False)
         final_eval = _last_eval(work_dir / "run" / "metrics.jsonl")
         cast(trained, "float16")
         from paligemma_xray import atomic
 
         with atomic.staged_dir(out) as tmp:  # replaces `out` only once complete
             save_hf(trained, processor, tmp)
-            size = (tmp / "model.safetensors").stat().st_size
+            size = (tmp / HF_WEIGHTS).stat().st_size
             if size > MAX_BYTES:
                 raise ConfigError(f"the base model takes {size} bytes, more than the {MAX_BYTES} allowed")
             result = PretrainSummary(

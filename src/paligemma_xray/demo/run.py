@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from paligemma_xray.errors import ConfigError
+from paligemma_xray.model.forms import CALIBRATION_FILE, HF_TOKENIZER, LAST, NPZ_TOKENIZER
 
 DEMO_RECIPE = "full"
 """Training-engine preset the demo fine-tunes with (see :data:`DEMO_OVERRIDES`).
@@ -153,7 +154,7 @@ def run_demo(
     from paligemma_xray.evaluate.runner import evaluate
     from paligemma_xray.infer import Detector
     from paligemma_xray.model import load, save_hf, save_npz
-    from paligemma_xray.model.checkpoints import check_checkpoint
+    from paligemma_xray.model.forms import check_checkpoint
     from paligemma_xray.report import write_report
     from paligemma_xray.train import resolve, run
 
@@ -255,7 +256,7 @@ def run_demo(
     # 4. after, checkpoints, report ------------------------------------------------------
     t0 = time.perf_counter()
     after_dir = out / "after"
-    model, processor = load(run_dir / "last", dtype="float32", progress=False)
+    model, processor = load(run_dir / LAST, dtype="float32", progress=False)
     detector = Detector(
         model, processor, model_id="fine-tuned (after)", min_box_probability=settings.min_box_probability
     )
@@ -266,15 +267,15 @@ def run_demo(
     hf_dir = save_hf(model, processor, out / "model", progress=progress)
     npz_path = save_npz(model, out / "model.npz", progress=progress)
     # big_vision keeps the tokenizer beside the .npz under this name; model.load finds it.
-    with atomic.staged_path(out / "paligemma_tokenizer.model") as tmp:
-        shutil.copyfile(hf_dir / "tokenizer.model", tmp)
+    with atomic.staged_path(out / NPZ_TOKENIZER) as tmp:
+        shutil.copyfile(hf_dir / HF_TOKENIZER, tmp)
     # The operating point and calibration go with both copies of the model, so that predict
-    # and serve default to them.
-    from paligemma_xray.infer.calibration import Calibration, calibration_path
+    # and serve default to them: fitted on the model in memory, which both hold exactly.
+    from paligemma_xray.infer.calibrated import Calibration, save_with_model
 
-    fitted = Calibration.load(after_dir / "calibration.json")
-    fitted.save(calibration_path(hf_dir))
-    fitted.save(calibration_path(npz_path))
+    fitted = Calibration.load(after_dir / CALIBRATION_FILE)
+    save_with_model(fitted, hf_dir)
+    save_with_model(fitted, npz_path)
     report = write_report(
         after_dir,
         out / "report.html",

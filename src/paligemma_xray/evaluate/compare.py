@@ -21,7 +21,7 @@ from numpy.typing import ArrayLike
 
 from paligemma_xray.errors import DataError
 from paligemma_xray.evaluate.metrics import flatten_predictions, percentile_interval, sample_figures
-from paligemma_xray.infer.calibration import image_score
+from paligemma_xray.infer.calibrated import image_score
 from paligemma_xray.locations import Detections
 
 #: Figures compared (keys of :func:`~paligemma_xray.evaluate.metrics.sample_figures`).

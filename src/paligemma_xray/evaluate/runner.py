@@ -34,22 +34,24 @@ from paligemma_xray import atomic
 from paligemma_xray.data import Dataset, Record, record_targets
 from paligemma_xray.data.bad_records import DEFAULT_MAX_BAD_RECORDS, BadRecords
 from paligemma_xray.errors import ConfigError, DataError, check_output
-from paligemma_xray.evaluate.calibration import (
+from paligemma_xray.evaluate.calibrate import (
     calibration_report,
     check_method,
     check_operating_point,
     fit_calibration,
 )
 from paligemma_xray.evaluate.metrics import check_options, coco_dicts, evaluate_detections
-from paligemma_xray.infer.calibration import Calibration, calibration_path
+from paligemma_xray.infer.calibrated import Calibration
+from paligemma_xray.infer.calibrated import save_with_model as save_calibration_with_model
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector
 from paligemma_xray.infer.distributed import barrier, gather_indexed, shard, world
 from paligemma_xray.locations import Detections, classes_from_prefix
+from paligemma_xray.model.fingerprint import fingerprint
+from paligemma_xray.model.forms import CALIBRATION_FILE
 from paligemma_xray.progress import bar as progress_bar
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
-CALIBRATION_FILE = "calibration.json"
 VALID_DIR = "valid"
 
 
@@ -239,6 +241,10 @@ def evaluate(
         "progress": progress,
         "max_bad_records": max_bad_records,
     }
+    # The weights the calibration will be fitted on, fingerprinted before hours of decoding
+    # (weights replaced meanwhile then do not get it), by the process that saves it.
+    stamp = operating_point is not None and save_with_model is not None and w.is_main
+    weights = fingerprint(save_with_model) if stamp and save_with_model is not None else None
     if operating_point is not None:
         valid_rows, valid_metrics = evaluate_records(
             detector, dataset.usable(VALID_DIR), iou_threshold=iou_threshold, bootstrap=0,
@@ -256,6 +262,7 @@ def evaluate(
             operating_point=operating_point,
             fitted_on={"model": detector.model_id, "data": str(dataset.root), "split": VALID_DIR},
         )
+        calibration.weights = weights
         source = f"chosen on the {VALID_DIR} split"
         if w.is_main:
             valid_metrics = evaluate_detections(
@@ -266,7 +273,7 @@ def evaluate(
             save_evaluation(out / VALID_DIR, valid_rows, valid_metrics)
             calibration.save(out / CALIBRATION_FILE)
             if save_with_model is not None:
-                calibration.save(calibration_path(save_with_model))
+                save_calibration_with_model(calibration, save_with_model, weights=weights)
     # The calibration whose operating point gives the threshold, if one does.
     point = (
         calibration

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from paligemma_xray.errors import ConfigError
-from paligemma_xray.infer.calibration import Calibration, find_calibration
+from paligemma_xray.infer.calibrated import Calibration, find_calibration
 from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
 from paligemma_xray.locations import LOC_BINS, Detections, classes_from_prefix, loc_token, parse
 
@@ -126,7 +126,7 @@ class Detector:
             ``threshold`` on the score then picks the operating point.
         batch_size: images decoded together.
         calibration: score → probability maps and the operating point saved with the
-            model (:mod:`paligemma_xray.infer.calibration`); :meth:`load` reads it.
+            model (:mod:`paligemma_xray.infer.calibrated`); :meth:`load` reads it.
 
     Example (a tiny random model, so the boxes mean nothing; shapes and types do):
 
@@ -190,8 +190,8 @@ class Detector:
         loading bars. ``attention``: one of :data:`ATTENTION_CHOICES` (None: transformers'
         default, SDPA). ``options`` go to the constructor. The calibration saved with a local
         model (``calibration.json``, see
-        :func:`~paligemma_xray.infer.calibration.calibration_path`) is read unless ``options``
-        give one.
+        :func:`~paligemma_xray.infer.calibrated.find_calibration`) is read unless ``options``
+        give one, and applied only if it was fitted on these very weights (else a warning).
         """
         from paligemma_xray.model import load as load_model
 

@@ -44,19 +44,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from paligemma_xray import __version__
 from paligemma_xray.errors import DataError
 from paligemma_xray.locations import Detections
+from paligemma_xray.model.fingerprint import ALGORITHM_NAME, Algorithm, weights_checksum
 
-ALGORITHM_NAME = "paligemma-xray"
 MANUFACTURER = "paligemma-xray"
 SERIES_NUMBER_SR = 7701  # our series numbers, out of the way of the modality's (1, 2, …)
 SERIES_NUMBER_SC = 7702
@@ -95,47 +92,10 @@ def _codes() -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class Algorithm:
-    """What made the detections: written into every SR (TID 4019 and the device observer)."""
-
-    model_id: str
-    checksum: str  # SHA-256 of the model's weights (names, dtypes, shapes, bytes)
-    name: str = ALGORITHM_NAME
-    version: str = __version__
-
-    @property
-    def parameters(self) -> list[str]:
-        return [f"model={self.model_id}", f"sha256={self.checksum}"]
-
-
-_CHECKSUMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def weights_checksum(model: Any) -> str:
-    """SHA-256 over a torch module's state dict (sorted names, dtype, shape, raw bytes).
-
-    The loaded weights, not the files: the same model read from an ``.npz`` or an HF folder
-    gets the same id, and a run folder's optimizer state does not count. Cached per module.
-    """
-    cached = _CHECKSUMS.get(model)
-    if cached is not None:
-        return cached
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    _CHECKSUMS[model] = digest.hexdigest()
-    return _CHECKSUMS[model]
-
-
 def calibrated(detector: Any, detections: Detections) -> tuple[np.ndarray | None, float | None]:
     """(per-box, image-level) calibrated probabilities from the calibration saved with the model.
 
-    ``detector.calibration`` (:mod:`paligemma_xray.infer.calibration`, read by
+    ``detector.calibration`` (:mod:`paligemma_xray.infer.calibrated`, read by
     ``Detector.load``) maps scores to probabilities; ``(None, None)`` where the model has none.
     """
     calibration = getattr(detector, "calibration", None)

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import PaliGemmaConfig
+from transformers.configuration_utils import PreTrainedConfig
 
 from paligemma_xray.errors import CheckpointError
 
@@ -144,14 +145,25 @@ def make_config(
         vocab_size=vocab,
         projection_dim=dims.width,
         hidden_size=dims.width,
-        pad_token_id=0,
+        # Not in the signature transformers declares, but taken (its strict dataclass config
+        # passes extra keyword arguments on to PreTrainedConfig).
+        pad_token_id=0,  # type: ignore[call-arg]
         tie_word_embeddings=True,
     )
 
 
+def sub_configs(config: PaliGemmaConfig) -> tuple[PreTrainedConfig, PreTrainedConfig]:
+    """``(text_config, vision_config)`` of a built config (transformers types them loosely,
+    ``dict | PreTrainedConfig | None``, for what its constructor accepts)."""
+    text, vision = config.text_config, config.vision_config
+    if not isinstance(text, PreTrainedConfig) or not isinstance(vision, PreTrainedConfig):
+        raise TypeError("a PaliGemmaConfig without its text and vision configs built")
+    return text, vision
+
+
 def dims_from_config(config: PaliGemmaConfig, vocab: int | None = None) -> Dims:
     """The :class:`Dims` of an HF config (``vocab``: text rows to keep; default up to ``<image>``)."""
-    text, vision = config.text_config, config.vision_config
+    text, vision = sub_configs(config)
     hf_vocab = text.vocab_size
     return Dims(
         version=2 if text.model_type == "gemma2" else 1,

@@ -52,39 +52,25 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.file_download import repo_folder_name
 
 from paligemma_xray.errors import CheckpointError
+from paligemma_xray.model.forms import (
+    ADAPTER_CONFIG,
+    CONFIG,
+    KAGGLE_PREFIX,
+    TOKENIZER_NAMES,
+    is_model_name,
+)
 
 logger = logging.getLogger(__name__)
 PurePathT = TypeVar("PurePathT", bound=PurePath)
 
-KAGGLE_PREFIX = "kaggle:"
-TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")
 # What model.load reads from a Hub repo: configs, safetensors weights, the SentencePiece
 # model; a PEFT adapter's weights also come as adapter_model.bin from older peft versions.
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "adapter_model.bin"]
-HUB_HEAD_FILES = ["config.json", "adapter_config.json"]
+HUB_HEAD_FILES = [CONFIG, ADAPTER_CONFIG]
 # Precision tags in big_vision file names (paligemma-3b-pt-224.f16.npz, paligemma2-…b16.npz).
 _NPZ_TAGS = {"float16": ("f16",), "bfloat16": ("bf16", "b16"), "float32": ("f32", "")}
 _NPZ_PREFERENCE = ("f16", "bf16", "b16", "", "f32")
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_FILE_SUFFIXES = (".npz", ".json", ".safetensors", ".model", ".yaml", ".yml")
-
-
-def is_model_name(ref: str | Path) -> bool:
-    """True when ``ref`` reads as a Hub id (``org/name``) or a ``kaggle:`` handle, not a path.
-
-    Spelling only: whether a local path of that name exists is for the caller to check first.
-    """
-    text = str(ref)
-    if text.startswith(KAGGLE_PREFIX):
-        return True
-    return (
-        isinstance(ref, str)
-        and _REPO_ID.fullmatch(text) is not None
-        and ".." not in text
-        and "--" not in text
-        and not text.lower().endswith(_FILE_SUFFIXES)
-    )
 
 
 def resolve_model(ref: str | Path, revision: str | None = None, *, progress: bool = True) -> Path:
@@ -134,7 +120,7 @@ def check_paligemma_folder(folder: Path, name: str | None = None) -> None:
     Caught here, before any weights are read (or downloaded), instead of transformers
     loading another architecture into PaliGemma's classes with a warning.
     """
-    config = folder / "config.json"
+    config = folder / CONFIG
     where = name or folder
     try:
         model_type = json.loads(config.read_text()).get("model_type")
@@ -189,9 +175,9 @@ def _from_hub(
         # A commit never changes: one already in the cache is used without asking the Hub.
         commit = revision is not None and _COMMIT.fullmatch(revision) is not None
         head = _snapshot(repo_id, revision, HUB_HEAD_FILES, cache, offline, local_first=commit)
-        if (head / "config.json").is_file():
+        if (head / CONFIG).is_file():
             check_paligemma_folder(head, repo_id)
-        elif not (head / "adapter_config.json").is_file():
+        elif not (head / ADAPTER_CONFIG).is_file():
             # big_vision's weights on the Hub (google/paligemma-3b-pt-224-jax): one .npz of
             # the repo, and the SentencePiece model beside it.
             files = [PurePosixPath(f) for f in _hub_files(repo_id, head, cache) if f.endswith(".npz")]

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import io
 import random
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -36,8 +38,10 @@ from paligemma_xray.model.bigvision import (
     families,
     iter_layers,
     make_config,
+    sub_configs,
     to_numpy,
 )
+from paligemma_xray.model.forms import HF_TOKENIZER, NPZ_TOKENIZER
 from paligemma_xray.model.processing import make_processor
 from paligemma_xray.model.tokenizer import LOC_TOKENS, SEG_TOKENS, load_tokenizer
 
@@ -68,11 +72,18 @@ def _corpus(n: int = 3000, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 12))) for _ in range(n)]
 
 
+def _spm_proto() -> ModuleType:
+    """sentencepiece's protobuf module; its message classes are made when it is imported,
+    which a type checker cannot see, so they are looked up on the module object."""
+    return importlib.import_module("sentencepiece.sentencepiece_model_pb2")
+
+
 @functools.lru_cache(maxsize=4)
 def _spm_bytes(base_vocab: int = 640) -> bytes:
     """Serialized SentencePiece model: Gemma-like specials, then BPE pieces, then loc/seg."""
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    model_pb2 = _spm_proto()
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -123,7 +134,7 @@ def _real_layout_spm_bytes() -> bytes:
     merge can form (``<unusedN>``: no split of one is two pieces), so text tokenizes as with
     the tiny model, but every id, and the size, is the real one's.
     """
-    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    model_pb2 = _spm_proto()
 
     proto = model_pb2.ModelProto()
     proto.ParseFromString(_spm_bytes(TINY_BASE_VOCAB))
@@ -146,7 +157,7 @@ def real_layout_tokenizer(path: str | Path) -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "tokenizer.model"
+        path = path / HF_TOKENIZER
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_real_layout_spm_bytes())
     return path
@@ -168,7 +179,7 @@ def tiny_tokenizer(path: str | Path) -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "tokenizer.model"
+        path = path / HF_TOKENIZER
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_spm_bytes(TINY_BASE_VOCAB))
     return path
@@ -247,13 +258,13 @@ def tiny_model(
     config = tiny_config(version, **config_kwargs)
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config).eval()
-    tokenizer = load_tokenizer(_cached_tokenizer_path(config.text_config.vocab_size))
-    if len(tokenizer) - 1 != config.text_config.vocab_size:
+    text, vision = sub_configs(config)
+    tokenizer = load_tokenizer(_cached_tokenizer_path(text.vocab_size))
+    if len(tokenizer) - 1 != text.vocab_size:
         raise ValueError(
-            f"vocab_size {config.text_config.vocab_size} does not match "
-            f"the tiny tokenizer ({len(tokenizer) - 1})"
+            f"vocab_size {text.vocab_size} does not match the tiny tokenizer ({len(tokenizer) - 1})"
         )
-    processor = make_processor(tokenizer, config.vision_config.image_size, config.vision_config.patch_size)
+    processor = make_processor(tokenizer, vision.image_size, vision.patch_size)
     return model, processor
 
 
@@ -332,14 +343,14 @@ def write_tiny_npz(
             else:
                 for i, v in enumerate(value):
                     writer.write(bv_key(family, i), to_numpy(torch.from_numpy(v), dtype))
-    spm = path.parent / "paligemma_tokenizer.model"
+    spm = path.parent / NPZ_TOKENIZER
     spm.write_bytes(_spm_for(dims.vocab))
     return path, spm
 
 
 def write_tiny_hf(path: str | Path, version: int = 1, seed: int = 0, **config_kwargs) -> Path:
     """Save a tiny random model + processor as an HF folder (``save_pretrained``); return it."""
-    from paligemma_xray.model.checkpoints import save_hf
+    from paligemma_xray.model.saving import save_hf
 
     model, processor = tiny_model(version, seed, **config_kwargs)
     return save_hf(model, processor, path)

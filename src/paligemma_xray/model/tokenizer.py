@@ -92,14 +92,22 @@ def _gemma_from_sentencepiece(path: Path) -> PreTrainedTokenizerBase:
         ) from error
 
 
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The id of one token (transformers' ``convert_tokens_to_ids`` also takes lists)."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(found, int):
+        raise TypeError(f"{token!r} gave {found!r}, not one id")
+    return found
+
+
 def sentencepiece_size(tokenizer: PreTrainedTokenizerBase) -> int:
     """Size of the text vocabulary: ids below it are SentencePiece pieces (257152 for the real one)."""
-    return int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    return token_id(tokenizer, IMAGE_TOKEN)
 
 
 def check_location_tokens(tokenizer: PreTrainedTokenizerBase, path: str | Path | None = None) -> None:
     """Raise :class:`CheckpointError` unless every loc/seg token is one id, loc then seg, contiguous."""
-    first = tokenizer.convert_tokens_to_ids(LOC_TOKENS[0])
+    first = token_id(tokenizer, LOC_TOKENS[0])
     expected = list(range(first, first + len(LOC_TOKENS) + len(SEG_TOKENS)))
     encoded = tokenizer(LOC_TOKENS + SEG_TOKENS, add_special_tokens=False)["input_ids"]
     for token, ids, want in zip(LOC_TOKENS + SEG_TOKENS, encoded, expected):

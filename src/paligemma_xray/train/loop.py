@@ -25,6 +25,7 @@ from torch import nn
 
 from paligemma_xray.data.bad_records import BadRecords
 from paligemma_xray.errors import ConfigError, DataError
+from paligemma_xray.model.forms import BEST, LAST
 from paligemma_xray.model.processing import build_batch
 from paligemma_xray.train.batches import Augment, Examples, FeatureCache, step_positions
 from paligemma_xray.train.logs import MetricsLog, progress_bar
@@ -211,7 +212,7 @@ def run(
             if state.improves(last_eval):
                 state.record_best(last_eval, done)
                 state.stale_evals = 0
-                save_weights(out / "best", full=False, **exports)
+                save_weights(out / BEST, full=False, **exports)
             else:
                 state.stale_evals += 1
             if main and on_validation is not None:
@@ -238,8 +239,8 @@ def run(
 
     if bar is not None:
         bar.close()
-    if start < done or not (out / "last").exists():
-        save_weights(out / "last", npz=config.export_npz, **exports)
+    if start < done or not (out / LAST).exists():
+        save_weights(out / LAST, npz=config.export_npz, **exports)
     elapsed = time.perf_counter() - t_start
     summary = RunSummary(
         run_dir=str(out),

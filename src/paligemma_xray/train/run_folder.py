@@ -193,8 +193,9 @@ def save_weights(
     """
     from paligemma_xray.atomic import write_json
     from paligemma_xray.model import save_hf, save_lora, save_npz
-    from paligemma_xray.model.checkpoints import DTYPES, TRAINED_INFO, TRAINED_WEIGHTS, stored_dtype
+    from paligemma_xray.model.forms import RUN_ADAPTER, TRAINED_INFO, TRAINED_WEIGHTS
     from paligemma_xray.model.hub import portable_ref
+    from paligemma_xray.model.loading import DTYPES, stored_dtype
 
     lora = config.trainable == "lora"
     base = portable_ref(config.model)  # a Hub id stays one, with its revision
@@ -222,7 +223,7 @@ def save_weights(
         base_dtype = stored_dtype(config.model, config.revision)
         with staged_dir(final) as tmp:
             if lora:  # first: the export below may fold the adapter into the model
-                save_lora(model, tmp / "adapter", base=base, revision=config.revision)
+                save_lora(model, tmp / RUN_ADAPTER, base=base, revision=config.revision)
             target = _export_model(model, config, fsdp_state, DTYPES[base_dtype])
             # No shard-writing bar: it would cut through the training bar.
             save_hf(target, processor, tmp, progress=False, staged=False)  # staged here, whole

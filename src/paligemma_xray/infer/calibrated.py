@@ -3,7 +3,7 @@
 A box's score (the geometric mean of its tokens' probabilities) ranks boxes well but is not
 a probability: the demo model's best-F1 threshold sits at 0.087. A :class:`Calibration`
 holds what turns scores into figures a clinician can use, fitted on a validation split by
-:func:`paligemma_xray.evaluate.calibration.fit_calibration`:
+:func:`paligemma_xray.evaluate.calibrate.fit_calibration`:
 
 * ``box``: P(the box is a true positive at the calibration's IoU) from its score;
 * ``image``: P(the image shows a fracture) from its highest box score (0 with no box);
@@ -13,15 +13,22 @@ holds what turns scores into figures a clinician can use, fitted on a validation
 Both maps are scikit-learn models (Platt scaling: a logistic regression on the score's
 logit; or isotonic regression), stored as their fitted parameters in ``calibration.json``
 beside the weights (see :func:`calibration_path`). :meth:`Detector.load
-<paligemma_xray.infer.Detector.load>` reads it, so ``predict`` and ``serve`` default to the
-saved threshold and report the calibrated probability beside the raw score.
+<paligemma_xray.infer.Detector.load>` reads it (:func:`find_calibration`), so ``predict``
+and ``serve`` default to the saved threshold and report the calibrated probability beside
+the raw score.
+
+A calibration belongs to the weights it was fitted on, and to no others: ``calibration.json``
+records their :func:`~paligemma_xray.model.fingerprint.fingerprint` (``weights``), written by
+:func:`save_with_model`, and :func:`find_calibration` applies it only when the weights beside
+it still have that fingerprint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +36,14 @@ import numpy as np
 
 from paligemma_xray.errors import CheckpointError
 from paligemma_xray.locations import Detections
+from paligemma_xray.model.fingerprint import fingerprint
+from paligemma_xray.model.forms import identify
 
-CALIBRATION_FILE = "calibration.json"
+logger = logging.getLogger(__name__)
+
 CALIBRATION_METHODS = ("platt", "isotonic")
-FORMAT_VERSION = 1
+#: 2: ``weights`` (the fingerprint of the weights it was fitted on) added.
+FORMAT_VERSION = 2
 _EPS = 1e-6  # scores are clipped to [eps, 1 - eps] before the logit (0: an image without boxes)
 
 
@@ -124,7 +135,9 @@ class Calibration:
     ``threshold`` is a raw score (boxes scored at least this much are kept), so it applies
     with or without the maps. ``operating_point``: how it was chosen (``"f1"``,
     ``"sensitivity=0.9"``, ``"specificity=0.95"``). ``fitted_on``: data, split, image and
-    box counts; ``valid``: the figures the threshold gave on that split.
+    box counts; ``valid``: the figures the threshold gave on that split. ``weights``: the
+    :func:`~paligemma_xray.model.fingerprint.fingerprint` of the weights it was fitted on
+    (None: not known, e.g. an ensemble's, or a file from before format 2).
     """
 
     box: ScoreMap | None
@@ -135,6 +148,7 @@ class Calibration:
     method: str
     fitted_on: dict[str, Any] = field(default_factory=dict)
     valid: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] | None = None
 
     def box_probability(self, scores: Sequence[float] | np.ndarray) -> np.ndarray:
         """P(true positive) for each box score (the scores themselves without a box map)."""
@@ -179,6 +193,7 @@ class Calibration:
             method=str(data.get("method", "platt")),
             fitted_on=dict(data.get("fitted_on") or {}),
             valid=dict(data.get("valid") or {}),
+            weights=dict(data["weights"]) if data.get("weights") else None,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -200,26 +215,61 @@ class Calibration:
 
 
 def calibration_path(model_path: str | Path) -> Path:
-    """Where a model's ``calibration.json`` lives.
+    """Where the calibration of the model at ``model_path`` lives: with the weights ``model.load``
+    reads (:func:`~paligemma_xray.model.forms.identify`).
 
-    A big_vision file ``m.npz``: ``m.calibration.json`` beside it; an HF or adapter folder:
-    inside it; a training run folder: inside the checkpoint ``model.load`` picks (``best/``,
-    else ``last/``).
-
-    >>> calibration_path("runs/x/model.npz").as_posix()
-    'runs/x/model.calibration.json'
+    A big_vision file ``m.npz``: ``m.calibration.json`` beside it; an HF, adapter or
+    trained-weights folder: inside it; a training run folder: inside the checkpoint
+    ``model.load`` picks (``best/``, else ``last/``).
     """
-    path = Path(model_path)
-    if path.suffix == ".npz" or path.is_file():
-        return path.with_name(f"{path.stem}.calibration.json")
-    if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
-        for sub in ("best", "last"):
-            if (path / sub / "config.json").is_file() or (path / sub / "adapter_config.json").is_file():
-                return path / sub / CALIBRATION_FILE
-    return path / CALIBRATION_FILE
+    return identify(model_path).calibration
+
+
+def save_with_model(
+    calibration: Calibration, model_path: str | Path, *, weights: dict[str, Any] | None = None
+) -> Path:
+    """Save ``calibration`` with the model at ``model_path``, recording which weights it fits.
+
+    ``weights``: the fingerprint of the weights it was fitted on, taken when they were loaded
+    (``evaluate`` does); default: the weights at ``model_path`` now (a model just saved from
+    the one the calibration was fitted on, as the demo does).
+    """
+    stamp = weights if weights is not None else fingerprint(model_path)
+    return replace(calibration, weights=stamp).save(calibration_path(model_path))
 
 
 def find_calibration(model_path: str | Path) -> Calibration | None:
-    """The calibration saved with the model at ``model_path``, or None when there is none."""
-    path = calibration_path(model_path)
-    return Calibration.load(path) if path.is_file() else None
+    """The calibration saved with the weights at ``model_path``, or None when they have none.
+
+    Applied only to the weights it was fitted on: when the fingerprint it records is not that
+    of the weights beside it (a calibration copied next to other weights, weights replaced
+    since), or it records none (written before format 2, when a run folder's calibration
+    could land beside ``last/`` after being fitted on ``best/``), it is left out with a
+    one-line warning naming the file. A warning, not a refusal: the weights themselves are
+    sound and ``predict``/``serve`` still work, with raw scores and the default threshold, and
+    ``evaluate --operating-point`` refits a calibration for them in minutes.
+    """
+    path = Path(model_path).expanduser()
+    if not path.exists():  # a Hub id or kaggle: handle: no folder of ours
+        return None
+    file = calibration_path(path)
+    if not file.is_file():
+        return None
+    calibration = Calibration.load(file)
+    refit = f"run `paligemma-xray evaluate --operating-point` on {path} to fit one for these weights"
+    if calibration.weights is None:
+        logger.warning("%s: not applied: it does not record which weights it was fitted on; %s", file, refit)
+        return None
+    now = fingerprint(path, previous=calibration.weights)
+    recorded = str(calibration.weights.get("sha256"))
+    if now is None or now["sha256"] != recorded:
+        current = now["sha256"][:12] if now else "none"
+        logger.warning(
+            "%s: not applied: fitted on other weights (sha256 %s, these are %s); %s",
+            file,
+            recorded[:12],
+            current,
+            refit,
+        )
+        return None
+    return calibration

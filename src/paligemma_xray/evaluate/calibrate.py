@@ -1,7 +1,7 @@
 """Fitting a calibration on a validation split, choosing an operating point, judging both.
 
 :func:`fit_calibration` turns one split's ground truth and predictions into a
-:class:`~paligemma_xray.infer.calibration.Calibration`: the box map learns P(true positive
+:class:`~paligemma_xray.infer.calibrated.Calibration`: the box map learns P(true positive
 at the IoU) from box scores (the true/false-positive decision of
 :func:`~paligemma_xray.evaluate.metrics.match`), the image map P(any fracture) from each
 image's highest box score, and the operating point is chosen on the same split
@@ -28,7 +28,7 @@ from paligemma_xray.evaluate.metrics import (
     image_level_metrics,
     threshold_metrics,
 )
-from paligemma_xray.infer.calibration import CALIBRATION_METHODS, Calibration, ScoreMap, image_score
+from paligemma_xray.infer.calibrated import CALIBRATION_METHODS, Calibration, ScoreMap, image_score
 from paligemma_xray.locations import Detections
 
 RELIABILITY_BINS = 10

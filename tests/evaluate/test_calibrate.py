@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from paligemma_xray.errors import ConfigError
-from paligemma_xray.evaluate.calibration import (
+from paligemma_xray.evaluate.calibrate import (
     calibration_figures,
     calibration_report,
     check_operating_point,
@@ -17,7 +17,7 @@ from paligemma_xray.evaluate.calibration import (
     fit_calibration,
 )
 from paligemma_xray.evaluate.metrics import evaluate_detections
-from paligemma_xray.infer.calibration import Calibration, ScoreMap
+from paligemma_xray.infer.calibrated import Calibration, ScoreMap
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_metrics import random_set
