@@ -15,13 +15,13 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from paligemma_xray.locations import Detections, encode, parse
+from paligemma_xray.version import __version__
 
 # supervision warns on every import without OpenCV; we draw with its NumPy backend on purpose.
 warnings.filterwarnings(
     "ignore", message=r"OpenCV \(`opencv-python`\) is not installed", category=UserWarning
 )
 
-__version__ = "0.1.0"
 __all__ = ["Detections", "Detector", "__version__", "encode", "parse"]
 
 if TYPE_CHECKING:

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paligemma_xray import __version__
 from paligemma_xray.model.forms import CheckpointForm, identify
+from paligemma_xray.version import __version__
 
 ALGORITHM_NAME = "paligemma-xray"
 _CHUNK = 1 << 20
