@@ -172,3 +172,18 @@ def test_report_path_mistakes_are_user_errors(evals, tmp_path, capsys):
         assert main(["report", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_report_of_a_killed_run_drops_its_partial_last_line(evals, tmp_path, capsys):
+    # A run killed mid-write leaves `{"kind": "tra` without a newline; the report used to
+    # refuse the whole log, the live page to skip any bad line and the demo to crash.
+    _, after, _, run = evals
+    killed = tmp_path / "killed"
+    shutil.copytree(run, killed)
+    log = killed / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"kind": "tra')
+    text = write_report(after, tmp_path / "r.html", run_dir=killed).read_text()
+    assert text.count("<svg") == 3  # PR, FROC and the loss curve
+    log.write_text('{"kind": "train", "step": 1, "loss": 2.0}\n{"kind": "tra\n{"kind": "eval", "step": 2}\n')
+    assert main(["report", str(after), "--out", str(tmp_path / "r2.html"), "--run", str(killed)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {log}:2: ")
