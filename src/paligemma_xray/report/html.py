@@ -30,8 +30,8 @@ from paligemma_xray import atomic
 from paligemma_xray.draw import draw_boxes, fit, jpeg_data_uri
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.evaluate.compare import COMPARISON_FILE
+from paligemma_xray.evaluate.folder import load_metrics, load_predictions
 from paligemma_xray.evaluate.metrics import froc_key, match
-from paligemma_xray.evaluate.runner import load_metrics, load_predictions
 from paligemma_xray.report.plots import SERIES_COLOURS, froc_plot, loss_plot, pr_plot, reliability_plot
 from paligemma_xray.train.logs import read_metrics
 

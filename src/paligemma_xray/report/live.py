@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from paligemma_xray.atomic import write_text
+from paligemma_xray.evaluate.folder import dataset_classes
 from paligemma_xray.evaluate.metrics import match
-from paligemma_xray.evaluate.runner import dataset_classes
 from paligemma_xray.locations import Detections
 from paligemma_xray.report.html import _CSS, _image_data
 from paligemma_xray.report.plots import loss_plot, metric_plot
