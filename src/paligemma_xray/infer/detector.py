@@ -21,7 +21,14 @@ from PIL import Image
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.infer.calibration import Calibration, find_calibration
 from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
-from paligemma_xray.locations import LOC_BINS, Detections, classes_from_prefix, loc_token, parse
+from paligemma_xray.locations import (
+    DEFAULT_PROMPT,
+    LOC_BINS,
+    Detections,
+    classes_from_prefix,
+    loc_token,
+    parse,
+)
 
 if TYPE_CHECKING:
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
@@ -357,7 +364,7 @@ class Detector:
     def detect(
         self,
         images: Sequence[ImageInput],
-        prompt: str | Sequence[str] = "detect fracture",
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
         max_new_tokens: int = DEFAULT_DETECT_TOKENS,
         batch_size: int | None = None,
         threshold: float | None = None,
@@ -374,7 +381,7 @@ class Detector:
     def iter_detect(
         self,
         images: Iterable[ImageInput],
-        prompt: str | Sequence[str] = "detect fracture",
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
         max_new_tokens: int = DEFAULT_DETECT_TOKENS,
         batch_size: int | None = None,
         threshold: float | None = None,

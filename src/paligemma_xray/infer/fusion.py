@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, Generation, check_decoding
-from paligemma_xray.locations import SEG_TOKENS_PER_OBJECT, Detections, classes_from_prefix
+from paligemma_xray.locations import DEFAULT_PROMPT, SEG_TOKENS_PER_OBJECT, Detections, classes_from_prefix
 
 FUSION_METHODS = ("wbf", "nms")
 TTA_TRANSFORMS = ("hflip",)
@@ -180,7 +180,7 @@ class FusedDetector:
     def detect(
         self,
         images: Sequence[Any],
-        prompt: str | Sequence[str] = "detect fracture",
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
         max_new_tokens: int = DEFAULT_DETECT_TOKENS,
         batch_size: int | None = None,
         threshold: float | None = None,
@@ -191,7 +191,7 @@ class FusedDetector:
     def iter_detect(
         self,
         images: Iterable[Any],
-        prompt: str | Sequence[str] = "detect fracture",
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
         max_new_tokens: int = DEFAULT_DETECT_TOKENS,
         batch_size: int | None = None,
         threshold: float | None = None,

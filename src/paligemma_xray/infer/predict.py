@@ -40,7 +40,7 @@ from paligemma_xray.errors import ConfigError, DataError, check_output
 from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, check_decoding, is_detection_prompt
 from paligemma_xray.infer.distributed import barrier, shard, world
 from paligemma_xray.infer.prefetch import Background, Prefetch, default_workers
-from paligemma_xray.locations import Detections, classes_from_prefix
+from paligemma_xray.locations import DEFAULT_PROMPT, Detections, classes_from_prefix
 from paligemma_xray.progress import bar as progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"} | DICOM_SUFFIXES
@@ -241,7 +241,7 @@ def predict(
     paths: Sequence[str | Path],
     out_dir: str | Path,
     *,
-    prompt: str = "detect fracture",
+    prompt: str = DEFAULT_PROMPT,
     threshold: float | None = None,
     batch_size: int | None = None,
     max_new_tokens: int = DEFAULT_DETECT_TOKENS,

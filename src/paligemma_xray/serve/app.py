@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import logging
 import os
 import time
@@ -38,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from paligemma_xray import __version__
 from paligemma_xray.draw import fit, jpeg_data_uri
 from paligemma_xray.errors import ConfigError, ImageLoadError
-from paligemma_xray.locations import Detections
+from paligemma_xray.locations import DEFAULT_PROMPT, Detections
 from paligemma_xray.serve.batching import BatchingQueue, QueueClosedError, QueueFullError
 from paligemma_xray.serve.dicom import check_sr_input, parse_format, sr_response
 from paligemma_xray.serve.errors import ApiError
@@ -47,7 +48,6 @@ from paligemma_xray.serve.uploads import read_form, sniff_kind
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "PALIGEMMA_XRAY_API_KEY"
-DEFAULT_PROMPT = "detect fracture"
 MAX_PROMPT_CHARS = 256
 PREVIEW_MAX_SIDE = 1024
 
@@ -301,7 +301,9 @@ def _boxes(detections: Detections, threshold: float | None, calibration: Any = N
 
 
 def _page_html() -> str:
-    return resources.files("paligemma_xray.serve").joinpath("page.html").read_text(encoding="utf-8")
+    """The browser page, its prompt field filled with :data:`DEFAULT_PROMPT`."""
+    page = resources.files("paligemma_xray.serve").joinpath("page.html").read_text(encoding="utf-8")
+    return page.replace("{{DEFAULT_PROMPT}}", html.escape(DEFAULT_PROMPT, quote=True))
 
 
 # The page is self-contained; the policy makes the browser refuse anything from elsewhere.
