@@ -452,7 +452,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     detector = _detector(args)
     free_form = not is_detection_prompt(args.prompt)
     threshold = args.threshold
-    saved = getattr(detector, "calibration", None)
+    saved = detector.calibration
     if threshold is None and saved is not None and saved.threshold is not None and not free_form:
         threshold = saved.threshold
         print(

@@ -42,8 +42,8 @@ from paligemma_xray.evaluate.calibration import (
 )
 from paligemma_xray.evaluate.folder import VALID_DIR, dataset_classes, holds_evaluation, save_evaluation
 from paligemma_xray.evaluate.metrics import check_options, evaluate_detections
-from paligemma_xray.infer.calibration import Calibration, calibration_path
-from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector
+from paligemma_xray.infer.calibration import calibration_path
+from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, DetectorLike
 from paligemma_xray.infer.distributed import barrier, gather_indexed, shard, world
 from paligemma_xray.locations import Detections
 from paligemma_xray.progress import bar as progress_bar
@@ -93,7 +93,7 @@ def check_evaluation(
 
 
 def evaluate_records(
-    detector: Detector,
+    detector: DetectorLike,
     records: Sequence[Record],
     *,
     threshold: float | None = None,
@@ -179,7 +179,7 @@ def evaluate_records(
 
 
 def evaluate(
-    detector: Detector,
+    detector: DetectorLike,
     dataset: Dataset,
     split: str,
     out_dir: str | Path,
@@ -219,7 +219,7 @@ def evaluate(
     out = Path(out_dir).expanduser()
     w = world()
     classes = dataset_classes([record.prefix for record in records])
-    calibration: Calibration | None = getattr(detector, "calibration", None)
+    calibration = detector.calibration
     source = "saved with the model"
     decoding: _Decoding = {
         "batch_size": batch_size,
