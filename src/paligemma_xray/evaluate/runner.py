@@ -1,8 +1,6 @@
 """``evaluate(detector, dataset, split, out_dir)``: run the detector on a split, score it.
 
-Writes to ``out_dir``:
-
-(the folder's format: :mod:`paligemma_xray.evaluate.folder`)
+Writes to ``out_dir`` (the folder's format is owned by :mod:`paligemma_xray.evaluate.folder`):
 
 * ``metrics.json`` — everything :func:`~paligemma_xray.evaluate.metrics.evaluate_detections`
   returns, plus the model, data set, split and decoding settings;
