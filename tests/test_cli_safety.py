@@ -435,7 +435,8 @@ def test_every_verb_help_ends_with_examples_and_has_no_markup(capsys):
 
 
 def test_interrupted_training_names_the_last_checkpoint_and_the_resume_command(tmp_path):
-    from paligemma_xray.cli import _last_train_loss, _train_interrupted
+    from paligemma_xray.cli import _train_interrupted
+    from paligemma_xray.train.logs import last_record, read_metrics
 
     run = tmp_path / "run"
     assert "nothing saved" in _train_interrupted(run)
@@ -447,4 +448,5 @@ def test_interrupted_training_names_the_last_checkpoint_and_the_resume_command(t
         '{"kind": "train", "step": 9, "loss": 0.5}\n'
         '{"kind": "train", "step": 10, "loss": 0.25}\n{"kind": "eval"}\n'
     )
-    assert _last_train_loss(run) == 0.25  # a finished run's resume used to print "final loss n/a"
+    # a finished run's resume used to print "final loss n/a"
+    assert last_record(read_metrics(run), "train")["loss"] == 0.25

@@ -240,3 +240,23 @@ def test_agrees_with_supervision_where_supervision_is_right(objects, size):
     width, height = size
     # theirs = k/1024*size, ours = k/1023*size: at most one part in 1023 apart.
     np.testing.assert_allclose(ours.xyxy, theirs, atol=max(width, height) / 1023 + 1e-3)
+
+
+def test_the_default_prompt_is_one_constant_everywhere():
+    import inspect
+
+    from paligemma_xray.data import synth
+    from paligemma_xray.infer import Detector
+    from paligemma_xray.infer.fusion import FusedDetector
+    from paligemma_xray.infer.predict import predict
+    from paligemma_xray.locations import DEFAULT_PROMPT
+
+    assert DEFAULT_PROMPT == "detect fracture" and synth.PREFIX is DEFAULT_PROMPT
+    for function in (
+        Detector.detect,
+        Detector.iter_detect,
+        FusedDetector.detect,
+        FusedDetector.iter_detect,
+        predict,
+    ):
+        assert inspect.signature(function).parameters["prompt"].default is DEFAULT_PROMPT, function

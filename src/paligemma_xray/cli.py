@@ -234,7 +234,8 @@ def _add_data(verbs) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from paligemma_xray import train
-    from paligemma_xray.report.progress import write_progress
+    from paligemma_xray.report.live import write_progress
+    from paligemma_xray.train.logs import last_record, read_metrics
 
     flags = {**train.recipes.overrides(args), "model": args.model, "data": args.data, "out": args.out}
     config = train.recipes.for_command(args.recipe, args.config, flags, resume=args.resume)
@@ -250,7 +251,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     final_loss = summary.final_loss
     if final_loss is None:  # a resume of a finished run trains no step: report its last loss
-        final_loss = _last_train_loss(Path(summary.run_dir))
+        final_loss = last_record(read_metrics(summary.run_dir, missing_ok=True), "train").get("loss")
     if final_loss is None:
         print(f"nothing to train: {summary.run_dir} has no train steps logged, best {best}")
         return 0
@@ -260,23 +261,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"best {best}"
     )
     return 0
-
-
-def _last_train_loss(run_dir: Path) -> float | None:
-    """The last logged training loss of a run (a resume of a finished run trains no step)."""
-    loss = None
-    try:
-        with (run_dir / "metrics.jsonl").open() as handle:
-            for line in handle:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if row.get("kind") == "train" and isinstance(row.get("loss"), (int, float)):
-                    loss = float(row["loss"])
-    except OSError:
-        return None
-    return loss
 
 
 def _train_interrupted(run_dir: Path) -> str:
@@ -468,7 +452,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     detector = _detector(args)
     free_form = not is_detection_prompt(args.prompt)
     threshold = args.threshold
-    saved = getattr(detector, "calibration", None)
+    saved = detector.calibration
     if threshold is None and saved is not None and saved.threshold is not None and not free_form:
         threshold = saved.threshold
         print(

@@ -496,7 +496,7 @@ class _Job:
             if dicom_sr.sr_uids(study_uid, img[1], self.algorithm, self.settings)[1] not in existing
         ]
         counts = {"images": 0, "srs": 0, "skipped_images": len(images) - len(todo)}
-        size = max(1, self.batch_size or getattr(self.detector, "batch_size", 8) or 8)
+        size = max(1, self.batch_size or self.detector.batch_size)
         for start in range(0, len(todo), size):
             chunk = todo[start : start + size]
             sources = [self._retrieve(study_uid, series_uid, sop_uid) for series_uid, sop_uid, _ in chunk]
@@ -535,22 +535,8 @@ class _Job:
         found = self.detector.detect(images, self.prompt, **kwargs)
         outputs = []
         for (name, data), image, detections in zip(sources, images, found):
-            boxes, whole = dicom_sr.calibrated(self.detector, detections)
-            outputs.append(
-                dicom_sr.build_sr(
-                    data,
-                    detections,
-                    self.algorithm,
-                    probability=boxes,
-                    image_probability=whole,
-                    settings=self.settings,
-                    name=name,
-                )
-            )
-            if self.secondary_capture:
-                outputs.append(
-                    dicom_sr.build_secondary_capture(
-                        data, image, detections, self.algorithm, settings=self.settings, name=name
-                    )
-                )
+            outputs += dicom_sr.build_for_image(
+                data, detections, self.algorithm, calibration=self.detector.calibration,
+                settings=self.settings, secondary_capture=self.secondary_capture, image=image, name=name,
+            )  # fmt: skip
         return outputs

@@ -284,7 +284,7 @@ def test_a_model_calibration_puts_probabilities_in_the_sr(tmp_path):
 
     path = radiograph(tmp_path / "a.dcm")
     found = _det([[1, 2, 30, 40], [5, 5, 20, 20]], [0.8, 0.4], (96, 128))
-    boxes, whole = dicom_sr.calibrated(Calibrated(), found)
+    boxes, whole = dicom_sr.calibrated(Calibrated.calibration, found)
     sr = _reread(
         dicom_sr.build_sr(
             path, found, dicom_sr.algorithm_of(Calibrated()), probability=boxes, image_probability=whole
@@ -299,7 +299,7 @@ def test_a_model_calibration_puts_probabilities_in_the_sr(tmp_path):
     assert {m.name.meaning: m.value for m in image_group.get_measurements()}["Calibrated probability"] == (
         pytest.approx(0.4)
     )
-    assert dicom_sr.calibrated(object(), found) == (None, None)  # no calibration: no probabilities
+    assert dicom_sr.calibrated(None, found) == (None, None)  # no calibration: no probabilities
 
 
 def test_regions_on_a_multi_frame_image_name_its_first_frame(tmp_path):
@@ -319,3 +319,39 @@ def test_regions_on_a_multi_frame_image_name_its_first_frame(tmp_path):
         for name, report in (("xa", sr), ("cr", single)):
             (tmp_path / f"{name}.sr.dcm").write_bytes(dicom_sr.to_bytes(report))
             assert _validator_errors(tmp_path / f"{name}.sr.dcm") == []
+
+
+def test_sr_and_secondary_capture_build_without_predict_or_torch(tmp_path):
+    # dicom_sr used to import infer.predict (and so torch) to draw its Secondary Capture,
+    # while predict imported dicom_sr: a circle. Now both draw through paligemma_xray.draw.
+    import sys
+
+    path = radiograph(tmp_path / "a.dcm")
+    script = (
+        "import sys\n"
+        "from PIL import Image\n"
+        "import numpy as np\n"
+        "from paligemma_xray.infer import dicom_sr\n"
+        "from paligemma_xray.locations import parse, encode\n"
+        "found = parse(encode([[4, 4, 40, 40]], ['fracture'], (128, 96)), (128, 96), ['fracture'])\n"
+        "algorithm = dicom_sr.Algorithm(model_id='m', checksum='4' * 64)\n"
+        f"objects = dicom_sr.build_for_image({str(path)!r}, found, algorithm, secondary_capture=True,\n"
+        "    image=Image.new('RGB', (128, 96)))\n"
+        "print([o.Modality for o in objects],\n"
+        "      sorted(m for m in ('paligemma_xray.infer.predict', 'torch') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "['SR', 'OT'] []"
+
+
+def test_predict_pacs_and_serve_build_srs_through_one_function():
+    import inspect
+
+    from paligemma_xray import pacs
+    from paligemma_xray.infer import predict
+    from paligemma_xray.serve import dicom
+
+    for module in (predict, pacs, dicom):
+        source = inspect.getsource(module)
+        assert "build_sr(" not in source and "build_secondary_capture(" not in source, module
+    assert "build_for_image(" in inspect.getsource(dicom_sr.write_for_image)

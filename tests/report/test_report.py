@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import pytest
 from PIL import Image
 
 from paligemma_xray.cli import main
+from paligemma_xray.evaluate.folder import save_evaluation
 from paligemma_xray.evaluate.metrics import evaluate_detections
-from paligemma_xray.evaluate.runner import save_evaluation
 from paligemma_xray.locations import Detections
 from paligemma_xray.report import write_report
 
@@ -172,3 +173,35 @@ def test_report_path_mistakes_are_user_errors(evals, tmp_path, capsys):
         assert main(["report", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_report_of_a_killed_run_drops_its_partial_last_line(evals, tmp_path, capsys):
+    # A run killed mid-write leaves `{"kind": "tra` without a newline; the report used to
+    # refuse the whole log, the live page to skip any bad line and the demo to crash.
+    _, after, _, run = evals
+    killed = tmp_path / "killed"
+    shutil.copytree(run, killed)
+    log = killed / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"kind": "tra')
+    text = write_report(after, tmp_path / "r.html", run_dir=killed).read_text()
+    assert text.count("<svg") == 3  # PR, FROC and the loss curve
+    log.write_text('{"kind": "train", "step": 1, "loss": 2.0}\n{"kind": "tra\n{"kind": "eval", "step": 2}\n')
+    assert main(["report", str(after), "--out", str(tmp_path / "r2.html"), "--run", str(killed)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {log}:2: ")
+
+
+def test_the_report_reads_an_evaluation_without_torch_or_transformers(evals, tmp_path):
+    # Reading JSON used to import torch and transformers (through evaluate.runner): seconds
+    # and gigabytes for `paligemma-xray report` and the live training page.
+    _, after, before, run = evals
+    script = (
+        "import sys\n"
+        "from paligemma_xray.report import write_report\n"
+        "import paligemma_xray.report.live\n"
+        f"write_report({str(after)!r}, {str(tmp_path / 'r.html')!r}, run_dir={str(run)!r},"
+        f" compare={str(before)!r})\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    assert (tmp_path / "r.html").is_file()

@@ -382,3 +382,14 @@ def test_a_malformed_multipart_body_leaves_no_stray_parser_line(fake_server, cap
         )
     assert response.status_code == 400 and response.json()["error"] == "bad_form"
     assert not [r for r in caplog.records if r.name.startswith("python_multipart")]  # "Expected boundary …"
+
+
+def test_the_pages_prompt_field_holds_the_apps_default_prompt(monkeypatch):
+    from paligemma_xray import locations
+    from paligemma_xray.serve import app as app_module
+
+    assert app_module.DEFAULT_PROMPT is locations.DEFAULT_PROMPT  # one constant, not a copy
+    monkeypatch.setattr(app_module, "DEFAULT_PROMPT", "detect fracture ; <cast>")
+    with ServerThread(create_app(FakeDetector())) as server:
+        page = httpx.get(f"{server.url}/").text
+    assert '<input id="prompt" type="text" value="detect fracture ; &lt;cast&gt;"' in page

@@ -66,3 +66,31 @@ def test_last_step_map_is_what_evaluate_reports_for_last(tiny_boxes_hf_dir, tiny
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert 0 < evaluated["map50"] < 1  # boxes found and missed: a figure that can differ
     assert (trained["map50"], trained["map50_95"]) == (evaluated["map50"], evaluated["map50_95"])
+
+
+def test_an_unreadable_valid_image_is_skipped_and_counted_up_to_max_bad_records(
+    tiny_hf_dir, synthetic_dataset, tmp_path, capsys, caplog
+) -> None:
+    # Validation's loss used to read images with a bare load_image: one truncated image in
+    # the valid split stopped a run hours in, whatever --max-bad-records said.
+    import shutil
+
+    from paligemma_xray.data import open_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, data)
+    broken = open_dataset(data).records("valid")[1]
+    broken.image.write_bytes(b"not a jpeg")
+    argv = ["train", "--model", str(tiny_hf_dir), "--data", str(data), "--examples", "4", "--batch-size", "4",
+            "--eval-max-new-tokens", "4", "--no-progress"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "tolerant")]) == 0
+    log = [json.loads(x) for x in (tmp_path / "tolerant" / "metrics.jsonl").read_text().splitlines()]
+    (validation,) = [r for r in log if r["kind"] == "eval"]
+    assert validation["val_skipped_records"] == 1 and validation["val_loss"] > 0
+    assert f"{broken.source}:{broken.line}: record skipped" in caplog.text
+    capsys.readouterr()
+
+    assert main([*argv, "--out", str(tmp_path / "strict"), "--max-bad-records", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {broken.source}:{broken.line}: ") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

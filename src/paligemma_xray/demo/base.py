@@ -210,6 +210,7 @@ def pretrain(
     from paligemma_xray.model import load, save_hf
     from paligemma_xray.model.loading import cast
     from paligemma_xray.train import resolve, run
+    from paligemma_xray.train.logs import last_record, read_metrics
 
     settings = settings or PretrainSettings()
     if settings.examples < settings.batch_size or settings.train_images < 1:
@@ -255,7 +256,7 @@ def pretrain(
         )
         summary = run(config)
         trained, processor = load(work_dir / "run" / LAST, dtype="float32", progress=False)
-        final_eval = _last_eval(work_dir / "run" / "metrics.jsonl")
+        final_eval = last_record(read_metrics(work_dir / "run"), "eval")
         cast(trained, "float16")
         from paligemma_xray import atomic
 
@@ -389,14 +390,3 @@ def warm_up_vision(model, processor, settings: WarmupSettings, seed: int, progre
     for p, flag in was_trainable.items():
         p.requires_grad_(flag)
         p.grad = None
-
-
-def _last_eval(metrics_path: Path) -> dict:
-    """The last ``"kind": "eval"`` record of a run's metrics.jsonl (empty if none)."""
-    last: dict = {}
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("kind") == "eval":
-                last = record
-    return last

@@ -20,8 +20,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in ("evaluate", "load_metrics", "load_predictions"):
+    if name == "evaluate":
         from paligemma_xray.evaluate import runner
 
-        return getattr(runner, name)
+        return runner.evaluate
+    if name in ("load_metrics", "load_predictions"):
+        from paligemma_xray.evaluate import folder
+
+        return getattr(folder, name)
     raise AttributeError(name)

@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from paligemma_xray.errors import DataError
+from paligemma_xray.evaluate.folder import PREDICTIONS_FILE, load_metrics, load_predictions
 from paligemma_xray.evaluate.metrics import flatten_predictions, percentile_interval, sample_figures
 from paligemma_xray.infer.calibrated import image_score
 from paligemma_xray.locations import Detections
@@ -185,10 +186,8 @@ COMPARISON_FILE = "comparison.json"
 
 def check_compare(other_dir: str | Path) -> None:
     """DataError (naming the file) unless ``other_dir`` is a readable evaluation folder."""
-    from paligemma_xray.evaluate.runner import load_metrics, load_predictions
-
     load_metrics(other_dir)
-    if not (Path(other_dir) / "predictions.jsonl").is_file():
+    if not (Path(other_dir) / PREDICTIONS_FILE).is_file():
         load_predictions(other_dir)  # raises the DataError naming the missing file
 
 
@@ -200,7 +199,6 @@ def write_comparison(
     The file lands in ``eval_dir``; ``write_report(eval_dir, compare=other_dir)`` shows it.
     """
     from paligemma_xray.atomic import write_json
-    from paligemma_xray.evaluate.runner import load_metrics, load_predictions
 
     metrics_a, metrics_b = load_metrics(eval_dir), load_metrics(other_dir)
     result = compare_evaluations(

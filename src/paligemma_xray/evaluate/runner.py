@@ -1,6 +1,6 @@
 """``evaluate(detector, dataset, split, out_dir)``: run the detector on a split, score it.
 
-Writes to ``out_dir``:
+Writes to ``out_dir`` (the folder's format is owned by :mod:`paligemma_xray.evaluate.folder`):
 
 * ``metrics.json`` — everything :func:`~paligemma_xray.evaluate.metrics.evaluate_detections`
   returns, plus the model, data set, split and decoding settings;
@@ -24,13 +24,11 @@ in image order before scoring, so the files are those of a single-process run.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypedDict
 
-from paligemma_xray import atomic
 from paligemma_xray.data import Dataset, Record, record_targets
 from paligemma_xray.data.bad_records import DEFAULT_MAX_BAD_RECORDS, BadRecords
 from paligemma_xray.errors import ConfigError, DataError, check_output
@@ -40,19 +38,15 @@ from paligemma_xray.evaluate.calibrate import (
     check_operating_point,
     fit_calibration,
 )
-from paligemma_xray.evaluate.metrics import check_options, coco_dicts, evaluate_detections
-from paligemma_xray.infer.calibrated import Calibration
+from paligemma_xray.evaluate.folder import VALID_DIR, dataset_classes, holds_evaluation, save_evaluation
+from paligemma_xray.evaluate.metrics import check_options, evaluate_detections
 from paligemma_xray.infer.calibrated import save_with_model as save_calibration_with_model
-from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector
+from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, DetectorLike
 from paligemma_xray.infer.distributed import barrier, gather_indexed, shard, world
-from paligemma_xray.locations import Detections, classes_from_prefix
+from paligemma_xray.locations import Detections
 from paligemma_xray.model.fingerprint import fingerprint
 from paligemma_xray.model.forms import CALIBRATION_FILE
 from paligemma_xray.progress import bar as progress_bar
-
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.jsonl"
-VALID_DIR = "valid"
 
 
 class _Decoding(TypedDict):
@@ -61,16 +55,6 @@ class _Decoding(TypedDict):
     max_new_tokens: int
     progress: bool
     max_bad_records: int | None
-
-
-def dataset_classes(prefixes: Sequence[str]) -> list[str]:
-    """Class names asked for by the prefixes, in order of first appearance."""
-    classes: list[str] = []
-    for prefix in prefixes:
-        for name in classes_from_prefix(prefix):
-            if name not in classes:
-                classes.append(name)
-    return classes
 
 
 def check_evaluation(
@@ -99,7 +83,7 @@ def check_evaluation(
         check_operating_point(operating_point)
     BadRecords(max_bad_records)  # a negative limit is refused here
     out = check_output(out_dir, folder=True)
-    if not overwrite and any((out / name).exists() for name in (METRICS_FILE, PREDICTIONS_FILE)):
+    if not overwrite and holds_evaluation(out):
         raise ConfigError(
             "holds an earlier evaluation; add --overwrite to replace it, or give another --out", path=out
         )
@@ -107,7 +91,7 @@ def check_evaluation(
 
 
 def evaluate_records(
-    detector: Detector,
+    detector: DetectorLike,
     records: Sequence[Record],
     *,
     threshold: float | None = None,
@@ -193,7 +177,7 @@ def evaluate_records(
 
 
 def evaluate(
-    detector: Detector,
+    detector: DetectorLike,
     dataset: Dataset,
     split: str,
     out_dir: str | Path,
@@ -233,7 +217,7 @@ def evaluate(
     out = Path(out_dir).expanduser()
     w = world()
     classes = dataset_classes([record.prefix for record in records])
-    calibration: Calibration | None = getattr(detector, "calibration", None)
+    calibration = detector.calibration
     source = "saved with the model"
     decoding: _Decoding = {
         "batch_size": batch_size,
@@ -325,65 +309,4 @@ def evaluate(
     if w.is_main:
         save_evaluation(out, rows, metrics)
     barrier(w)
-    return metrics
-
-
-def save_evaluation(out_dir: str | Path, rows: Sequence[dict], metrics: dict) -> None:
-    """Write an evaluation folder: ``predictions.jsonl``, the COCO files, ``metrics.json``.
-
-    ``rows``: one dict per image with ``image`` (path), ``prompt``, ``text``, ``finished``,
-    and ``ground_truth`` / ``prediction`` as ``Detections.to_json()`` dicts.
-    """
-    out = Path(out_dir)
-    with atomic.open_for_write(out / PREDICTIONS_FILE) as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    ground_truth = [Detections.from_json(row["ground_truth"]) for row in rows]
-    predictions = [Detections.from_json(row["prediction"]) for row in rows]
-    gt_dict, coco_results = coco_dicts(
-        ground_truth, predictions, metrics.get("classes", []), range(len(rows))
-    )
-    for image, row in zip(gt_dict["images"], rows):
-        image["file_name"] = row["image"]
-    atomic.write_json(out / "ground_truth.coco.json", gt_dict)
-    atomic.write_json(out / "predictions.coco.json", coco_results)
-    atomic.write_json(out / METRICS_FILE, metrics)
-
-
-def load_predictions(eval_dir: str | Path) -> list[dict]:
-    """The rows of ``predictions.jsonl`` with ``ground_truth`` / ``prediction`` as Detections."""
-    from paligemma_xray.errors import DataError
-
-    path = Path(eval_dir) / PREDICTIONS_FILE
-    if not path.is_file():
-        raise DataError("no predictions file here (run `paligemma-xray evaluate` first)", path=path)
-    rows = []
-    with path.open() as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                row["ground_truth"] = Detections.from_json(row["ground_truth"])
-                row["prediction"] = Detections.from_json(row["prediction"])
-            except (ValueError, KeyError, TypeError, AttributeError) as error:
-                message = f"unreadable prediction line: {error!r}"
-                raise DataError(message, path=path, line=line_number) from None
-            rows.append(row)
-    return rows
-
-
-def load_metrics(eval_dir: str | Path) -> dict:
-    """``metrics.json`` of an evaluation folder; DataError naming the file if absent or broken."""
-    from paligemma_xray.errors import DataError
-
-    path = Path(eval_dir) / METRICS_FILE
-    try:
-        metrics = json.loads(path.read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        raise DataError("no metrics file here (run `paligemma-xray evaluate` first)", path=path) from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"not valid JSON: {error}", path=path) from None
-    if not isinstance(metrics, dict):
-        raise DataError(f"expected a JSON object, got {type(metrics).__name__}", path=path)
     return metrics

@@ -36,14 +36,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache  # built from the config (transformers >= 4.56; we need 5.17)
 
-try:  # transformers >= 4.56 builds caches from the config
-    from transformers import DynamicCache
-except ImportError:  # pragma: no cover - every supported transformers has it
-    DynamicCache = None  # type: ignore[assignment]
+# The model and its parts are transformers modules reached by attribute (``model.model.
+# language_model``, ``layers``, ``rotary_emb``…), which torch types as ``Tensor | Module``:
+# they are ``Any`` here, the tensors typed.
 
 
 @dataclass
@@ -86,7 +87,7 @@ class DecodeOutput:
     finished: list[bool]
 
 
-def _lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
+def _lm_parts(model: Any) -> tuple[Any, nn.Module, float | None]:
     """(language model, output head, final logit soft-cap) of a PaliGemma model."""
     language_model = model.model.language_model
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
@@ -163,7 +164,13 @@ def _step_mask(attention_mask: torch.Tensor, attn: str, dtype: torch.dtype) -> t
     return mask
 
 
-def _step_layers(language_model: nn.Module, input_ids, mask, position_ids, cache) -> torch.Tensor:
+def _step_layers(
+    language_model: Any,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: DynamicCache,
+) -> torch.Tensor:
     """One decoding step through the decoder layers, as Gemma's / Gemma 2's forward runs
     them, minus its per-call wrappers and mask factory (much of a small model's step)."""
     hidden = language_model.embed_tokens(input_ids)
@@ -182,7 +189,7 @@ def _step_layers(language_model: nn.Module, input_ids, mask, position_ids, cache
 
 @torch.inference_mode()
 def greedy_decode(
-    model: nn.Module,
+    model: Any,
     batch: dict[str, torch.Tensor],
     *,
     max_new_tokens: int,
@@ -209,7 +216,7 @@ def greedy_decode(
     # Positions as generate() makes them: count of real tokens so far, pads at 0, then
     # PaliGemma's 1-based shift. Each row continues from its own last position.
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0) + 1
-    cache = DynamicCache(config=model.config.get_text_config()) if DynamicCache is not None else None
+    cache = DynamicCache(config=model.config.get_text_config())
     out = model(
         input_ids=input_ids,
         pixel_values=batch["pixel_values"],
@@ -232,9 +239,10 @@ def greedy_decode(
     # through the full model, which builds its own masks.
     text_config = model.config.get_text_config()
     layer_types = getattr(text_config, "layer_types", None)
-    attn = getattr(text_config, "_attn_implementation", None)
+    attn: str | None = getattr(text_config, "_attn_implementation", None)
     fast = (
-        attn in ("sdpa", "eager")
+        attn is not None
+        and attn in ("sdpa", "eager")
         and (layer_types is None or set(layer_types) == {"full_attention"})
         and text_config.model_type in ("gemma", "gemma2")  # the layer loop _step_layers mirrors
     )
@@ -251,7 +259,7 @@ def greedy_decode(
         out_logprobs[rows, step] = chosen.to(torch.float32)
         if step == max_new_tokens - 1:
             break
-        if box_state is not None:
+        if box_state is not None and box_or_stop is not None:
             box_state = _next_box_state(box_state, token, box_or_stop)
         done = torch.isin(token, eos)
         if bool(done.any()):
@@ -264,7 +272,7 @@ def greedy_decode(
                 box_state = box_state[keep]
             cache.batch_select_indices(keep)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-        if fast:
+        if fast and attn is not None:
             mask = _step_mask(attention_mask, attn, mask_dtype)
             hidden = _step_layers(language_model, token[:, None], mask, next_pos, cache)
             logits = _head(lm_head, hidden[:, -1, :], softcap)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from PIL import Image
@@ -21,7 +21,14 @@ from PIL import Image
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.infer.calibrated import Calibration, find_calibration
 from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
-from paligemma_xray.locations import LOC_BINS, Detections, classes_from_prefix, loc_token, parse
+from paligemma_xray.locations import (
+    DEFAULT_PROMPT,
+    LOC_BINS,
+    Detections,
+    classes_from_prefix,
+    loc_token,
+    parse,
+)
 
 if TYPE_CHECKING:
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
@@ -62,6 +69,75 @@ class Generation:
     def token_logprobs(self) -> list[tuple[str, float]]:
         """``(piece, logprob)`` pairs, the form :func:`~paligemma_xray.locations.parse` takes."""
         return list(zip(self.pieces, self.logprobs))
+
+
+class DetectorLike(Protocol):
+    """What every user of a detector relies on, and all it may rely on.
+
+    :class:`Detector`, :class:`~paligemma_xray.infer.fusion.FusedDetector` (several models
+    and/or test-time augmentation) and the service's stand-ins satisfy it; evaluation,
+    ``predict``, the service, the PACS client and the DICOM SR writer take one. A fused
+    detector's ``calibration`` is ``None`` (its scores are not those any calibration saw);
+    one that only detects raises :class:`~paligemma_xray.errors.ConfigError` from
+    ``iter_generate``.
+    """
+
+    @property
+    def model_id(self) -> str:
+        """A name for reports, manifests and the DICOM SR (the checkpoint's path or Hub id)."""
+        ...
+
+    @property
+    def batch_size(self) -> int:
+        """Images decoded together when a call gives no ``batch_size``."""
+        ...
+
+    @property
+    def box_or_stop(self) -> bool:
+        """Whether detection prompts decode with the "emit a box or stop" rule."""
+        ...
+
+    @property
+    def min_box_probability(self) -> float | None:
+        """The rule's lower bound on the location mass that starts a box (None: beat EOS)."""
+        ...
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """Score → probability maps and the operating point saved with the model, if any."""
+        ...
+
+    def detect(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
+        max_new_tokens: int = DEFAULT_DETECT_TOKENS,
+        batch_size: int | None = None,
+        threshold: float | None = None,
+    ) -> list[Detections]:
+        """One Detections per image, boxes in its pixels (see :meth:`Detector.detect`)."""
+        ...
+
+    def iter_detect(
+        self,
+        images: Iterable[ImageInput],
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
+        max_new_tokens: int = DEFAULT_DETECT_TOKENS,
+        batch_size: int | None = None,
+        threshold: float | None = None,
+    ) -> Iterator[tuple[Generation, Detections]]:
+        """``(generation, detections)`` per image, one batch of images in memory."""
+        ...
+
+    def iter_generate(
+        self,
+        images: Iterable[ImageInput],
+        prompt: str | Sequence[str],
+        max_new_tokens: int = DEFAULT_GENERATE_TOKENS,
+        batch_size: int | None = None,
+    ) -> Iterator[Generation]:
+        """Free-form answers per image (captions, questions), one batch in memory."""
+        ...
 
 
 def check_decoding(
@@ -357,7 +433,7 @@ class Detector:
     def detect(
         self,
         images: Sequence[ImageInput],
-        prompt: str | Sequence[str] = "detect fracture",
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
         max_new_tokens: int = DEFAULT_DETECT_TOKENS,
         batch_size: int | None = None,
         threshold: float | None = None,
@@ -374,7 +450,7 @@ class Detector:
     def iter_detect(
         self,
         images: Iterable[ImageInput],
-        prompt: str | Sequence[str] = "detect fracture",
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
         max_new_tokens: int = DEFAULT_DETECT_TOKENS,
         batch_size: int | None = None,
         threshold: float | None = None,

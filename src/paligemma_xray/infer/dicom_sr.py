@@ -46,13 +46,17 @@ import hashlib
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from paligemma_xray.errors import DataError
 from paligemma_xray.locations import Detections
 from paligemma_xray.model.fingerprint import ALGORITHM_NAME, Algorithm, weights_checksum
+
+if TYPE_CHECKING:
+    from paligemma_xray.infer.calibrated import Calibration
+    from paligemma_xray.infer.detector import DetectorLike
 
 MANUFACTURER = "paligemma-xray"
 SERIES_NUMBER_SR = 7701  # our series numbers, out of the way of the modality's (1, 2, …)
@@ -92,30 +96,30 @@ def _codes() -> dict[str, Any]:
     }
 
 
-def calibrated(detector: Any, detections: Detections) -> tuple[np.ndarray | None, float | None]:
-    """(per-box, image-level) calibrated probabilities from the calibration saved with the model.
+def calibrated(
+    calibration: Calibration | None, detections: Detections
+) -> tuple[np.ndarray | None, float | None]:
+    """(per-box, image-level) calibrated probabilities of ``detections``; ``(None, None)`` without one.
 
-    ``detector.calibration`` (:mod:`paligemma_xray.infer.calibrated`, read by
-    ``Detector.load``) maps scores to probabilities; ``(None, None)`` where the model has none.
+    ``calibration``: the one saved with the model (``DetectorLike.calibration``, read by
+    ``Detector.load``; :mod:`paligemma_xray.infer.calibrated`).
     """
-    calibration = getattr(detector, "calibration", None)
-    if calibration is None or not hasattr(calibration, "box_probability"):
+    if calibration is None:
         return None, None
     boxes = None
     if detections.score is not None and len(detections):
         boxes = np.asarray(calibration.box_probability(np.asarray(detections.score)), dtype=np.float64)
-    image = calibration.image_probability(detections) if hasattr(calibration, "image_probability") else None
-    return boxes, None if image is None else float(image)
+    return boxes, float(calibration.image_probability(detections))
 
 
-def algorithm_of(detector: Any) -> Algorithm:
-    """The :class:`Algorithm` of a Detector (its ``model_id`` and its weights' checksum).
+def algorithm_of(detector: DetectorLike) -> Algorithm:
+    """The :class:`Algorithm` of a detector (its ``model_id`` and its weights' checksum).
 
-    An object without a torch ``model`` (a stand-in detector) is identified by the SHA-256 of
-    its ``model_id``.
+    A detector without a torch ``model`` (a fused detector, a stand-in) is identified by the
+    SHA-256 of its ``model_id``.
     """
-    model_id = str(getattr(detector, "model_id", "model"))
-    model = getattr(detector, "model", None)
+    model_id = str(detector.model_id)
+    model = getattr(detector, "model", None)  # not part of DetectorLike: only a Detector has one
     if model is not None and hasattr(model, "state_dict"):
         checksum = weights_checksum(model)
     else:
@@ -410,7 +414,7 @@ def build_secondary_capture(
     import highdicom as hd
     from pydicom.uid import generate_uid
 
-    from paligemma_xray.infer.predict import annotate
+    from paligemma_xray.draw import annotate
 
     ds = read_source(source, name=name)
     evidence = _evidence(ds)
@@ -467,6 +471,52 @@ def is_dicom_file(path: str | Path) -> bool:
         return False
 
 
+def build_for_image(
+    source: Any,
+    detections: Detections,
+    algorithm: Algorithm,
+    *,
+    calibration: Calibration | None = None,
+    settings: str = "",
+    sr: bool = True,
+    secondary_capture: bool = False,
+    image: Any = None,
+    name: str | Path | None = None,
+) -> list[Any]:
+    """The DICOM objects that report one source image: its SR, then its Secondary Capture.
+
+    The one builder ``predict --dicom-sr``, the PACS client and the service's
+    ``format=dicom-sr`` go through. ``calibration``: the model's (``DetectorLike.calibration``),
+    whose probabilities the SR reports beside the scores (none without one); ``sr`` /
+    ``secondary_capture``: which objects; ``image``: the decoded source, which the Secondary
+    Capture draws on. ``settings`` and ``name`` as for :func:`build_sr`.
+
+    Raises:
+        DataError: the source is not DICOM or lacks an attribute the SR needs.
+    """
+    objects = []
+    if sr:
+        boxes, whole = calibrated(calibration, detections)
+        objects.append(
+            build_sr(
+                source,
+                detections,
+                algorithm,
+                probability=boxes,
+                image_probability=whole,
+                settings=settings,
+                name=name,
+            )
+        )
+    if secondary_capture:
+        if image is None:
+            raise ValueError("a Secondary Capture needs the decoded image")
+        objects.append(
+            build_secondary_capture(source, image, detections, algorithm, settings=settings, name=name)
+        )
+    return objects
+
+
 def write_for_image(
     out_dir: str | Path,
     name: str,
@@ -475,34 +525,25 @@ def write_for_image(
     detections: Detections,
     algorithm: Algorithm,
     *,
+    calibration: Calibration | None = None,
     settings: str = "",
     sr: bool = True,
     secondary_capture: bool = False,
-    probability: Sequence[float] | np.ndarray | None = None,
-    image_probability: float | None = None,
 ) -> list[Path]:
     """``predict --dicom-sr``'s files for one image: ``dicom-sr/<name>.sr.dcm``, ``dicom-sc/<name>.sc.dcm``.
 
-    Written atomically (:mod:`paligemma_xray.atomic`); returns the paths written.
+    Built by :func:`build_for_image`; written atomically (:mod:`paligemma_xray.atomic`);
+    returns the paths written.
     """
     from paligemma_xray.atomic import write_bytes
 
     out = Path(out_dir)
-    written = []
-    if sr:
-        report = build_sr(
-            source,
-            detections,
-            algorithm,
-            probability=probability,
-            image_probability=image_probability,
-            settings=settings,
-            name=source,
-        )
-        written.append(write_bytes(out / "dicom-sr" / f"{name}.sr.dcm", to_bytes(report)))
-    if secondary_capture:
-        capture = build_secondary_capture(
-            source, image, detections, algorithm, settings=settings, name=source
-        )
-        written.append(write_bytes(out / "dicom-sc" / f"{name}.sc.dcm", to_bytes(capture)))
-    return written
+    objects = build_for_image(
+        source, detections, algorithm, calibration=calibration, settings=settings, sr=sr,
+        secondary_capture=secondary_capture, image=image, name=source,
+    )  # fmt: skip
+    places = [("dicom-sr", "sr")] * sr + [("dicom-sc", "sc")] * secondary_capture
+    return [
+        write_bytes(out / folder / f"{name}.{kind}.dcm", to_bytes(dataset))
+        for (folder, kind), dataset in zip(places, objects)
+    ]

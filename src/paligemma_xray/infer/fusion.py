@@ -14,14 +14,21 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from paligemma_xray.errors import ConfigError
-from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, Generation, check_decoding
-from paligemma_xray.locations import SEG_TOKENS_PER_OBJECT, Detections, classes_from_prefix
+from paligemma_xray.infer.calibrated import Calibration
+from paligemma_xray.infer.detector import (
+    DEFAULT_DETECT_TOKENS,
+    Detector,
+    DetectorLike,
+    Generation,
+    check_decoding,
+)
+from paligemma_xray.locations import DEFAULT_PROMPT, SEG_TOKENS_PER_OBJECT, Detections, classes_from_prefix
 
 FUSION_METHODS = ("wbf", "nms")
 TTA_TRANSFORMS = ("hflip",)
@@ -163,7 +170,9 @@ class FusedDetector:
         self.box_or_stop = first.box_or_stop
         self.min_box_probability = first.min_box_probability
         self.batch_size = first.batch_size
-        self.calibration = None  # a fused model's scores are not those any saved calibration saw
+        self.calibration: Calibration | None = (
+            None  # a fused model's scores are not those any saved calibration saw
+        )
         views = " + ".join(d.model_id for d in self.detectors)
         extras = [f"tta {'+'.join(self.tta)}"] * bool(self.tta) + [f"merge {merge}"] * bool(merge)
         fused = f" ({method})" if len(self.detectors) > 1 or self.tta else ""
@@ -180,7 +189,7 @@ class FusedDetector:
     def detect(
         self,
         images: Sequence[Any],
-        prompt: str | Sequence[str] = "detect fracture",
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
         max_new_tokens: int = DEFAULT_DETECT_TOKENS,
         batch_size: int | None = None,
         threshold: float | None = None,
@@ -191,7 +200,7 @@ class FusedDetector:
     def iter_detect(
         self,
         images: Iterable[Any],
-        prompt: str | Sequence[str] = "detect fracture",
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
         max_new_tokens: int = DEFAULT_DETECT_TOKENS,
         batch_size: int | None = None,
         threshold: float | None = None,
@@ -236,3 +245,8 @@ class FusedDetector:
 
     def iter_generate(self, *args: Any, **kwargs: Any) -> Iterator[Generation]:
         raise ConfigError("several models or test-time augmentation only apply to detect/segment prompts")
+
+
+if TYPE_CHECKING:  # mypy holds both kinds of detector to the one protocol their users rely on
+    _PLAIN: type[DetectorLike] = Detector
+    _FUSED: type[DetectorLike] = FusedDetector

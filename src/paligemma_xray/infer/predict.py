@@ -33,14 +33,22 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from paligemma_xray import atomic
 from paligemma_xray.data.images import DICOM_SUFFIXES, is_dicom
 from paligemma_xray.draw import annotate
 from paligemma_xray.errors import ConfigError, DataError, check_output
-from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, check_decoding, is_detection_prompt
+from paligemma_xray.infer import dicom_sr
+from paligemma_xray.infer.detector import (
+    DEFAULT_DETECT_TOKENS,
+    DetectorLike,
+    check_decoding,
+    is_detection_prompt,
+)
 from paligemma_xray.infer.distributed import barrier, shard, world
 from paligemma_xray.infer.prefetch import Background, Prefetch, default_workers
-from paligemma_xray.locations import Detections, classes_from_prefix
+from paligemma_xray.locations import DEFAULT_PROMPT, Detections, classes_from_prefix
 from paligemma_xray.progress import bar as progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"} | DICOM_SUFFIXES
@@ -201,25 +209,22 @@ def _check_resume(out: Path, previous: dict | None, settings: dict, checksum: di
 class _DicomOutputs:
     """The DICOM SR / Secondary Capture of each DICOM input (``--dicom-sr``); others are counted."""
 
-    def __init__(self, detector, out: Path, prompt: str, threshold, sr: bool, sc: bool) -> None:
+    def __init__(
+        self, detector: DetectorLike, out: Path, prompt: str, threshold: float | None, sr: bool, sc: bool
+    ) -> None:
         self.detector, self.out, self.sr, self.sc = detector, out, sr, sc
-        from paligemma_xray.infer.dicom_sr import settings_key
-
-        self.settings = settings_key(prompt, threshold)
-        self.algorithm = None
+        self.settings = dicom_sr.settings_key(prompt, threshold)
+        self.algorithm: dicom_sr.Algorithm | None = None
         self.counts = {"dicom_sr": 0, "not_dicom": 0}
 
-    def write(self, item: Item, image, found: Detections) -> None:
+    def write(self, item: Item, image: Image.Image, found: Detections) -> None:
         if not (self.sr or self.sc):
             return
-        from paligemma_xray.infer import dicom_sr
-
         if not dicom_sr.is_dicom_file(item.path):
             self.counts["not_dicom"] += 1
             return
         if self.algorithm is None:
             self.algorithm = dicom_sr.algorithm_of(self.detector)
-        boxes, whole = dicom_sr.calibrated(self.detector, found)
         dicom_sr.write_for_image(
             self.out,
             item.name,
@@ -227,21 +232,20 @@ class _DicomOutputs:
             image,
             found,
             self.algorithm,
+            calibration=self.detector.calibration,
             settings=self.settings,
             sr=self.sr,
             secondary_capture=self.sc,
-            probability=boxes,
-            image_probability=whole,
         )
         self.counts["dicom_sr"] += 1
 
 
 def predict(
-    detector: Detector,
+    detector: DetectorLike,
     paths: Sequence[str | Path],
     out_dir: str | Path,
     *,
-    prompt: str = "detect fracture",
+    prompt: str = DEFAULT_PROMPT,
     threshold: float | None = None,
     batch_size: int | None = None,
     max_new_tokens: int = DEFAULT_DETECT_TOKENS,
@@ -290,7 +294,7 @@ def predict(
         "threshold": threshold,
         "max_new_tokens": max_new_tokens,
         "box_or_stop": detector.box_or_stop,
-        "min_box_probability": getattr(detector, "min_box_probability", None),
+        "min_box_probability": detector.min_box_probability,
     }
     previous = _read_manifest(out) if resume else None
     checksum = fingerprint(detector.model_id, previous=(previous or {}).get("model_checksum"))
@@ -336,7 +340,7 @@ def predict(
         # In the writer's threads (PNG encoding outlasts decoding a batch); JSON last.
         if found is not None:
             record["detections"] = found.to_json()
-            if getattr(detector, "calibration", None) is not None:  # calibrated beside the raw score
+            if detector.calibration is not None:  # calibrated beside the raw score
                 detector.calibration.add_to_json(record["detections"], found)
             if annotated:
                 # zlib level 1: 4.7x faster than PIL's default 6 on a 1024 px radiograph, 7% larger

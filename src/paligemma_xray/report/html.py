@@ -30,10 +30,11 @@ from paligemma_xray import atomic
 from paligemma_xray.draw import draw_boxes, fit, jpeg_data_uri
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.evaluate.compare import COMPARISON_FILE
+from paligemma_xray.evaluate.folder import load_metrics, load_predictions
 from paligemma_xray.evaluate.metrics import Matching, froc_key, match
-from paligemma_xray.evaluate.runner import load_metrics, load_predictions
 from paligemma_xray.locations import Detections
 from paligemma_xray.report.plots import SERIES_COLOURS, froc_plot, loss_plot, pr_plot, reliability_plot
+from paligemma_xray.train.logs import read_metrics
 
 TRUTH_COLOUR = (47, 158, 68)  # green
 PREDICTION_COLOUR = (230, 119, 0)  # orange
@@ -279,20 +280,6 @@ def _gallery(evaluations: Sequence[Evaluation], size: int) -> str:
     return f"{legend}{note}<div class=gallery>{''.join(cards)}</div>"
 
 
-def _read_run(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise DataError("no metrics.jsonl in this training run folder", path=path)
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DataError(f"not valid JSON: {error}", path=path, line=number) from None
-    return rows
-
-
 def render_report(
     evaluations: Sequence[Evaluation],
     *,
@@ -378,7 +365,7 @@ def write_report(
         evaluations.append(load_evaluation(compare, names[1]))
         if evaluations[1].name == evaluations[0].name:
             evaluations[1].name += " (2)"
-    run_rows = _read_run(run_dir) if run_dir is not None else None
+    run_rows = read_metrics(run_dir) if run_dir is not None else None
     comparison = _read_comparison(eval_dir, compare) if compare is not None else None
     target = check_output(out if out is not None else Path(eval_dir) / "report.html", folder=False)
     # Written under a temporary name and renamed: a full disk never leaves half a report.

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,26 +39,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from paligemma_xray import __version__
 from paligemma_xray.draw import fit, jpeg_data_uri
 from paligemma_xray.errors import ConfigError, ImageLoadError
-from paligemma_xray.locations import Detections
+from paligemma_xray.locations import DEFAULT_PROMPT, Detections
 from paligemma_xray.serve.batching import BatchingQueue, QueueClosedError, QueueFullError
 from paligemma_xray.serve.dicom import check_sr_input, parse_format, sr_response
 from paligemma_xray.serve.errors import ApiError
 from paligemma_xray.serve.uploads import read_form, sniff_kind
 
+if TYPE_CHECKING:  # the service runs any DetectorLike; torch loads only with a real model
+    from paligemma_xray.infer.detector import DetectorLike
+
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "PALIGEMMA_XRAY_API_KEY"
-DEFAULT_PROMPT = "detect fracture"
 MAX_PROMPT_CHARS = 256
 PREVIEW_MAX_SIDE = 1024
-
-
-class DetectorLike(Protocol):
-    """What the service needs from :class:`paligemma_xray.infer.Detector`."""
-
-    model_id: str
-
-    def detect(self, images: Sequence[Any], prompt: str = ..., **kwargs: Any) -> list[Detections]: ...
 
 
 @dataclass(frozen=True)
@@ -301,7 +296,9 @@ def _boxes(detections: Detections, threshold: float | None, calibration: Any = N
 
 
 def _page_html() -> str:
-    return resources.files("paligemma_xray.serve").joinpath("page.html").read_text(encoding="utf-8")
+    """The browser page, its prompt field filled with :data:`DEFAULT_PROMPT`."""
+    page = resources.files("paligemma_xray.serve").joinpath("page.html").read_text(encoding="utf-8")
+    return page.replace("{{DEFAULT_PROMPT}}", html.escape(DEFAULT_PROMPT, quote=True))
 
 
 # The page is self-contained; the policy makes the browser refuse anything from elsewhere.
@@ -319,7 +316,7 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
     config = config or ServeConfig()
     model_id = str(detector.model_id)
     max_new_tokens = config.max_new_tokens
-    calibration = getattr(detector, "calibration", None)  # saved with the model, if any
+    calibration = detector.calibration  # saved with the model, if any
     operating = None if calibration is None else calibration.threshold
 
     def run_batch(images: list[Image.Image], prompt: str) -> list[Detections]:

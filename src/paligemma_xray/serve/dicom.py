@@ -7,7 +7,7 @@ same model, image, prompt and threshold: same content, same SOP Instance UID.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi.responses import Response
@@ -15,6 +15,9 @@ from fastapi.responses import Response
 from paligemma_xray.errors import DataError
 from paligemma_xray.locations import Detections
 from paligemma_xray.serve.uploads import ApiError
+
+if TYPE_CHECKING:
+    from paligemma_xray.infer.detector import DetectorLike
 
 FORMATS = ("json", "dicom-sr")
 
@@ -34,7 +37,7 @@ def check_sr_input(output: str, kind: str) -> None:
 
 
 def sr_response(
-    detector: Any,
+    detector: DetectorLike,
     data: bytes,
     filename: str | None,
     kind: str,
@@ -49,13 +52,11 @@ def sr_response(
     if threshold is not None and detections.score is not None:
         detections = detections[np.asarray(detections.score) >= threshold]
     try:
-        boxes, whole = dicom_sr.calibrated(detector, detections)
-        report = dicom_sr.build_sr(
+        (report,) = dicom_sr.build_for_image(
             data,
             detections,
             dicom_sr.algorithm_of(detector),
-            probability=boxes,
-            image_probability=whole,
+            calibration=detector.calibration,
             settings=dicom_sr.settings_key(prompt, threshold),
             name=filename or "upload",
         )

@@ -2,6 +2,12 @@
 
 Only the main process writes. Resuming first drops what a killed run logged after its last
 checkpoint, so that the resumed log reads like the uninterrupted one (no step twice).
+
+:func:`read_metrics` is the one reader of ``metrics.jsonl`` (the report's loss curve, the
+live training page, the demo, the ``train`` verb's summary line). Its policy: blank lines
+are skipped; a last line without its newline that is not JSON is what a killed run (or a
+write in progress) leaves, and is dropped; any other line that is not a JSON object is a
+:class:`~paligemma_xray.errors.DataError` naming ``file:line``.
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from paligemma_xray.atomic import disk_errors, write_text
+from paligemma_xray.errors import DataError
 from paligemma_xray.train.recipes import TrainConfig
 
 logger = logging.getLogger(__name__)
+
+METRICS_LOG = "metrics.jsonl"  # in a run folder: one JSON object per line
 
 
 class MetricsLog:
@@ -24,7 +33,7 @@ class MetricsLog:
     def __init__(self, out: Path, start: int, *, main: bool) -> None:
         self.main = main
         self.writer: Any = None
-        self.path = out / "metrics.jsonl"
+        self.path = out / METRICS_LOG
         if not main:
             return
         if start and self.path.exists():
@@ -54,6 +63,50 @@ class MetricsLog:
         """Flush and close TensorBoard's writer."""
         if self.writer is not None:
             self.writer.close()
+
+
+def read_metrics(path: str | Path, *, missing_ok: bool = False) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (a run folder or the file itself), in order.
+
+    A partial last line (no newline, not JSON: a killed run, or a line being written) is
+    dropped; blank lines are skipped.
+
+    Raises:
+        DataError: no such file (unless ``missing_ok``: then ``[]``), or a line that is not
+            a JSON object, naming ``file:line``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_LOG
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        if missing_ok:
+            return []
+        raise DataError(f"no {METRICS_LOG} here: not a training run folder", path=path) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read this training log: {error}", path=path) from None
+    lines = text.split("\n")  # the last item: "" after a final newline, else a line cut short
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            if number == len(lines):  # no newline after it: a write that did not finish
+                logger.warning("%s:%d: partial last line dropped (a run stopped while writing)", path, number)
+                break
+            raise DataError(f"not a JSON line: {error}", path=path, line=number) from None
+        if not isinstance(record, dict):
+            raise DataError(f"expected a JSON object, got {type(record).__name__}", path=path, line=number)
+        records.append(record)
+    return records
+
+
+def last_record(records: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """The last record of ``kind`` (``"train"``, ``"eval"``…) of :func:`read_metrics`; ``{}`` if none."""
+    return next((record for record in reversed(records) if record.get("kind") == kind), {})
 
 
 def _step(line: str) -> float:

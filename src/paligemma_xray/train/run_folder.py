@@ -29,6 +29,7 @@ from torch import nn
 
 from paligemma_xray.atomic import remove_stale_temporaries, staged_dir, write_json, write_text
 from paligemma_xray.errors import ConfigError, check_output
+from paligemma_xray.train.logs import METRICS_LOG
 from paligemma_xray.train.recipes import TrainConfig
 from paligemma_xray.train.state import TrainState
 from paligemma_xray.train.strategies import merged_state_dict, trainable_state, unwrap
@@ -52,7 +53,7 @@ def prepare_run_dir(out: Path, *, resume: bool, main: bool) -> None:
             remove_stale_temporaries(out / "checkpoints")
         return
     check_output(out, folder=True)
-    if (out / "checkpoints").exists() or (out / "metrics.jsonl").exists():
+    if (out / "checkpoints").exists() or (out / METRICS_LOG).exists():
         raise ConfigError(
             "run folder already holds a run: continue it with --resume, or choose another --out", path=out
         )

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from paligemma_xray.data import Record, load_image
+from paligemma_xray.data import Record
+from paligemma_xray.data.bad_records import BadRecords
 from paligemma_xray.evaluate.runner import evaluate_records
 from paligemma_xray.infer.detector import Detector
 from paligemma_xray.model.processing import build_batch
@@ -45,9 +46,8 @@ def validate(
     was_training = model.training
     model.eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    metrics: dict[str, Any] = {
-        "val_loss": _loss(model, processor, records, config, device, autocast, accelerator)
-    }
+    val_loss, skipped = _loss(model, processor, records, config, device, autocast, accelerator)
+    metrics: dict[str, Any] = {"val_loss": val_loss, "val_skipped_records": skipped}
     rows: list[dict] = []
     if config.eval_decode:
         detector = Detector(
@@ -82,13 +82,23 @@ def _loss(
     device: torch.device,
     autocast: torch.autocast,
     accelerator: Any,
-) -> float:
+) -> tuple[float, int]:
+    """(mean loss, records skipped) over this process's share of ``records``, gathered.
+
+    Images are read through the training stream's policy (:class:`BadRecords`): an
+    unreadable one is skipped, counted and named; more than ``max_bad_records`` in one
+    pass (on this process) stop the run with a DataError naming ``file:line``.
+    """
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(records), world))
+    bad = BadRecords(config.max_bad_records)
     loss_sum, count = 0.0, 0
     for s in range(0, len(mine), config.eval_batch_size):
-        chunk = [records[i] for i in mine[s : s + config.eval_batch_size]]
-        images = [load_image(r.image) for r in chunk]
+        readable = list(bad.images(records[i] for i in mine[s : s + config.eval_batch_size]))
+        if not readable:
+            continue
+        chunk = [record for record, _ in readable]
+        images = [image for _, image in readable]
         batch = build_batch(
             processor,
             images,
@@ -102,9 +112,9 @@ def _loss(
         valid = ~torch.isnan(per_example)
         loss_sum += float(per_example[valid].sum())
         count += int(valid.sum())
-    totals = [loss_sum, count]
+    totals = [loss_sum, count, bad.count]
     if world > 1:
         t = torch.tensor(totals, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
         totals = t.tolist()
-    return totals[0] / max(totals[1], 1)
+    return totals[0] / max(totals[1], 1), int(totals[2])

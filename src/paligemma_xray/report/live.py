@@ -1,4 +1,4 @@
-"""``progress.html``: a training run's page, rewritten at every validation.
+"""``progress.html``: a training run's live page, rewritten at every validation.
 
 The original recipe looked at its predictions before, during and after training; this page
 does it for every run: the loss and mAP curves so far (from ``metrics.jsonl``) and a fixed
@@ -10,38 +10,26 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from paligemma_xray.atomic import write_text
+from paligemma_xray.evaluate.folder import dataset_classes
 from paligemma_xray.evaluate.metrics import match
-from paligemma_xray.evaluate.runner import dataset_classes
 from paligemma_xray.locations import Detections
 from paligemma_xray.report.html import PAGE_CSS, annotated_image_uri
 from paligemma_xray.report.plots import loss_plot, metric_plot
+from paligemma_xray.train.logs import last_record, read_metrics
 
 PROGRESS_FILE = "progress.html"
 GALLERY = 8
-
-
-def _run_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written
-                continue
-    return rows
 
 
 def render_progress(run_dir: str | Path, step: int, rows: Sequence[dict], gallery: int = GALLERY) -> str:
     """The page's HTML: curves from ``run_dir/metrics.jsonl``, ``rows`` (decoded validation
     rows, ``evaluate_records``' form) drawn for the first ``gallery`` images."""
     run_dir = Path(run_dir)
-    log = _run_rows(run_dir)
+    log = read_metrics(run_dir, missing_ok=True)
     plots = [p for p in (loss_plot(log), metric_plot(log, ("map50", "map50_95"), "Validation mAP")) if p]
     classes = dataset_classes([row["prompt"] for row in rows])
     cards = []
@@ -55,7 +43,7 @@ def render_progress(run_dir: str | Path, step: int, rows: Sequence[dict], galler
             f"<div class=card>{img}<div class=name>{html.escape(Path(row['image']).name)} · "
             f"{len(prediction)} box(es){': ' + scores if scores else ''}</div></div>"
         )
-    last = next((r for r in reversed(log) if r.get("kind") == "eval"), {})
+    last = last_record(log, "eval")
     figures = " · ".join(
         f"{key} {last[key]:.4f}"
         for key in ("val_loss", "map50", "map50_95")
