@@ -435,7 +435,8 @@ def test_every_verb_help_ends_with_examples_and_has_no_markup(capsys):
 
 
 def test_interrupted_training_names_the_last_checkpoint_and_the_resume_command(tmp_path):
-    from paligemma_xray.cli import _last_train_loss, _train_interrupted
+    from paligemma_xray.train.run_folder import interrupted_message as _train_interrupted
+    from paligemma_xray.train.run_folder import last_train_loss as _last_train_loss
 
     run = tmp_path / "run"
     assert "nothing saved" in _train_interrupted(run)

@@ -36,6 +36,7 @@ LOC_BINS = 1024
 SEG_CODES = 128
 SEG_TOKENS_PER_OBJECT = 16
 SEPARATOR = " ; "
+DEFAULT_PROMPT = "detect fracture"
 
 # Counted in Detections.parse_issues. All but "unknown_label" and "partial_seg" describe
 # objects that were dropped; those two describe objects that were kept.

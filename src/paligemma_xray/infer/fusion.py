@@ -20,11 +20,15 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from paligemma_xray.errors import ConfigError
-from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, Detector, Generation, check_decoding
-from paligemma_xray.locations import SEG_TOKENS_PER_OBJECT, Detections, classes_from_prefix
+from paligemma_xray.infer.detector import Detector, Generation
+from paligemma_xray.infer.settings import (
+    DEFAULT_DETECT_TOKENS,
+    FUSION_METHODS,
+    TTA_TRANSFORMS,
+    check_decoding,
+)
+from paligemma_xray.locations import DEFAULT_PROMPT, SEG_TOKENS_PER_OBJECT, Detections, classes_from_prefix
 
-FUSION_METHODS = ("wbf", "nms")
-TTA_TRANSFORMS = ("hflip",)
 FUSION_IOU = 0.55  # ensemble-boxes' default for WBF
 """IoU at which boxes of different answers are taken to be the same finding."""
 MERGE_IOU = 0.7
@@ -180,7 +184,7 @@ class FusedDetector:
     def detect(
         self,
         images: Sequence[Any],
-        prompt: str | Sequence[str] = "detect fracture",
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
         max_new_tokens: int = DEFAULT_DETECT_TOKENS,
         batch_size: int | None = None,
         threshold: float | None = None,
@@ -191,7 +195,7 @@ class FusedDetector:
     def iter_detect(
         self,
         images: Iterable[Any],
-        prompt: str | Sequence[str] = "detect fracture",
+        prompt: str | Sequence[str] = DEFAULT_PROMPT,
         max_new_tokens: int = DEFAULT_DETECT_TOKENS,
         batch_size: int | None = None,
         threshold: float | None = None,

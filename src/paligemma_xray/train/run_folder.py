@@ -76,6 +76,35 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def interrupted_message(run_dir: Path) -> str:
+    """What Ctrl-C leaves: the last checkpoint saved and the command that continues from it."""
+    saved = checkpoints(run_dir) if run_dir.is_dir() else []
+    if not saved:
+        return f"interrupted before the first checkpoint of {run_dir}: nothing saved to resume from"
+    step = saved[-1].name.split("-")[1]
+    return (
+        f"interrupted; the last checkpoint saved is step {step} ({saved[-1]}). "
+        f"Continue with: paligemma-xray train --resume {run_dir}"
+    )
+
+
+def last_train_loss(run_dir: Path) -> float | None:
+    """The last logged training loss of a run (a resume of a finished run trains no step)."""
+    loss = None
+    try:
+        with (run_dir / "metrics.jsonl").open() as handle:
+            for line in handle:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if row.get("kind") == "train" and isinstance(row.get("loss"), (int, float)):
+                    loss = float(row["loss"])
+    except OSError:
+        return None
+    return loss
+
+
 def _full_trainable_state(
     model: nn.Module, accelerator: Any, step_module: nn.Module
 ) -> dict[str, torch.Tensor]:
