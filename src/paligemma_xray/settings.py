@@ -150,7 +150,8 @@ def build(
     The message names the field (``names``: its flag, where the value came from one), what it
     accepts and what it got; for a value read from a YAML file (``lines``: field → (file,
     line)) it starts with ``file:line``; ``file`` names the file for mistakes that involve
-    several fields. Errors a class's validator raises as ConfigError pass unchanged.
+    several fields. A ConfigError a class's validator raises keeps its words; when values came
+    from a file it gains the file (and the line of the field it names).
     """
     lines = lines or {}
     names = names or {}
@@ -163,6 +164,13 @@ def build(
         raise ConfigError(f"unknown config field(s): {named}", path=path, line=line)
     try:
         return cls(**values)
+    except ConfigError as error:  # a class's own check (several fields, or a library check's words)
+        if error.path is not None or file is None:
+            raise
+        # A value from the file: name the line of the first field the message speaks of.
+        said = [k for k in lines if k in error.message or k.replace("_", " ") in error.message]
+        path, line = lines[said[0]] if said else (Path(file), None)
+        raise ConfigError(error.message, path=path, line=line) from None
     except ValidationError as error:
         problems, path, line = [], file, None
         for item in error.errors():
