@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic.dataclasses import dataclass
 
 from paligemma_xray.cli.parser import verb
+from paligemma_xray.settings import SETTINGS_CONFIG, flag
 
 EXAMPLES = [
     "paligemma-xray convert pt_224.npz hf-model/",
@@ -13,28 +15,49 @@ EXAMPLES = [
 ]
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
+@dataclass(config=SETTINGS_CONFIG)
+class ConvertSettings:
+    """``convert``: read a checkpoint in any form, write it as an HF folder or a big_vision .npz."""
+
+    src: Annotated[str, flag(positional=True, metavar="IN", required=True)] = ""
+    """Checkpoint to read (path, Hub id or kaggle: handle)."""
+    out: Annotated[str, flag(positional=True, metavar="OUT", required=True)] = ""
+    """HF folder or .npz file to write."""
+    revision: Annotated[str | None, flag(metavar="R")] = None
+    """Of a Hub id: branch, tag or commit (default main); of a kaggle: handle: version."""
+    to: Literal["hf", "npz"] | None = None
+    """Output format (default: npz if OUT ends in .npz, else hf)."""
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    """Dtype of the written weights (default: the input's)."""
+    tokenizer: Annotated[str | None, flag(metavar="F")] = None
+    """SentencePiece .model for an npz input (default: paligemma_tokenizer.model or
+    tokenizer.model beside it)."""
+    overwrite: bool = False
+    """Replace OUT if it exists."""
+
+
+def convert(settings: ConvertSettings) -> int:
     from paligemma_xray.model.checkpoints import convert
 
     print(
         convert(
-            args.src,
-            args.out,
-            to=args.to,
-            dtype=args.dtype,
-            tokenizer=args.tokenizer,
-            revision=args.revision,
-            overwrite=args.overwrite,
+            settings.src,
+            settings.out,
+            to=settings.to,
+            dtype=settings.dtype,
+            tokenizer=settings.tokenizer,
+            revision=settings.revision,
+            overwrite=settings.overwrite,
         )
     )
     return 0
 
 
 def register(verbs: Any) -> None:
-    p = verb(
+    verb(
         verbs,
         "convert",
-        cmd_convert,
+        convert,
         help="convert a checkpoint: big_vision .npz <-> Hugging Face folder",
         description="Read IN (big_vision .npz + SentencePiece tokenizer, HF folder, LoRA adapter\n"
         "folder (merged into its base), or a run folder: best/, else last/) and write OUT\n"
@@ -42,31 +65,5 @@ def register(verbs: Any) -> None:
         "dtype; bfloat16 stored as |V2; embedding cut back to the SentencePiece size).\n"
         "Sizes, depth, heads, resolution and PaliGemma 1/2 are read from the weights.",
         examples=EXAMPLES,
+        settings=ConvertSettings,
     )
-    p.add_argument("src", metavar="IN", help="checkpoint to read (path, Hub id or kaggle: handle)")
-    p.add_argument(
-        "--revision",
-        metavar="R",
-        default=None,
-        help="of a Hub id: branch, tag or commit (default main); of a kaggle: handle: version",
-    )
-    p.add_argument("out", metavar="OUT", help="HF folder or .npz file to write")
-    p.add_argument(
-        "--to",
-        choices=["hf", "npz"],
-        default=None,
-        help="output format (default: npz if OUT ends in .npz, else hf)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "float16", "bfloat16"],
-        default=None,
-        help="dtype of the written weights (default: the input's)",
-    )
-    p.add_argument(
-        "--tokenizer",
-        metavar="F",
-        help="SentencePiece .model for an npz input (default: paligemma_tokenizer.model or "
-        "tokenizer.model beside it)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -3,45 +3,103 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic.dataclasses import dataclass
 
 from paligemma_xray.cli.parser import verb
+from paligemma_xray.settings import SETTINGS_CONFIG, Float, flag
 
 EXAMPLES = ["paligemma-xray demo --out demo-out", "paligemma-xray demo --minutes 2 --out quick-demo"]
 PRETRAIN_EXAMPLES = ["paligemma-xray demo pretrain --out my-base"]
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+@dataclass(config=SETTINGS_CONFIG)
+class DemoVerbSettings:
+    """``demo``: what the command line sets of :class:`paligemma_xray.demo.DemoSettings`, and where."""
+
+    out: Annotated[str, flag(metavar="DIR")] = "demo-out"
+    """Output folder."""
+    overwrite: bool = False
+    """Replace an earlier demo in DIR."""
+    minutes: Annotated[Float, flag(metavar="N")] = 10.0
+    """Time budget on a 2-core CPU; sets how many examples are trained on, at a fixed nominal
+    rate (not by the clock, so runs repeat exactly)."""
+    seed: int = 0
+    """Seed of the data and the training order."""
+    images: Annotated[int | None, flag(metavar="N")] = None
+    """Training images to generate (default: the demo's own)."""
+    base: Annotated[str | None, flag(metavar="PATH")] = None
+    """Model to start from (default: the base model shipped in the package)."""
+    threads: Annotated[int | None, flag(metavar="N")] = None
+    """CPU threads for torch (default: the demo's own, for a 2-core machine the demo has to
+    itself; use 1 on a busy one, where 2 threads ran 10x slower). Float sums, hence results,
+    depend on the thread count."""
+
+
+@dataclass(config=SETTINGS_CONFIG)
+class PretrainVerbSettings:
+    """``demo pretrain``: what the command line sets of :class:`paligemma_xray.demo.PretrainSettings`."""
+
+    out: Annotated[str, flag(metavar="DIR", required=True)] = ""
+    """Folder to write the base model to (replaced)."""
+    seed: int = 0
+    """Seed of data, initial weights and order."""
+    examples: Annotated[int | None, flag(metavar="N")] = None
+    """Stage-2 training examples in total (default: the recipe's own)."""
+    images: Annotated[int | None, flag(metavar="N")] = None
+    """Distinct training images generated (default: the recipe's own)."""
+    threads: Annotated[int, flag(metavar="N")] = 1
+    """CPU threads; part of the recipe, float32 sums depend on it."""
+    work: Annotated[str | None, flag(metavar="DIR")] = None
+    """Keep the shapes data and the training run here (default: a temporary folder)."""
+
+
+def demo(given: DemoVerbSettings) -> int:
     from paligemma_xray.demo import DemoSettings, format_summary, run_demo
 
-    settings = DemoSettings(seed=args.seed, minutes=args.minutes, threads=args.threads)
-    if args.images is not None:
-        settings.train_images = args.images
-    result = run_demo(args.out, settings, base=args.base, overwrite=args.overwrite)
+    settings = DemoSettings(seed=given.seed, minutes=given.minutes)
+    if given.threads is not None:
+        settings.threads = given.threads
+    if given.images is not None:
+        settings.train_images = given.images
+    result = run_demo(given.out, settings, base=given.base, overwrite=given.overwrite)
     print(format_summary(result))
     return 0
 
 
-def cmd_demo_pretrain(args: argparse.Namespace) -> int:
+def pretrain(given: PretrainVerbSettings) -> int:
     from paligemma_xray.demo import PretrainSettings, pretrain
 
-    settings = PretrainSettings(seed=args.seed, threads=args.threads)
-    if args.examples is not None:
-        settings.examples = args.examples
-    if args.images is not None:
-        settings.train_images = args.images
-    summary = pretrain(args.out, settings, work=args.work)
+    settings = PretrainSettings(seed=given.seed, threads=given.threads)
+    if given.examples is not None:
+        settings.examples = given.examples
+    if given.images is not None:
+        settings.train_images = given.images
+    summary = pretrain(given.out, settings, work=given.work)
     minutes = summary.seconds / 60
     print(f"base model: {summary.out} ({summary.bytes / 1e6:.2f} MB float16) in {minutes:.1f} min")
     print(f"validation (shapes): {summary.valid}")
     return 0
 
 
+def _say_default(parser: argparse.ArgumentParser, dest: str, value: object) -> None:
+    """Put the library's own default into a flag's help (``(default: the demo's own)`` → the number)."""
+    for action in parser._actions:
+        if action.dest == dest and action.help:
+            action.help = action.help.replace("the demo's own", f"{value}").replace(
+                "the recipe's own", f"{value}"
+            )
+
+
 def register(verbs: Any) -> None:
+    from paligemma_xray.demo.base import PretrainSettings
+    from paligemma_xray.demo.run import DemoSettings
+
     p = verb(
         verbs,
         "demo",
-        cmd_demo,
+        demo,
         help="fine-tune the shipped small base model to find synthetic fractures (CPU, ~10 min)",
         description="Generate a synthetic fracture set, evaluate the shipped base model (pretrained\n"
         "on shapes, never on radiographs) on its test split, fine-tune it with the\n"
@@ -50,51 +108,16 @@ def register(verbs: Any) -> None:
         "No network. Deterministic for a given --seed and --minutes.\n\n"
         "  paligemma-xray demo pretrain --out DIR   rebuilds the base model (see --help).",
         examples=EXAMPLES,
+        settings=DemoVerbSettings,
     )
-    from paligemma_xray.demo.run import DemoSettings
-
-    demo_defaults = DemoSettings()
-    p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: ./demo-out)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in DIR")
-    p.add_argument(
-        "--minutes",
-        type=float,
-        default=10.0,
-        metavar="N",
-        help="time budget on a 2-core CPU; sets how many examples are trained on, at a fixed\n"
-        "nominal rate (not by the clock, so runs repeat exactly) (default: 10)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and the training order (default: 0)")
-    p.add_argument(
-        "--images",
-        type=int,
-        default=None,
-        metavar="N",
-        help=f"training images to generate (default: {demo_defaults.train_images})",
-    )
-    p.add_argument(
-        "--base",
-        default=None,
-        metavar="PATH",
-        help="model to start from (default: the base model shipped in the package)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=demo_defaults.threads,
-        metavar="N",
-        help=f"CPU threads for torch (default: {demo_defaults.threads}, for a 2-core machine\n"
-        "the demo has to itself; use 1 on a busy one, where 2 threads ran 10x slower).\n"
-        "Float sums, hence results, depend on the thread count",
-    )
-    from paligemma_xray.demo.base import PretrainSettings
-
-    defaults = PretrainSettings()
+    defaults = DemoSettings()
+    _say_default(p, "images", defaults.train_images)
+    _say_default(p, "threads", defaults.threads)
     sub = p.add_subparsers(title="demo verbs (optional)", metavar="[pretrain]")
     q = verb(
         sub,
         "pretrain",
-        cmd_demo_pretrain,
+        pretrain,
         help="rebuild the demo's base model: pretrain on synthetic shapes (about 35 min, 1 CPU core)",
         description="Pretrain the demo's small PaliGemma (the real architecture and tokenizer layout)\n"
         "on synthetic shapes ('detect circle', 'detect ring ; line', ...): stage 1 warms\n"
@@ -104,33 +127,8 @@ def register(verbs: Any) -> None:
         "  paligemma-xray demo pretrain --out src/paligemma_xray/assets/demo-base\n"
         "Deterministic for a given seed, torch version and thread count.",
         examples=PRETRAIN_EXAMPLES,
+        settings=PretrainVerbSettings,
     )
-    q.add_argument("--out", required=True, metavar="DIR", help="folder to write the base model to (replaced)")
-    q.add_argument("--seed", type=int, default=0, help="seed of data, initial weights and order (default: 0)")
-    q.add_argument(
-        "--examples",
-        type=int,
-        default=None,
-        metavar="N",
-        help=f"stage-2 training examples in total (default: {defaults.examples})",
-    )
-    q.add_argument(
-        "--images",
-        type=int,
-        default=None,
-        metavar="N",
-        help=f"distinct training images generated (default: {defaults.train_images})",
-    )
-    q.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        metavar="N",
-        help="CPU threads; part of the recipe, float32 sums depend on it (default: 1)",
-    )
-    q.add_argument(
-        "--work",
-        default=None,
-        metavar="DIR",
-        help="keep the shapes data and the training run here (default: a temporary folder)",
-    )
+    pretrain_defaults = PretrainSettings()
+    _say_default(q, "examples", pretrain_defaults.examples)
+    _say_default(q, "images", pretrain_defaults.train_images)

@@ -39,10 +39,10 @@ from scipy import ndimage
 
 from paligemma_xray import atomic
 from paligemma_xray.errors import DataError, check_output
-from paligemma_xray.locations import encode
+from paligemma_xray.locations import DEFAULT_PROMPT, encode
 from paligemma_xray.progress import bar as progress_bar
 
-PREFIX = "detect fracture"
+PREFIX = DEFAULT_PROMPT
 LABEL = "fracture"
 GAP_RANGE = (0.016, 0.032)
 """Width of a fracture's gap as a fraction of the image side (uniform in this range): 3.6 to

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -40,7 +41,7 @@ from paligemma_xray.locations import DEFAULT_PROMPT, Detections
 from paligemma_xray.serve.batching import BatchingQueue, QueueClosedError, QueueFullError
 from paligemma_xray.serve.dicom import check_sr_input, parse_format, sr_response
 from paligemma_xray.serve.errors import ApiError
-from paligemma_xray.serve.settings import API_KEY_ENV, ServeConfig, api_key_from_env  # noqa: F401
+from paligemma_xray.serve.settings import ServeConfig
 from paligemma_xray.serve.uploads import read_form, sniff_kind
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,8 @@ def _boxes(detections: Detections, threshold: float | None, calibration: Any = N
 
 
 def _page_html() -> str:
-    return resources.files("paligemma_xray.serve").joinpath("page.html").read_text(encoding="utf-8")
+    page = resources.files("paligemma_xray.serve").joinpath("page.html").read_text(encoding="utf-8")
+    return page.replace("__DEFAULT_PROMPT__", html.escape(DEFAULT_PROMPT, quote=True))
 
 
 # The page is self-contained; the policy makes the browser refuse anything from elsewhere.
