@@ -113,3 +113,20 @@ def test_library_callers_get_the_same_checks():
 def test_every_settings_field_has_help():
     for cls in (PredictSettings, EvaluateSettings, ServeSettings, PacsSettings):
         assert all(typed.field_docs(cls).values()), cls
+
+
+def test_every_verb_takes_a_config_file(capsys):
+    import argparse
+
+    def leaves(parser, prefix=()):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        found = [] if subs and not parser.get_default("handler") else [list(prefix)]
+        for action in subs:
+            for name, sub in action.choices.items():
+                found.extend(leaves(sub, (*prefix, name)))
+        return found
+
+    for verb in [v for v in leaves(build_parser()) if v]:
+        with pytest.raises(SystemExit):
+            main([*verb, "--help"])
+        assert "--config FILE" in capsys.readouterr().out, verb

@@ -3,11 +3,10 @@
 :class:`DecodeSettings` (the model and its decoding: every verb that loads a detector,
 ``serve`` included) and :class:`DetectSettings` (+ batch size, threshold, test-time
 augmentation, fusion: ``predict``, ``evaluate``, ``pacs``) are extended by each verb's own
-settings (:class:`~paligemma_xray.infer.predict.PredictSettings`,
-``evaluate.settings.EvaluateSettings``, ``serve.settings.ServeSettings``,
-``pacs.settings.PacsSettings``). Their flags, ``--help`` and ``--config`` keys come from the
-fields (:mod:`paligemma_xray.settings`). No torch here: the command line builds its parser
-from these classes without loading it.
+settings (:class:`PredictSettings` below, ``evaluate.settings.EvaluateSettings``,
+``serve.settings.ServeSettings``, ``pacs.settings.PacsSettings``). Their flags, ``--help``
+and ``--config`` keys come from the fields (:mod:`paligemma_xray.settings`). No torch here:
+reading, checking and writing settings never loads it (``load_detector`` does).
 """
 
 from __future__ import annotations
