@@ -29,8 +29,8 @@ from PIL import ImageOps
 from paligemma_xray.data import load_image, open_dataset, record_targets
 from paligemma_xray.evaluate.calibrate import choose_threshold
 from paligemma_xray.evaluate.compare import compare_models
+from paligemma_xray.evaluate.folder import dataset_classes
 from paligemma_xray.evaluate.metrics import evaluate_detections
-from paligemma_xray.evaluate.runner import dataset_classes
 from paligemma_xray.infer import Detector
 from paligemma_xray.infer.fusion import fuse, hflip, merge_duplicates
 

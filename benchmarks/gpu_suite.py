@@ -227,6 +227,7 @@ def case_predict(p: dict, device: torch.device, decode_model, work: Path) -> dic
     from paligemma_xray.infer import Detector
     from paligemma_xray.infer.predict import predict
     from paligemma_xray.infer.prefetch import default_workers
+    from paligemma_xray.infer.settings import PredictSettings
 
     model, processor = decode_model
     start = time.perf_counter()
@@ -252,8 +253,14 @@ def case_predict(p: dict, device: torch.device, decode_model, work: Path) -> dic
         annotated = False  # the PNGs need supervision; a device without it times the rest
     # A warm-up on a few images (kernels, allocator) so that neither run pays it.
     first = sorted(folder.glob("*.jpg"))[: p["predict_batch"]]  # warm-up on one batch
-    predict(detector, first, work / "warm", max_new_tokens=p["predict_tokens"], progress=False,
-            workers=0, annotated=False)  # fmt: skip
+
+    def settings(paths: list, out: Path, workers: int, pngs: bool) -> PredictSettings:
+        return PredictSettings(
+            paths=[str(x) for x in paths], out=str(out), max_new_tokens=p["predict_tokens"],
+            batch_size=detector.batch_size, workers=workers, images=pngs,
+        )  # fmt: skip
+
+    predict(detector, settings(first, work / "warm", 0, False), progress=False)
     runs = {}
     # inline: images decoded on the main thread (before); threads: in loading threads
     # (after); threads_no_png: the same without annotated PNGs, to show what writing costs.
@@ -264,10 +271,7 @@ def case_predict(p: dict, device: torch.device, decode_model, work: Path) -> dic
         out = work / f"predict-{label}"
         with _timed_model_calls(device) as model_time:
             start = time.perf_counter()
-            summary = predict(
-                detector, [folder], out, max_new_tokens=p["predict_tokens"], progress=False,
-                workers=workers, annotated=pngs,
-            )  # fmt: skip
+            summary = predict(detector, settings([folder], out, workers, pngs), progress=False)
             wall = time.perf_counter() - start
         runs[label] = {
             "workers": workers,

@@ -435,14 +435,14 @@ def test_every_verb_help_ends_with_examples_and_has_no_markup(capsys):
 
 
 def test_interrupted_training_names_the_last_checkpoint_and_the_resume_command(tmp_path):
-    from paligemma_xray.cli import _train_interrupted
     from paligemma_xray.train.logs import last_record, read_metrics
+    from paligemma_xray.train.run_folder import interrupted_message
 
     run = tmp_path / "run"
-    assert "nothing saved" in _train_interrupted(run)
+    assert "nothing saved" in interrupted_message(run)
     for step in (2, 10):
         (run / "checkpoints" / f"step-{step}").mkdir(parents=True)
-    message = _train_interrupted(run)
+    message = interrupted_message(run)
     assert "step 10" in message and f"paligemma-xray train --resume {run}" in message
     (run / "metrics.jsonl").write_text(
         '{"kind": "train", "step": 9, "loss": 0.5}\n'

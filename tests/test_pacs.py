@@ -67,6 +67,7 @@ def test_pacs_round_trip_matches_predict_and_never_duplicates(
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "6 image(s) detected, 6 SR(s) stored" in err and PASSWORD not in err
+    assert "study/s" in err  # the project's progress bar, as plain lines off a terminal
 
     # predict on the same files is the reference for the boxes.
     out = tmp_path / "predicted"
@@ -96,8 +97,10 @@ def test_pacs_round_trip_matches_predict_and_never_duplicates(
     assert main(args) == 0
     assert "skipped 3 study(ies)" in capsys.readouterr().err  # the OT study too: done, nothing in it
     state.unlink()
-    assert main(args) == 0
-    assert "0 SR(s) stored" in capsys.readouterr().err
+    assert main([*args, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "0 SR(s) stored" in err
+    assert "study/s" not in err  # --no-progress silences the bar (it used to be tqdm's own, always on)
     assert orthanc.count() == uploaded + 6
 
 
@@ -125,16 +128,11 @@ def test_pacs_down_mid_run_is_one_clear_error_then_a_clean_resume(orthanc, tiny_
     orthanc.upload([*first, *second])
     credentials = pacs.Credentials(user=USER, password=PASSWORD)
     state = tmp_path / "state.json"
-    options = {
-        "state_path": state,
-        "credentials": credentials,
-        "retries": 2,
-        "backoff_s": 0.05,
-        "progress": False,
-    }
+    settings = pacs.PacsSettings(url=orthanc.url, state=str(state), retries=2, backoff=0.05)
+    options = {"credentials": credentials, "progress": False}
     detector = Detector.load(tiny_boxes_hf_dir, device="cpu", progress=False)
     with pytest.raises(pacs.PacsError) as caught:
-        pacs.run(_StopsThePacs(detector, orthanc), orthanc.url, **options)
+        pacs.run(_StopsThePacs(detector, orthanc), settings, **options)
     message = str(caught.value)
     assert "unreachable" in message and f"127.0.0.1:{orthanc.port}" in message and "resume" in message
     assert PASSWORD not in message and "\n" not in message
@@ -142,7 +140,7 @@ def test_pacs_down_mid_run_is_one_clear_error_then_a_clean_resume(orthanc, tiny_
     assert sum(len(run["studies"]) for run in done.values()) == 1  # the first study was recorded
 
     orthanc.start()  # same storage: the first study's SRs are there
-    totals = pacs.run(detector, orthanc.url, **options)
+    totals = pacs.run(detector, settings, **options)
     assert totals["studies"] == 1 and totals["srs"] == 2 and totals["skipped_studies"] == 1
     assert len(_srs(orthanc.url)) == 4
     assert orthanc.count() == 8
@@ -170,10 +168,7 @@ def test_a_pacs_answering_503_is_retried_with_backoff_then_reported(tiny_boxes_h
         with pytest.raises(pacs.PacsError, match="HTTP 503 after 3 retries"):
             pacs.run(
                 _FakeDetector(),
-                url,
-                state_path=tmp_path / "s.json",
-                retries=3,
-                backoff_s=0.01,
+                pacs.PacsSettings(url=url, state=str(tmp_path / "s.json"), retries=3, backoff=0.01),
                 progress=False,
             )
         assert _Answers503.hits == 4  # the first try and three retries
@@ -181,12 +176,8 @@ def test_a_pacs_answering_503_is_retried_with_backoff_then_reported(tiny_boxes_h
         said: list[str] = []
         totals = pacs.run(
             _FakeDetector(),
-            url,
-            state_path=tmp_path / "s.json",
-            retries=0,
+            pacs.PacsSettings(url=url, state=str(tmp_path / "s.json"), retries=0, watch=True, interval=0.01),
             progress=False,
-            watch=True,
-            interval_s=0.01,
             max_polls=2,
             log=said.append,
         )
@@ -242,28 +233,22 @@ def test_study_since_and_watch_select_what_is_processed(orthanc, tiny_boxes_hf_d
     detector = Detector.load(tiny_boxes_hf_dir, device="cpu", progress=False)
     options = {"credentials": pacs.Credentials(user=USER, password=PASSWORD), "progress": False}
 
+    def settings(state: str, **fields) -> pacs.PacsSettings:
+        return pacs.PacsSettings(url=orthanc.url, state=str(tmp_path / state), **fields)
+
     later = datetime.date(2027, 1, 1)  # the studies are from 2026-01-05
-    assert (
-        pacs.run(detector, orthanc.url, since=later, state_path=tmp_path / "s1.json", **options)["srs"] == 0
-    )
+    assert pacs.run(detector, settings("s1.json", since=later.isoformat()), **options)["srs"] == 0
     with pytest.raises(pacs.PacsError, match=r"no study 1\.2\.3\.4"):
-        pacs.run(detector, orthanc.url, studies=["1.2.3.4"], state_path=tmp_path / "s2.json", **options)
+        pacs.run(detector, settings("s2.json", studies=["1.2.3.4"]), **options)
 
     # --watch: a study that arrives between two polls is picked up by the second.
     def arrives(message: str) -> None:
         orthanc.upload(second)
 
     totals = pacs.run(
-        detector,
-        orthanc.url,
-        watch=True,
-        interval_s=0.01,
-        max_polls=2,
-        log=arrives,
-        state_path=tmp_path / "s3.json",
-        **options,
+        detector, settings("s3.json", watch=True, interval=0.01), max_polls=2, log=arrives, **options
     )
     assert totals["studies"] == 2 and totals["srs"] == 2 and totals["skipped_studies"] == 1
     only = pydicom.dcmread(second[0]).StudyInstanceUID
-    again = pacs.run(detector, orthanc.url, studies=[only], state_path=tmp_path / "s4.json", **options)
+    again = pacs.run(detector, settings("s4.json", studies=[only]), **options)
     assert again["studies"] == 1 and again["srs"] == 0 and again["skipped_images"] == 1

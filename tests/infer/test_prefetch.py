@@ -74,6 +74,7 @@ def test_negative_workers_are_a_user_error_of_the_cli(tiny_hf_dir, tmp_path, cap
 def test_predict_writes_the_same_files_with_and_without_loading_threads(tiny_hf_dir, tmp_path):
     from paligemma_xray.infer import Detector
     from paligemma_xray.infer.predict import predict
+    from paligemma_xray.infer.settings import PredictSettings
 
     folder = tmp_path / "xrays"
     folder.mkdir()
@@ -84,16 +85,10 @@ def test_predict_writes_the_same_files_with_and_without_loading_threads(tiny_hf_
     outputs = {}
     for workers in (0, 3):
         out = tmp_path / f"out{workers}"
-        summary = predict(
-            detector,
-            [folder],
-            out,
-            batch_size=2,
-            max_new_tokens=6,
-            workers=workers,
-            progress=False,
-            annotated=False,
+        settings = PredictSettings(
+            paths=[str(folder)], out=str(out), batch_size=2, max_new_tokens=6, workers=workers, images=False
         )
+        summary = predict(detector, settings, progress=False)
         assert summary["predicted"] == 5 and summary["input_wait_s"] >= 0
         outputs[workers] = {p.name: json.loads(p.read_text()) for p in sorted((out / "json").rglob("*.json"))}
     assert outputs[0] == outputs[3] and len(outputs[0]) == 5
@@ -102,6 +97,7 @@ def test_predict_writes_the_same_files_with_and_without_loading_threads(tiny_hf_
 def test_predict_reports_an_undecodable_image_by_name_with_loading_threads(tiny_hf_dir, tmp_path):
     from paligemma_xray.infer import Detector
     from paligemma_xray.infer.predict import predict
+    from paligemma_xray.infer.settings import PredictSettings
 
     folder = tmp_path / "xrays"
     folder.mkdir()
@@ -109,7 +105,10 @@ def test_predict_reports_an_undecodable_image_by_name_with_loading_threads(tiny_
     (folder / "b.png").write_bytes(b"not a png")
     detector = Detector.load(tiny_hf_dir, device="cpu", progress=False)
     with pytest.raises(ImageLoadError, match=r"b\.png"):
-        predict(detector, [folder], tmp_path / "out", max_new_tokens=4, workers=2, progress=False)
+        settings = PredictSettings(
+            paths=[str(folder)], out=str(tmp_path / "out"), max_new_tokens=4, workers=2
+        )
+        predict(detector, settings, progress=False)
 
 
 def test_background_writes_everything_and_raises_the_first_error_on_the_callers_thread(tmp_path):

@@ -295,6 +295,7 @@ def test_page_is_one_self_contained_file(fake_server):
     assert not re.search(r"""(src|href|url)\s*[=(]\s*["']?(https?:)?//""", page), "external asset in the page"
     for element in ('id="file"', 'id="threshold"', "<canvas", 'id="box-count"', "<script>", "<style>"):
         assert element in page
+    assert 'id="prompt" type="text" value="detect fracture"' in page  # locations.DEFAULT_PROMPT
 
 
 def test_stalled_upload_gets_408():

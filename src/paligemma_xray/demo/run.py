@@ -152,6 +152,7 @@ def run_demo(
     from paligemma_xray.demo.base import shipped_base
     from paligemma_xray.errors import check_output
     from paligemma_xray.evaluate.runner import evaluate
+    from paligemma_xray.evaluate.settings import EvaluateSettings
     from paligemma_xray.infer import Detector
     from paligemma_xray.model import load, save_hf, save_npz
     from paligemma_xray.model.forms import check_checkpoint
@@ -204,17 +205,16 @@ def run_demo(
         # the calibrated probabilities are chosen on the validation split (written to
         # OUT/NAME/valid/, the calibration to OUT/NAME/calibration.json), then the test split
         # is reported at it.
-        return evaluate(
-            detector,
-            dataset,
-            "test",
-            out / name,
+        evaluation = EvaluateSettings(
+            data=str(dataset.root),
+            split="test",
+            out=str(out / name),
             operating_point="f1",
             bootstrap=bootstrap,
             seed=settings.seed,
-            progress=progress,
             overwrite=True,
         )
+        return evaluate(detector, evaluation, dataset=dataset, progress=progress)
 
     # 2. before -------------------------------------------------------------------------
     t0 = time.perf_counter()

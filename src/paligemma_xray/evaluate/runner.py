@@ -29,20 +29,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypedDict
 
-from paligemma_xray.data import Dataset, Record, record_targets
+from paligemma_xray.data import Dataset, Record, open_dataset, record_targets
 from paligemma_xray.data.bad_records import DEFAULT_MAX_BAD_RECORDS, BadRecords
 from paligemma_xray.errors import ConfigError, DataError, check_output
-from paligemma_xray.evaluate.calibrate import (
-    calibration_report,
-    check_method,
-    check_operating_point,
-    fit_calibration,
-)
+from paligemma_xray.evaluate.calibrate import calibration_report, fit_calibration
 from paligemma_xray.evaluate.folder import VALID_DIR, dataset_classes, holds_evaluation, save_evaluation
-from paligemma_xray.evaluate.metrics import check_options, evaluate_detections
+from paligemma_xray.evaluate.metrics import evaluate_detections
+from paligemma_xray.evaluate.settings import EvaluateSettings
 from paligemma_xray.infer.calibrated import save_with_model as save_calibration_with_model
-from paligemma_xray.infer.detector import DEFAULT_DETECT_TOKENS, DetectorLike
+from paligemma_xray.infer.detector import DetectorLike
 from paligemma_xray.infer.distributed import barrier, gather_indexed, shard, world
+from paligemma_xray.infer.settings import DEFAULT_DETECT_TOKENS
 from paligemma_xray.locations import Detections
 from paligemma_xray.model.fingerprint import fingerprint
 from paligemma_xray.model.forms import CALIBRATION_FILE
@@ -58,36 +55,26 @@ class _Decoding(TypedDict):
 
 
 def check_evaluation(
-    dataset: Dataset,
-    split: str,
-    out_dir: str | Path,
-    *,
-    threshold: float | None = None,
-    iou_threshold: float = 0.5,
-    bootstrap: int = 1000,
-    overwrite: bool = False,
-    max_bad_records: int | None = DEFAULT_MAX_BAD_RECORDS,
-    operating_point: str | None = None,
-    calibration_method: str = "platt",
-) -> list[Record]:
+    settings: EvaluateSettings, dataset: Dataset | None = None
+) -> tuple[Dataset, list[Record]]:
     """Every check that needs no model, so that mistakes show before the model loads.
 
-    Returns the split's usable records. Raises a
-    :class:`~paligemma_xray.errors.PaligemmaXrayError` for bad numbers, an output that cannot
-    be written or holds an earlier evaluation (without ``overwrite``), and a split that is
-    missing or has no usable record.
+    (The values themselves were checked when ``settings`` was built.) Opens the data set
+    (unless given) and returns it with the split's usable records. Raises a
+    :class:`~paligemma_xray.errors.PaligemmaXrayError` for an output that cannot be written
+    or holds an earlier evaluation (without ``overwrite``), a split that is missing or has
+    no usable record, and a ``--compare`` / ``--run`` folder that is not there.
     """
-    check_options(threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap)
-    check_method(calibration_method)
-    if operating_point is not None:
-        check_operating_point(operating_point)
-    BadRecords(max_bad_records)  # a negative limit is refused here
-    out = check_output(out_dir, folder=True)
-    if not overwrite and holds_evaluation(out):
+    if dataset is None:
+        dataset = open_dataset(settings.data, allow_outside_images=settings.allow_outside_images)
+    out = check_output(settings.out, folder=True)
+    if not settings.overwrite and holds_evaluation(out):
         raise ConfigError(
             "holds an earlier evaluation; add --overwrite to replace it, or give another --out", path=out
         )
-    return dataset.usable(split)  # DataError when missing or empty
+    records = dataset.usable(settings.split)  # DataError when missing or empty
+    settings.check_paths()
+    return dataset, records
 
 
 def evaluate_records(
@@ -178,49 +165,38 @@ def evaluate_records(
 
 def evaluate(
     detector: DetectorLike,
-    dataset: Dataset,
-    split: str,
-    out_dir: str | Path,
+    settings: EvaluateSettings,
     *,
-    threshold: float | None = None,
-    iou_threshold: float = 0.5,
-    operating_point: str | None = None,
-    calibration_method: str = "platt",
-    save_with_model: str | Path | None = None,
-    bootstrap: int = 1000,
-    seed: int = 0,
-    batch_size: int | None = None,
-    max_new_tokens: int = DEFAULT_DETECT_TOKENS,
+    dataset: Dataset | None = None,
     progress: bool = True,
-    overwrite: bool = False,
-    max_bad_records: int | None = DEFAULT_MAX_BAD_RECORDS,
 ) -> dict:
-    """Detect on every image of ``split``, write the files above, return the metrics.
+    """Detect on every image of ``settings.split``, write the files above, return the metrics.
 
     Each image is prompted with its own record's prefix (``detect fracture`` in the usual
-    set), so multi-class sets are evaluated with the classes they ask for.
+    set), so multi-class sets are evaluated with the classes they ask for. ``dataset``: the
+    data set already open (default: ``settings.data`` is opened).
 
     The score threshold of precision, recall and the image-level figures: ``threshold``
     when given; else, with ``operating_point`` (``f1``, ``sensitivity=S``,
     ``specificity=S``), the one chosen on the ``valid`` split, where the calibration
-    (``calibration_method``: ``platt`` or ``isotonic``) is fitted too and, with
-    ``save_with_model`` (the model's path), saved beside its weights; else the one saved
+    (``calibration_method``: ``platt`` or ``isotonic``) is fitted too and saved beside the
+    model's weights (:meth:`EvaluateSettings.calibration_owner`); else the one saved
     with the model (``detector.calibration``); else this split's own best-F1 threshold,
     labelled as such. ``iou_threshold``: the hit criterion of those figures (0.1 is the
     usual medical one; COCO's mAP keeps its own).
     """
-    records = check_evaluation(  # before hours of decoding
-        dataset, split, out_dir, threshold=threshold, iou_threshold=iou_threshold, bootstrap=bootstrap,
-        overwrite=overwrite, max_bad_records=max_bad_records, operating_point=operating_point,
-        calibration_method=calibration_method,
-    )  # fmt: skip
-    out = Path(out_dir).expanduser()
+    dataset, records = check_evaluation(settings, dataset)  # before hours of decoding
+    split, threshold, iou_threshold = settings.split, settings.threshold, settings.iou_threshold
+    operating_point, bootstrap, seed = settings.operating_point, settings.bootstrap, settings.seed
+    max_new_tokens, max_bad_records = settings.max_new_tokens, settings.max_bad_records
+    save_with_model = settings.calibration_owner()
+    out = Path(settings.out).expanduser()
     w = world()
     classes = dataset_classes([record.prefix for record in records])
     calibration = detector.calibration
     source = "saved with the model"
     decoding: _Decoding = {
-        "batch_size": batch_size,
+        "batch_size": settings.batch_size,
         "max_new_tokens": max_new_tokens,
         "progress": progress,
         "max_bad_records": max_bad_records,
@@ -241,7 +217,7 @@ def evaluate(
             ground_truth,
             predictions,
             valid_classes,
-            method=calibration_method,
+            method=settings.calibration_method,
             iou_threshold=iou_threshold,
             operating_point=operating_point,
             fitted_on={"model": detector.model_id, "data": str(dataset.root), "split": VALID_DIR},

@@ -21,6 +21,12 @@ from PIL import Image
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.infer.calibrated import Calibration, find_calibration
 from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
+from paligemma_xray.infer.settings import (
+    ATTENTION_CHOICES,
+    DEFAULT_DETECT_TOKENS,
+    check_decoding,
+    is_detection_prompt,
+)
 from paligemma_xray.locations import (
     DEFAULT_PROMPT,
     LOC_BINS,
@@ -35,13 +41,7 @@ if TYPE_CHECKING:
 
 ImageInput = Image.Image | str | Path | bytes
 
-DEFAULT_DETECT_TOKENS = 64  # ~8 boxes of 4 locations + label + separator
 DEFAULT_GENERATE_TOKENS = 64
-# Attention kernels a loaded model may be switched to: "sdpa" (PyTorch's fused
-# scaled-dot-product attention, flash/memory-efficient kernels on a GPU; transformers'
-# default) and "eager" (the reference matmul-softmax-matmul), the switch that turns the
-# fused path off. Both give the same tokens (tests/infer/test_detector_attention.py).
-ATTENTION_CHOICES = ("sdpa", "eager")
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -140,27 +140,6 @@ class DetectorLike(Protocol):
         ...
 
 
-def check_decoding(
-    *,
-    batch_size: int | None = None,
-    max_new_tokens: int | None = None,
-    threshold: float | None = None,
-    min_box_probability: float | None = None,
-    box_or_stop: bool = True,
-) -> None:
-    """Raise :class:`ConfigError` on decoding settings that cannot work (None: not given)."""
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ConfigError(f"max new tokens must be at least 1, got {max_new_tokens}")
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise ConfigError(f"threshold is a score between 0 and 1, got {threshold}")
-    if min_box_probability is not None and not 0 < min_box_probability <= 1:
-        raise ConfigError(f"min_box_probability is a probability in (0, 1], got {min_box_probability}")
-    if min_box_probability is not None and not box_or_stop:
-        raise ConfigError("min_box_probability belongs to the 'emit a box or stop' rule, not plain greedy")
-
-
 def set_attention(model: Any, attention: str) -> None:
     """Switch ``model``'s vision tower and language model to the ``attention`` kernel.
 
@@ -177,11 +156,6 @@ def set_attention(model: Any, attention: str) -> None:
     if attention == "sdpa" and language_model is not None and not language_model._supports_sdpa:
         text = "eager"
     model.set_attn_implementation({"text_config": text, "vision_config": attention})
-
-
-def is_detection_prompt(prompt: str) -> bool:
-    """``detect …`` / ``segment …`` prompts answer with boxes; others with text."""
-    return prompt.strip().split(maxsplit=1)[:1] in (["detect"], ["segment"])
 
 
 class Detector:

@@ -21,17 +21,15 @@ from PIL import Image, ImageOps
 
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.infer.calibrated import Calibration
-from paligemma_xray.infer.detector import (
+from paligemma_xray.infer.detector import Detector, DetectorLike, Generation
+from paligemma_xray.infer.settings import (
     DEFAULT_DETECT_TOKENS,
-    Detector,
-    DetectorLike,
-    Generation,
+    FUSION_METHODS,
+    TTA_TRANSFORMS,
     check_decoding,
 )
 from paligemma_xray.locations import DEFAULT_PROMPT, SEG_TOKENS_PER_OBJECT, Detections, classes_from_prefix
 
-FUSION_METHODS = ("wbf", "nms")
-TTA_TRANSFORMS = ("hflip",)
 FUSION_IOU = 0.55  # ensemble-boxes' default for WBF
 """IoU at which boxes of different answers are taken to be the same finding."""
 MERGE_IOU = 0.7

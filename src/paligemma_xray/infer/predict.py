@@ -40,15 +40,11 @@ from paligemma_xray.data.images import DICOM_SUFFIXES, is_dicom
 from paligemma_xray.draw import annotate
 from paligemma_xray.errors import ConfigError, DataError, check_output
 from paligemma_xray.infer import dicom_sr
-from paligemma_xray.infer.detector import (
-    DEFAULT_DETECT_TOKENS,
-    DetectorLike,
-    check_decoding,
-    is_detection_prompt,
-)
+from paligemma_xray.infer.detector import DetectorLike, Generation
 from paligemma_xray.infer.distributed import barrier, shard, world
 from paligemma_xray.infer.prefetch import Background, Prefetch, default_workers
-from paligemma_xray.locations import DEFAULT_PROMPT, Detections, classes_from_prefix
+from paligemma_xray.infer.settings import PredictSettings
+from paligemma_xray.locations import Detections, classes_from_prefix
 from paligemma_xray.progress import bar as progress_bar
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"} | DICOM_SUFFIXES
@@ -128,38 +124,42 @@ def iter_inputs(paths: Sequence[str | Path], counts: dict[str, int] | None = Non
             raise DataError("no such image file or folder", path=path)
 
 
-def check_inputs(
-    paths: Sequence[str | Path],
-    out_dir: str | Path,
-    *,
-    threshold: float | None = None,
-    batch_size: int | None = None,
-    max_new_tokens: int = DEFAULT_DETECT_TOKENS,
-    resume: bool = False,
-    overwrite: bool = False,
-) -> Path:
+def check_inputs(settings: PredictSettings) -> Path:
     """Every check that needs no model, so a mistake is reported before minutes of loading.
 
-    Raises a :class:`~paligemma_xray.errors.PaligemmaXrayError` for a bad number, an output
-    that cannot be written or already holds results (without ``resume`` / ``overwrite``),
-    and a path that is not there or holds no image. Returns the output folder.
+    (The values themselves were checked when ``settings`` was built.) Raises a
+    :class:`~paligemma_xray.errors.PaligemmaXrayError` for an output that cannot be written
+    or already holds results (without ``resume`` / ``overwrite``), and a path that is not
+    there or holds no image. Returns the output folder.
     """
-    check_decoding(batch_size=batch_size, max_new_tokens=max_new_tokens, threshold=threshold)
-    out = check_output(out_dir, folder=True)
-    if resume and overwrite:
-        raise ConfigError(
-            "--resume continues the results in the folder and --overwrite replaces them: give one", path=out
-        )
-    if not resume and not overwrite and out.is_dir() and any(out.iterdir()):
+    out = check_output(settings.out, folder=True)
+    if not settings.resume and not settings.overwrite and out.is_dir() and any(out.iterdir()):
         raise ConfigError(
             "the output folder is not empty; add --resume to continue the predictions in it, "
             "or --overwrite to replace them",
             path=out,
         )
+    paths = settings.paths
     if next(iter_inputs(paths), None) is None:  # a typo'd folder must not "succeed" with nothing
         suffixes = " ".join(sorted(IMAGE_SUFFIXES))
         raise DataError(f"no image files here (looked for {suffixes})", path=paths[0] if paths else ".")
     return out
+
+
+def chosen_threshold(detector: DetectorLike, settings: PredictSettings) -> tuple[float | None, str | None]:
+    """The score threshold ``predict`` applies, and a note saying where it came from.
+
+    ``settings.threshold`` when given; else, for a detection prompt, the operating point
+    saved with the model (``evaluate --operating-point``, read into ``detector.calibration``);
+    else None (every box kept).
+    """
+    saved = detector.calibration
+    if settings.threshold is not None or not settings.detecting or saved is None or saved.threshold is None:
+        return settings.threshold, None
+    note = (
+        f"threshold {saved.threshold:.3g}: the operating point saved with the model ({saved.operating_point})"
+    )
+    return saved.threshold, note
 
 
 def _read_manifest(out: Path) -> dict | None:
@@ -242,53 +242,41 @@ class _DicomOutputs:
 
 def predict(
     detector: DetectorLike,
-    paths: Sequence[str | Path],
-    out_dir: str | Path,
+    settings: PredictSettings,
     *,
-    prompt: str = DEFAULT_PROMPT,
-    threshold: float | None = None,
-    batch_size: int | None = None,
-    max_new_tokens: int = DEFAULT_DETECT_TOKENS,
-    resume: bool = False,
-    overwrite: bool = False,
-    annotated: bool = True,
     on_answer: Callable[[str, str], None] | None = None,
     progress: bool = True,
-    dicom_sr: bool = False,
-    secondary_capture: bool = False,
-    workers: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Predict every image under ``paths`` into ``out_dir``; returns a small summary.
+    """Predict every image under ``settings.paths`` into ``settings.out``; returns a small summary.
 
-    ``threshold`` keeps boxes scored at least that much. ``on_answer(name, text)`` is
-    called for every image (the CLI prints free-form answers with it). ``resume``
-    continues a folder made with the same settings; ``overwrite`` replaces its results.
-    ``dicom_sr`` / ``secondary_capture``: for each DICOM input also write
-    ``dicom-sr/<name>.sr.dcm`` (a TID 1500 Structured Report) / ``dicom-sc/<name>.sc.dcm``
-    (boxes drawn); see :mod:`.dicom_sr`.
-    ``workers``: threads that decode the next images while the model works on this batch,
-    and as many that write the annotated PNGs and JSON files of the previous ones (default:
-    up to 4; 0 does both on this thread). The summary's ``input_wait_s`` / ``output_wait_s``
-    are the times the model waited for decoded images / for files to be written.
+    ``settings.threshold`` keeps boxes scored at least that much (default:
+    :func:`chosen_threshold`, the operating point saved with the model; ``log`` hears where
+    it came from). ``on_answer(name, text)`` is called for every image (the CLI prints
+    free-form answers with it). ``resume`` continues a folder made with the same settings;
+    ``overwrite`` replaces its results. ``dicom_sr`` / ``secondary_capture``: for each DICOM
+    input also write ``dicom-sr/<name>.sr.dcm`` (a TID 1500 Structured Report) /
+    ``dicom-sc/<name>.sc.dcm`` (boxes drawn); see :mod:`.dicom_sr`. ``workers``: threads
+    that decode the next images while the model works on this batch, and as many that
+    write the annotated PNGs and JSON files of the previous ones (default: up to 4; 0 does
+    both on this thread). The summary's ``input_wait_s`` / ``output_wait_s`` are the times
+    the model waited for decoded images / for files to be written.
     """
     from paligemma_xray.data import load_image
     from paligemma_xray.model.fingerprint import fingerprint
 
-    out = check_inputs(
-        paths,
-        out_dir,
-        threshold=threshold,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        resume=resume,
-        overwrite=overwrite,
-    )
+    out = check_inputs(settings)
+    threshold, note = chosen_threshold(detector, settings)
+    if note is not None and log is not None:
+        log(note)
+    paths, prompt, max_new_tokens = settings.paths, settings.prompt, settings.max_new_tokens
+    batch_size, resume, overwrite = settings.batch_size, settings.resume, settings.overwrite
+    dicom_sr, secondary_capture, annotated = settings.dicom_sr, settings.secondary_capture, settings.images
+    workers = settings.workers
     w = world()
-    detecting = is_detection_prompt(prompt)
-    if (dicom_sr or secondary_capture) and not detecting:
-        raise ConfigError(f"--dicom-sr needs a detection prompt ('detect …'), not {prompt!r}")
+    detecting = settings.detecting
     dicom_outputs = _DicomOutputs(detector, out, prompt, threshold, dicom_sr, secondary_capture)
-    settings = {
+    recorded = {
         "model": detector.model_id,
         "prompt": prompt,
         "threshold": threshold,
@@ -299,7 +287,7 @@ def predict(
     previous = _read_manifest(out) if resume else None
     checksum = fingerprint(detector.model_id, previous=(previous or {}).get("model_checksum"))
     if resume:
-        _check_resume(out, previous, settings, checksum)
+        _check_resume(out, previous, recorded, checksum)
     barrier(w)  # every rank has checked the folder before the first one writes into it
     if w.is_main:
         if overwrite:
@@ -310,7 +298,7 @@ def predict(
                         shutil.rmtree(target)
                     elif target.exists() or target.is_symlink():
                         target.unlink()
-        atomic.write_json(out / MANIFEST, {"settings": settings, "model_checksum": checksum})
+        atomic.write_json(out / MANIFEST, {"settings": recorded, "model_checksum": checksum})
     barrier(w)
     counts: dict[str, int] = {}
     mine = shard(iter_inputs(paths, counts), w)
@@ -324,7 +312,7 @@ def predict(
 
     # Images of the batch being decoded, kept for drawing: never more than one batch
     # (plus the next batch, decoding in the loader's threads).
-    pending: list[tuple[int, Item, object]] = []
+    pending: list[tuple[int, Item, Image.Image]] = []
     workers = default_workers() if workers is None else workers
     size = batch_size or detector.batch_size
     # A whole next batch in flight while this one decodes.
@@ -336,12 +324,14 @@ def predict(
             pending.append((index, item, image))
             yield image
 
-    def write_outputs(item: Item, image, found: Detections | None, record: dict) -> None:
+    calibration = detector.calibration
+
+    def write_outputs(item: Item, image: Image.Image, found: Detections | None, record: dict) -> None:
         # In the writer's threads (PNG encoding outlasts decoding a batch); JSON last.
         if found is not None:
             record["detections"] = found.to_json()
-            if detector.calibration is not None:  # calibrated beside the raw score
-                detector.calibration.add_to_json(record["detections"], found)
+            if calibration is not None:  # calibrated beside the raw score
+                calibration.add_to_json(record["detections"], found)
             if annotated:
                 # zlib level 1: 4.7x faster than PIL's default 6 on a 1024 px radiograph, 7% larger
                 with atomic.staged_path(out / "annotated" / f"{item.name}.png") as png:
@@ -351,6 +341,7 @@ def predict(
     writer = Background(workers)
     bar = progress_bar(desc="predict", unit="img", enabled=progress and w.is_main)
     done = 0
+    stream: Iterator[tuple[Generation, Detections | None]]
     if detecting:
         stream = detector.iter_detect(images(), prompt, max_new_tokens, batch_size, threshold)
     else:

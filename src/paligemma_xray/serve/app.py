@@ -19,11 +19,9 @@ import asyncio
 import hmac
 import html
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +36,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from paligemma_xray import __version__
 from paligemma_xray.draw import fit, jpeg_data_uri
-from paligemma_xray.errors import ConfigError, ImageLoadError
+from paligemma_xray.errors import ImageLoadError
 from paligemma_xray.locations import DEFAULT_PROMPT, Detections
 from paligemma_xray.serve.batching import BatchingQueue, QueueClosedError, QueueFullError
 from paligemma_xray.serve.dicom import check_sr_input, parse_format, sr_response
 from paligemma_xray.serve.errors import ApiError
+from paligemma_xray.serve.settings import ServeConfig
 from paligemma_xray.serve.uploads import read_form, sniff_kind
 
 if TYPE_CHECKING:  # the service runs any DetectorLike; torch loads only with a real model
@@ -50,47 +49,8 @@ if TYPE_CHECKING:  # the service runs any DetectorLike; torch loads only with a 
 
 log = logging.getLogger(__name__)
 
-API_KEY_ENV = "PALIGEMMA_XRAY_API_KEY"
 MAX_PROMPT_CHARS = 256
 PREVIEW_MAX_SIDE = 1024
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Service settings (the ``serve`` verb's flags)."""
-
-    max_batch: int = 8  # images per model call
-    max_wait_ms: float = 10.0  # longest a request waits for companions before its batch runs
-    queue: int = 64  # requests that may wait; beyond that, 503
-    max_upload_mb: float = 32.0  # per upload; checked while streaming
-    max_new_tokens: int | None = None  # decoding length; None: the detector's default
-    api_key: str | None = None  # when set, /v1/* needs it (X-API-Key or Authorization: Bearer)
-    upload_timeout_s: float = 60.0  # a client that trickles its upload longer than this gets 408
-
-    def __post_init__(self) -> None:
-        checks = {
-            "max_batch": self.max_batch >= 1,
-            "max_wait_ms": self.max_wait_ms >= 0,
-            "queue": self.queue >= 1,
-            "max_upload_mb": self.max_upload_mb > 0,
-            "max_new_tokens": self.max_new_tokens is None or self.max_new_tokens >= 1,
-            "upload_timeout_s": self.upload_timeout_s > 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"serve: {name} is out of range: {getattr(self, name)}")
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
-
-    def __repr__(self) -> str:  # the key must never reach a log line through a repr
-        shown = "set" if self.api_key else None
-        return (
-            f"ServeConfig(max_batch={self.max_batch}, max_wait_ms={self.max_wait_ms}, queue={self.queue}, "
-            f"max_upload_mb={self.max_upload_mb}, max_new_tokens={self.max_new_tokens}, "
-            f"upload_timeout_s={self.upload_timeout_s}, api_key={shown})"
-        )
 
 
 # -- response schemas (they are the OpenAPI documentation) -----------------------------------
@@ -495,8 +455,3 @@ def public_model_id(model_id: str) -> str:
     """What anyone may see of the model: its last path component (``/srv/models/r1`` → ``r1``)."""
     name = model_id.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
     return name or model_id
-
-
-def api_key_from_env() -> str | None:
-    """The API key from ``PALIGEMMA_XRAY_API_KEY`` (empty means none)."""
-    return os.environ.get(API_KEY_ENV) or None

@@ -14,7 +14,6 @@ import re
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import h11
@@ -23,51 +22,36 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from paligemma_xray.errors import ConfigError
-from paligemma_xray.serve.app import API_KEY_ENV, ServeConfig, create_app
+from paligemma_xray.serve.app import create_app
+from paligemma_xray.serve.settings import API_KEY_ENV, ServeSettings
 
 log = logging.getLogger(__name__)
 
 
-def serve(
-    model: str | Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    config: ServeConfig | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    box_or_stop: bool = True,
-    min_box_probability: float | None = None,
-    log_level: str = "info",
-    revision: str | None = None,
-    attention: str | None = None,
-) -> None:
-    """Load the detector at ``model`` and serve it on ``host:port`` until interrupted.
+def serve(settings: ServeSettings, *, api_key: str | None = None) -> None:
+    """Load the detector ``settings`` describe and serve it on ``host:port`` until interrupted.
 
-    ``device``, ``dtype``, ``box_or_stop``, ``min_box_probability``, ``revision`` (of a Hub id) and
-    ``attention`` go to :meth:`paligemma_xray.infer.Detector.load`.
+    ``api_key`` (see :func:`~paligemma_xray.serve.settings.api_key_from_env`): when set,
+    ``/v1/*`` requires it. The address is checked before the (long) model load.
     """
     from paligemma_xray.infer import Detector  # torch and the model load only when serving
 
-    config = config or ServeConfig()
+    config = settings.app_config(api_key)
+    host, port = settings.host, settings.port
     check_address(host, port)  # before the (long) model load
-    detector = Detector.load(
-        model,
-        device=device,
-        dtype=dtype,
-        box_or_stop=box_or_stop,
-        min_box_probability=min_box_probability,
-        batch_size=config.max_batch,
-        revision=revision,
-        attention=attention,
-    )
+    detector = Detector.load(settings.model[0], batch_size=config.max_batch, **settings.load_options())
     app = create_app(detector, config)
     if not config.api_key and not _is_loopback(host):
         log.warning("serving on %s without an API key: set %s to require one", host, API_KEY_ENV)
     # Access logs carry the request line only, never headers; a key sent in the query string
     # (refused: only headers are read) is masked in it.
     server_config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10, http=JsonErrorsH11
+        app,
+        host=host,
+        port=port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+        http=JsonErrorsH11,
     )
     redact_access_log()
     uvicorn.Server(server_config).run()

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from paligemma_xray.serve.errors import ApiError
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 # Room for the multipart envelope and the small text fields on top of the file itself.
 FORM_OVERHEAD_BYTES = 64 * 1024
@@ -76,7 +80,7 @@ class _FormCollector:
         self._is_file = False
         self.ended = False  # the closing boundary was seen
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self.on_part_begin,
             "on_header_field": lambda data, start, end: self._header_field.extend(data[start:end]),

@@ -12,38 +12,27 @@ attention weights only, plain SGD at 0.01, cosine to 0 with 10% linear warm-up, 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from pydantic.dataclasses import dataclass
 
+from paligemma_xray import settings as typed
 from paligemma_xray.data.bad_records import DEFAULT_MAX_BAD_RECORDS
 from paligemma_xray.errors import ConfigError
-
-
-def _no_bool(value: Any) -> Any:
-    # YAML's true/false would pass as 1.0/0.0 in pydantic's lax float mode.
-    if isinstance(value, bool):
-        raise ValueError("expected a number, not true/false")
-    return value
-
-
-# YAML 1.1 reads ``1e-3`` as a string: numbers are accepted from strings (lax), never from booleans.
-Float = Annotated[float, BeforeValidator(_no_bool), Field(strict=False, allow_inf_nan=False)]
-AtLeastOne = Annotated[int, Field(ge=1)]
-NonNegative = Annotated[int, Field(ge=0)]
-NonNegativeFloat = Annotated[Float, Field(ge=0)]
-Probability = Annotated[Float, Field(ge=0, le=1)]
-
-
-@dataclass(
-    config=ConfigDict(extra="forbid", strict=True, validate_assignment=True, use_attribute_docstrings=True)
+from paligemma_xray.settings import (
+    AtLeastOne,
+    Float,
+    NonNegative,
+    NonNegativeFloat,
+    Probability,
+    read_yaml,
 )
+
+
+@dataclass(config=typed.SETTINGS_CONFIG)
 class TrainConfig:
     """Everything one training run depends on; saved as ``config.yaml`` in the run folder.
 
@@ -54,14 +43,16 @@ class TrainConfig:
 
     # --- where ---------------------------------------------------------------------------
     model: str = ""
-    """Base checkpoint: an HF folder or a big_vision ``.npz`` (read by ``model.load``)."""
+    """Base checkpoint: HF folder, big_vision ``.npz``, run folder, or a model name: Hugging
+    Face Hub id (google/paligemma2-3b-pt-224) or Kaggle handle
+    (kaggle:google/paligemma/jax/paligemma-3b-pt-224)."""
     revision: str | None = None
     """Revision of a Hub id --model (branch, tag or commit; default main) or version of a
     kaggle: handle."""
     data: str = ""
-    """Data set folder (any layout ``data.open_dataset`` detects)."""
+    """Data set folder (Roboflow 'paligemma' export, or any layout ``data.open_dataset`` detects)."""
     out: str = ""
-    """Run folder: config, metrics, TensorBoard logs, checkpoints, best and last weights."""
+    """Run folder to create: config, metrics, TensorBoard logs, checkpoints, best and last weights."""
     tokenizer: str | None = None
     """SentencePiece model for an ``.npz`` checkpoint (``model.load``'s ``tokenizer``)."""
     train_split: str = "train"
@@ -213,7 +204,7 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         """YAML text with every field, in declaration order."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return typed.to_yaml(self)
 
     def validate(self) -> TrainConfig:
         """Check the config again (e.g. after a list field was changed in place); return self.
@@ -274,32 +265,9 @@ def build(
 
     The message names the field, what it accepts and what it got; for a value read from a
     YAML file (``lines``: field → (file, line)) it starts with ``file:line``; ``file`` names
-    the recipe file for mistakes that involve several fields.
+    the recipe file for mistakes that involve several fields (:func:`paligemma_xray.settings.build`).
     """
-    lines = lines or {}
-    unknown = sorted(set(values) - set(_FIELDS))
-    if unknown:
-        import difflib
-
-        hints = [difflib.get_close_matches(name, _FIELDS, n=1) for name in unknown]
-        named = ", ".join(f"{u} (did you mean {h[0]}?)" if h else u for u, h in zip(unknown, hints))
-        path, line = lines.get(unknown[0], (file, None))
-        raise ConfigError(f"unknown config field(s): {named}", path=path, line=line)
-    try:
-        return TrainConfig(**values)
-    except ValidationError as error:
-        problems, path, line = [], file, None
-        for item in error.errors():
-            name = str(item["loc"][0]) if item["loc"] else None
-            message = item["msg"].removeprefix("Value error, ")
-            message = message[:1].lower() + message[1:]
-            if name is None:
-                problems.append(message)
-                continue
-            problems.append(f"{name}: {message}, got {item['input']!r}")
-            if path is file and name in lines:
-                path, line = lines[name]
-        raise ConfigError("; ".join(problems), path=path, line=line) from None
+    return typed.build(TrainConfig, values, file=file, lines=lines)
 
 
 def preset(name: str) -> TrainConfig:
@@ -307,60 +275,6 @@ def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(PRESETS)}")
     return build({"recipe": name, **PRESETS[name]})
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: Any, line: int) -> None:
-        super().__init__(key, line)
-        self.key, self.line = key, line
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise _DuplicateKey(key, key_node.start_mark.line + 1)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: str | Path) -> tuple[dict[str, Any], _Sources]:
-    """A recipe YAML file as ``(field overrides, field → (file, line))``.
-
-    Mistakes in the file itself are one :class:`ConfigError` line with ``file:line``: not
-    found, YAML syntax, a key given twice, not a mapping.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError):
-        raise ConfigError("config file not found", path=path) from None
-    loader = _UniqueKeyLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except _DuplicateKey as error:
-        raise ConfigError(f"{error.key!r} is given twice", path=path, line=error.line) from None
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f" (column {mark.column + 1})" if mark is not None else ""
-        problem = error.problem or error.context or "syntax error"
-        line = mark.line + 1 if mark is not None else None
-        raise ConfigError(f"not valid YAML: {problem}{where}", path=path, line=line) from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"not valid YAML: {' '.join(str(error).split())}", path=path) from None
-    finally:
-        loader.dispose()
-    if data is None:
-        return {}, {}
-    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
-        raise ConfigError("a recipe file holds a mapping of field: value", path=path)
-    lines = {str(k.value): (path, k.start_mark.line + 1) for k, _ in node.value}
-    return data, lines
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -431,25 +345,7 @@ _NOT_FLAGS = {"model", "data", "out", "recipe"}
 
 def field_docs() -> dict[str, str]:
     """Each field's docstring (pydantic reads it into the field's description), by name."""
-    return {
-        name: " ".join((info.description or "").split())
-        for name, info in TrainConfig.__pydantic_fields__.items()  # type: ignore[attr-defined]
-    }
-
-
-def _flag_type(annotation: Any) -> tuple[Any, tuple[str, ...] | None, bool]:
-    """``(type, choices, is_list)`` of an argparse flag for a field's annotation."""
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _flag_type(typing.get_args(annotation)[0])
-    if origin is Literal:
-        return str, tuple(typing.get_args(annotation)), False
-    if origin in (typing.Union, types.UnionType):
-        return _flag_type(next(a for a in typing.get_args(annotation) if a is not type(None)))
-    if origin is list:
-        kind, _, _ = _flag_type(typing.get_args(annotation)[0])
-        return kind, None, True
-    return annotation, None, False
+    return typed.field_docs(TrainConfig)
 
 
 def add_flags(parser: Any) -> None:
@@ -457,38 +353,18 @@ def add_flags(parser: Any) -> None:
 
     Every flag defaults to ``None`` = "not given", so that only what the user typed overrides
     the preset and the YAML file. Booleans get ``--x`` / ``--no-x``; choices come from the
-    field's ``Literal`` type, help from its docstring.
+    field's ``Literal`` type, help from its docstring (:func:`paligemma_xray.settings.add_flags`).
     """
-    import argparse
-
-    docs = field_docs()
-    defaults = TrainConfig()
-    group = parser.add_argument_group("recipe fields (override the preset and --config)")
-    for name, info in TrainConfig.__pydantic_fields__.items():  # type: ignore[attr-defined]
-        if name in _NOT_FLAGS:
-            continue
-        flag = "--" + name.replace("_", "-")
-        text = f"{docs.get(name, '')} [big-vision: {getattr(defaults, name)}]".replace("%", "%%")
-        kind, choices, is_list = _flag_type(info.annotation)
-        if kind is bool:
-            group.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text
-            )
-        elif is_list:
-            group.add_argument(flag, dest=name, nargs="+", type=kind, default=None, help=text)
-        else:
-            group.add_argument(
-                flag,
-                dest=name,
-                type=kind,
-                default=None,
-                choices=choices,
-                metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
-                help=text,
-            )
+    typed.add_flags(
+        parser,
+        TrainConfig,
+        exclude=_NOT_FLAGS,
+        title="recipe fields (override the preset and --config)",
+        default_label="big-vision",
+        negatable=True,
+    )
 
 
 def overrides(args: Any) -> dict[str, Any]:
     """The recipe fields an argparse namespace sets (``None`` = not given, dropped)."""
-    values = {name: getattr(args, name, None) for name in _FIELDS if name not in _NOT_FLAGS}
-    return {k: v for k, v in values.items() if v is not None}
+    return typed.given(args, TrainConfig, exclude=_NOT_FLAGS)

@@ -77,6 +77,18 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def interrupted_message(run_dir: Path) -> str:
+    """What Ctrl-C leaves: the last checkpoint saved and the command that continues from it."""
+    saved = checkpoints(run_dir) if run_dir.is_dir() else []
+    if not saved:
+        return f"interrupted before the first checkpoint of {run_dir}: nothing saved to resume from"
+    step = saved[-1].name.split("-")[1]
+    return (
+        f"interrupted; the last checkpoint saved is step {step} ({saved[-1]}). "
+        f"Continue with: paligemma-xray train --resume {run_dir}"
+    )
+
+
 def _full_trainable_state(
     model: nn.Module, accelerator: Any, step_module: nn.Module
 ) -> dict[str, torch.Tensor]:
