@@ -73,6 +73,11 @@ class Detections:
         seg_codes: ``(N, 16)`` int16 VQ codes of the mask; rows of -1 where none were given.
         image_size: ``(width, height)`` of the image the boxes refer to.
         parse_issues: counts of what the parser dropped or flagged (see PARSE_ISSUE_KINDS).
+        masks: None (no masks), or one COCO RLE per object (``{"size": [h, w], "counts": str}``
+            over the whole image; :mod:`paligemma_xray.masks`), ``None`` for an object without
+            one. Predictions get them from their ``<seg>`` codes
+            (:func:`paligemma_xray.infer.masks.decode_masks`), ground truth from its codes or
+            polygons.
 
     Example:
         >>> d = Detections.empty((640, 480))
@@ -87,6 +92,7 @@ class Detections:
     seg_codes: np.ndarray
     image_size: tuple[int, int]
     parse_issues: dict[str, int] = field(default_factory=_empty_issues)
+    masks: list[dict[str, Any] | None] | None = None
 
     def __post_init__(self) -> None:
         self.xyxy = np.asarray(self.xyxy, dtype=np.float32).reshape(-1, 4)
@@ -101,6 +107,9 @@ class Detections:
         lengths = {len(self.class_name), len(self.class_id), len(self.seg_codes)}
         if self.score is not None:
             lengths.add(len(self.score))
+        if self.masks is not None:
+            self.masks = list(self.masks)
+            lengths.add(len(self.masks))
         if lengths != {n}:
             raise ValueError(f"Detections fields disagree in length: {n} boxes, other lengths {lengths}")
 
@@ -131,7 +140,13 @@ class Detections:
             seg_codes=self.seg_codes[selected],
             image_size=self.image_size,
             parse_issues=dict(self.parse_issues),
+            masks=None if self.masks is None else [self.masks[i] for i in selected],
         )
+
+    @property
+    def has_masks(self) -> bool:
+        """True when at least one object carries a mask."""
+        return self.masks is not None and any(m is not None for m in self.masks)
 
     def with_threshold(self, threshold: float) -> Detections:
         """Detections whose score is at least ``threshold`` (all of them when unscored)."""
@@ -164,6 +179,8 @@ class Detections:
                     "seg_codes": codes.tolist() if (codes >= 0).all() else None,
                 }
             )
+            if self.masks is not None:
+                objects[-1]["mask"] = self.masks[i]
         return {
             "image_size": list(self.image_size),
             "detections": objects,
@@ -183,6 +200,7 @@ class Detections:
             seg_codes=[obj.get("seg_codes") or [-1] * SEG_TOKENS_PER_OBJECT for obj in objects],
             image_size=tuple(data["image_size"]),
             parse_issues=data.get("parse_issues", {}),
+            masks=[obj.get("mask") for obj in objects] if any("mask" in obj for obj in objects) else None,
         )
 
 

@@ -1,0 +1,230 @@
+"""The PyTorch mask decoder against a numpy transcription of big_vision's JAX decoder.
+
+The reference below follows big_vision's ``evaluators/proj/paligemma/transfers/
+segmentation.py`` op by op: ``_get_params`` (each PyTorch kernel transposed to flax's
+HWIO with ``(2, 3, 1, 0)``), ``_quantized_values_from_codebook_indices``, and the flax
+``Decoder`` (NHWC), where ``nn.ConvTranspose(kernel 4, stride 2, padding=2,
+transpose_kernel=True)`` is ``jax.lax.conv_transpose``: kernel flipped in space and its
+in/out axes swapped, input dilated by the stride, padded by (2, 2), then a stride-1
+correlation. Nothing of it goes through torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from paligemma_xray.errors import CheckpointError, ConfigError
+from paligemma_xray.infer.masks import (
+    DECODER_KEYS,
+    MaskDecoder,
+    decode_masks,
+    real_layout_shapes,
+    write_random_vae,
+)
+from paligemma_xray.locations import Detections, parse, seg_token
+from paligemma_xray.masks import decode_rle, place_mask
+
+# -- the numpy transcription of big_vision's decoder ------------------------------------------
+
+
+def _bv_params(checkpoint: dict[str, np.ndarray]) -> dict:
+    def transp(kernel):
+        return np.transpose(kernel, (2, 3, 1, 0))
+
+    def conv(name):
+        return {"bias": checkpoint[name + ".bias"], "kernel": transp(checkpoint[name + ".weight"])}
+
+    def resblock(name):
+        return {"Conv_0": conv(name + ".0"), "Conv_1": conv(name + ".2"), "Conv_2": conv(name + ".4")}
+
+    return {
+        "_embeddings": checkpoint["_vq_vae._embedding"],
+        "Conv_0": conv("decoder.0"),
+        "ResBlock_0": resblock("decoder.2.net"),
+        "ResBlock_1": resblock("decoder.3.net"),
+        "ConvTranspose_0": conv("decoder.4"),
+        "ConvTranspose_1": conv("decoder.6"),
+        "ConvTranspose_2": conv("decoder.8"),
+        "ConvTranspose_3": conv("decoder.10"),
+        "Conv_1": conv("decoder.12"),
+    }
+
+
+def _correlate(x: np.ndarray, kernel: np.ndarray, padding: int) -> np.ndarray:
+    """lax.conv_general_dilated, NHWC × HWIO, stride 1, symmetric explicit padding."""
+    x = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    kh, kw, _, out = kernel.shape
+    height, width = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    y = np.zeros((x.shape[0], height, width, out), np.float64)
+    for dy in range(kh):
+        for dx in range(kw):
+            y += x[:, dy : dy + height, dx : dx + width, :] @ kernel[dy, dx]
+    return y
+
+
+def _nn_conv(x, p, padding):  # flax nn.Conv(padding=int)
+    return _correlate(x, p["kernel"], padding) + p["bias"]
+
+
+def _nn_conv_transpose(x, p, *, stride=2, padding=2):  # flax nn.ConvTranspose(transpose_kernel=True)
+    kernel = p["kernel"][::-1, ::-1].swapaxes(2, 3)  # lax.conv_transpose(transpose_kernel=True)
+    n, h, w, c = x.shape
+    dilated = np.zeros((n, (h - 1) * stride + 1, (w - 1) * stride + 1, c), x.dtype)
+    dilated[:, ::stride, ::stride] = x  # lhs_dilation = strides
+    return _correlate(dilated, kernel, padding) + p["bias"]
+
+
+def _relu(x):
+    return np.maximum(x, 0)
+
+
+def big_vision_reconstruct_masks(checkpoint: dict[str, np.ndarray], codes: np.ndarray) -> np.ndarray:
+    """``get_reconstruct_masks('…')(codes)[..., 0]`` in numpy (float64)."""
+    params = {k: v for k, v in _bv_params(checkpoint).items()}
+    embeddings = params["_embeddings"].astype(np.float64)
+    batch, num_tokens = codes.shape
+    assert num_tokens == 16
+    x = np.take(embeddings, codes.reshape(-1), axis=0).reshape(batch, 4, 4, embeddings.shape[1])
+    x = _relu(_nn_conv(x, params["Conv_0"], 0))
+    for block in ("ResBlock_0", "ResBlock_1"):
+        original = x
+        y = _relu(_nn_conv(x, params[block]["Conv_0"], 1))
+        y = _relu(_nn_conv(y, params[block]["Conv_1"], 1))
+        x = _nn_conv(y, params[block]["Conv_2"], 0) + original
+    for i in range(4):
+        x = _relu(_nn_conv_transpose(x, params[f"ConvTranspose_{i}"]))
+    x = _nn_conv(x, params["Conv_1"], 0)
+    return x[..., 0]
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory) -> tuple:
+    path = write_random_vae(tmp_path_factory.mktemp("vae") / "vae-oid.npz", seed=3)
+    with np.load(path, allow_pickle=False) as npz:
+        checkpoint = {k: npz[k] for k in npz.files}
+    return path, checkpoint
+
+
+def test_decoder_matches_big_vision_transcription(vae) -> None:
+    path, checkpoint = vae
+    codes = np.random.default_rng(0).integers(0, 128, size=(6, 16))
+    codes[0] = 0
+    codes[1] = 127
+    expected = big_vision_reconstruct_masks(checkpoint, codes)
+    got = MaskDecoder.load(path)(codes)
+    assert tuple(got.shape) == (6, 64, 64)
+    got_np = np.asarray(got)
+    assert got_np.dtype == np.float32
+    scale = np.abs(expected).max()
+    assert scale > 0.1 and (expected > 0).any() and (expected < 0).any()  # a non-trivial check
+    np.testing.assert_allclose(got_np, expected, rtol=0, atol=2e-5 * scale)
+
+
+def test_decoder_accepts_torch_codes_and_int16_rows(vae) -> None:
+    import torch
+
+    path, _ = vae
+    codes = np.random.default_rng(1).integers(0, 128, size=(2, 16)).astype(np.int16)
+    decoder = MaskDecoder.load(path)
+    a = np.asarray(decoder(codes))
+    b = np.asarray(decoder(torch.as_tensor(codes.astype(np.int32))))
+    np.testing.assert_array_equal(a, b)
+    assert decoder(np.zeros((0, 16), np.int64)).shape == (0, 64, 64)
+
+
+def test_the_random_file_has_the_real_layout() -> None:
+    shapes = real_layout_shapes()
+    # What big_vision's _get_params and encode_to_codebook_indices read.
+    assert shapes["_vq_vae._embedding"] == (128, 512)
+    assert shapes["decoder.0.weight"] == (128, 512, 1, 1)
+    assert shapes["decoder.4.weight"] == (128, 128, 4, 4)
+    assert shapes["decoder.10.weight"] == (32, 16, 4, 4)
+    assert shapes["decoder.12.weight"] == (1, 16, 1, 1)
+    assert shapes["encoder.10.weight"] == (512, 128, 1, 1)
+    assert set(DECODER_KEYS) <= set(shapes)
+
+
+def test_load_refuses_other_files_in_one_line(tmp_path, vae) -> None:
+    _, checkpoint = vae
+    with pytest.raises(CheckpointError, match="not found"):
+        MaskDecoder.load(tmp_path / "nothing.npz")
+    partial = dict(checkpoint)
+    del partial["decoder.6.weight"]
+    np.savez(tmp_path / "partial.npz", **partial)
+    with pytest.raises(CheckpointError, match=r"partial\.npz: .*decoder\.6\.weight"):
+        MaskDecoder.load(tmp_path / "partial.npz")
+    wrong = dict(checkpoint)
+    wrong["decoder.12.weight"] = np.zeros((2, 16, 1, 1), np.float32)
+    np.savez(tmp_path / "wrong.npz", **wrong)
+    with pytest.raises(CheckpointError, match=r"decoder\.12\.weight has shape"):
+        MaskDecoder.load(tmp_path / "wrong.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(CheckpointError, match=r"text\.npz"):
+        MaskDecoder.load(tmp_path / "text.npz")
+    # A pickled object array is never unpickled.
+    pickled = dict(checkpoint)
+    pickled["_vq_vae._embedding"] = np.array([object()] * 3, dtype=object)
+    np.savez(tmp_path / "pickled.npz", **pickled)
+    with pytest.raises(CheckpointError, match=r"pickled\.npz"):
+        MaskDecoder.load(tmp_path / "pickled.npz")
+
+
+def _answer(codes: np.ndarray, box_bins=(100, 200, 700, 900), label="fracture") -> str:
+    locs = "".join(f"<loc{b:04d}>" for b in box_bins)
+    return locs + "".join(seg_token(int(c)) for c in codes) + " " + label
+
+
+def test_decode_masks_places_each_mask_in_its_box_as_big_vision(vae) -> None:
+    path, checkpoint = vae
+    decoder = MaskDecoder.load(path)
+    codes = np.random.default_rng(2).integers(0, 128, size=(2, 16))
+    text = (
+        _answer(codes[0])
+        + " ; <loc0000><loc0000><loc0100><loc0100> fracture ; "
+        + _answer(codes[1], (500, 10, 1023, 400))
+    )
+    size = (300, 200)
+    found = decode_masks(decoder, parse(text, size, ["fracture"]))
+    assert found.masks is not None and found.masks[1] is None  # the object without codes
+    expected64 = big_vision_reconstruct_masks(checkpoint, codes).astype(np.float32)
+    for row, (obj, bins) in enumerate(((0, (100, 200, 700, 900)), (2, (500, 10, 1023, 400)))):
+        mask = decode_rle(found.masks[obj])
+        assert mask.shape == (200, 300)
+        # big_vision's evaluator: bbox = tokens / 1023; int() of the scaled corners;
+        # PIL bilinear resize of the float mask to the box; > 0.0.
+        from PIL import Image
+
+        y1, x1, y2, x2 = np.array(bins) / 1023
+        y1, x1, y2, x2 = map(int, (y1 * 200, x1 * 300, y2 * 200, x2 * 300))
+        inside = np.asarray(
+            Image.fromarray(expected64[row]).resize([x2 - x1, y2 - y1], resample=Image.BILINEAR)
+        )
+        reference = np.zeros((200, 300), bool)
+        reference[y1:y2, x1:x2] = inside > 0.0
+        mismatched = int((mask != reference).sum())
+        assert mismatched <= 2, mismatched  # float32 round-off at the threshold only
+        assert mask.any() and not mask[:y1].any() and not mask[:, x2:].any()
+
+
+def test_seg_answer_without_decoder_is_one_line() -> None:
+    found = parse(_answer(np.arange(16)), (64, 64), ["fracture"])
+    with pytest.raises(ConfigError, match="--seg-vae"):
+        decode_masks(None, found)
+    boxes_only = parse("<loc0000><loc0000><loc0100><loc0100> fracture", (64, 64), ["fracture"])
+    assert decode_masks(None, boxes_only).masks is None
+
+
+def test_place_mask_empty_box_and_json_round_trip() -> None:
+    mask64 = np.ones((64, 64), np.float32)
+    assert not place_mask(mask64, (10, 10, 10.9, 40), (64, 64)).any()  # int() makes it empty
+    found = parse(_answer(np.arange(16)), (64, 64), ["fracture"])
+    from paligemma_xray.masks import encode_rle
+
+    found.masks = [encode_rle(place_mask(mask64, found.xyxy[0], (64, 64)))]
+    again = Detections.from_json(found.to_json())
+    assert again.masks == found.masks
+    assert again[np.array([0])].masks == found.masks
