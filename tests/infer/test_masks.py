@@ -1,18 +1,11 @@
-"""The PyTorch mask decoder against a numpy transcription of big_vision's JAX decoder.
-
-The reference below follows big_vision's ``evaluators/proj/paligemma/transfers/
-segmentation.py`` op by op: ``_get_params`` (each PyTorch kernel transposed to flax's
-HWIO with ``(2, 3, 1, 0)``), ``_quantized_values_from_codebook_indices``, and the flax
-``Decoder`` (NHWC), where ``nn.ConvTranspose(kernel 4, stride 2, padding=2,
-transpose_kernel=True)`` is ``jax.lax.conv_transpose``: kernel flipped in space and its
-in/out axes swapped, input dilated by the stride, padded by (2, 2), then a stride-1
-correlation. Nothing of it goes through torch.
-"""
+"""The PyTorch mask decoder against a numpy transcription of big_vision's JAX decoder
+(``bv_masks.py``, written from the JAX code op by op)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from bv_masks import big_vision_reconstruct_masks, place
 
 from paligemma_xray.errors import CheckpointError, ConfigError
 from paligemma_xray.infer.masks import (
@@ -24,79 +17,6 @@ from paligemma_xray.infer.masks import (
 )
 from paligemma_xray.locations import Detections, parse, seg_token
 from paligemma_xray.masks import decode_rle, place_mask
-
-# -- the numpy transcription of big_vision's decoder ------------------------------------------
-
-
-def _bv_params(checkpoint: dict[str, np.ndarray]) -> dict:
-    def transp(kernel):
-        return np.transpose(kernel, (2, 3, 1, 0))
-
-    def conv(name):
-        return {"bias": checkpoint[name + ".bias"], "kernel": transp(checkpoint[name + ".weight"])}
-
-    def resblock(name):
-        return {"Conv_0": conv(name + ".0"), "Conv_1": conv(name + ".2"), "Conv_2": conv(name + ".4")}
-
-    return {
-        "_embeddings": checkpoint["_vq_vae._embedding"],
-        "Conv_0": conv("decoder.0"),
-        "ResBlock_0": resblock("decoder.2.net"),
-        "ResBlock_1": resblock("decoder.3.net"),
-        "ConvTranspose_0": conv("decoder.4"),
-        "ConvTranspose_1": conv("decoder.6"),
-        "ConvTranspose_2": conv("decoder.8"),
-        "ConvTranspose_3": conv("decoder.10"),
-        "Conv_1": conv("decoder.12"),
-    }
-
-
-def _correlate(x: np.ndarray, kernel: np.ndarray, padding: int) -> np.ndarray:
-    """lax.conv_general_dilated, NHWC × HWIO, stride 1, symmetric explicit padding."""
-    x = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    kh, kw, _, out = kernel.shape
-    height, width = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    y = np.zeros((x.shape[0], height, width, out), np.float64)
-    for dy in range(kh):
-        for dx in range(kw):
-            y += x[:, dy : dy + height, dx : dx + width, :] @ kernel[dy, dx]
-    return y
-
-
-def _nn_conv(x, p, padding):  # flax nn.Conv(padding=int)
-    return _correlate(x, p["kernel"], padding) + p["bias"]
-
-
-def _nn_conv_transpose(x, p, *, stride=2, padding=2):  # flax nn.ConvTranspose(transpose_kernel=True)
-    kernel = p["kernel"][::-1, ::-1].swapaxes(2, 3)  # lax.conv_transpose(transpose_kernel=True)
-    n, h, w, c = x.shape
-    dilated = np.zeros((n, (h - 1) * stride + 1, (w - 1) * stride + 1, c), x.dtype)
-    dilated[:, ::stride, ::stride] = x  # lhs_dilation = strides
-    return _correlate(dilated, kernel, padding) + p["bias"]
-
-
-def _relu(x):
-    return np.maximum(x, 0)
-
-
-def big_vision_reconstruct_masks(checkpoint: dict[str, np.ndarray], codes: np.ndarray) -> np.ndarray:
-    """``get_reconstruct_masks('…')(codes)[..., 0]`` in numpy (float64)."""
-    params = {k: v for k, v in _bv_params(checkpoint).items()}
-    embeddings = params["_embeddings"].astype(np.float64)
-    batch, num_tokens = codes.shape
-    assert num_tokens == 16
-    x = np.take(embeddings, codes.reshape(-1), axis=0).reshape(batch, 4, 4, embeddings.shape[1])
-    x = _relu(_nn_conv(x, params["Conv_0"], 0))
-    for block in ("ResBlock_0", "ResBlock_1"):
-        original = x
-        y = _relu(_nn_conv(x, params[block]["Conv_0"], 1))
-        y = _relu(_nn_conv(y, params[block]["Conv_1"], 1))
-        x = _nn_conv(y, params[block]["Conv_2"], 0) + original
-    for i in range(4):
-        x = _relu(_nn_conv_transpose(x, params[f"ConvTranspose_{i}"]))
-    x = _nn_conv(x, params["Conv_1"], 0)
-    return x[..., 0]
-
 
 # -- tests ------------------------------------------------------------------------------------
 
@@ -194,17 +114,8 @@ def test_decode_masks_places_each_mask_in_its_box_as_big_vision(vae) -> None:
     for row, (obj, bins) in enumerate(((0, (100, 200, 700, 900)), (2, (500, 10, 1023, 400)))):
         mask = decode_rle(found.masks[obj])
         assert mask.shape == (200, 300)
-        # big_vision's evaluator: bbox = tokens / 1023; int() of the scaled corners;
-        # PIL bilinear resize of the float mask to the box; > 0.0.
-        from PIL import Image
-
-        y1, x1, y2, x2 = np.array(bins) / 1023
-        y1, x1, y2, x2 = map(int, (y1 * 200, x1 * 300, y2 * 200, x2 * 300))
-        inside = np.asarray(
-            Image.fromarray(expected64[row]).resize([x2 - x1, y2 - y1], resample=Image.BILINEAR)
-        )
-        reference = np.zeros((200, 300), bool)
-        reference[y1:y2, x1:x2] = inside > 0.0
+        y1, _, _, x2 = (int(v) for v in (np.array(bins) / 1023 * [200, 300, 200, 300]))
+        reference = place(expected64[row], bins, 200, 300)
         mismatched = int((mask != reference).sum())
         assert mismatched <= 2, mismatched  # float32 round-off at the threshold only
         assert mask.any() and not mask[:y1].any() and not mask[:, x2:].any()

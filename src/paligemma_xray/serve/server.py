@@ -41,16 +41,21 @@ def serve(
     log_level: str = "info",
     revision: str | None = None,
     attention: str | None = None,
+    seg_vae: str | Path | None = None,
 ) -> None:
     """Load the detector at ``model`` and serve it on ``host:port`` until interrupted.
 
     ``device``, ``dtype``, ``box_or_stop``, ``min_box_probability``, ``revision`` (of a Hub id) and
-    ``attention`` go to :meth:`paligemma_xray.infer.Detector.load`.
+    ``attention`` go to :meth:`paligemma_xray.infer.Detector.load`. ``seg_vae``: big_vision's
+    ``vae-oid.npz``, so that ``segment …`` answers come with masks.
     """
     from paligemma_xray.infer import Detector  # torch and the model load only when serving
 
     config = config or ServeConfig()
     check_address(host, port)  # before the (long) model load
+    from paligemma_xray.infer.masks import MaskDecoder
+
+    mask_decoder = MaskDecoder.load(seg_vae) if seg_vae is not None else None
     detector = Detector.load(
         model,
         device=device,
@@ -60,6 +65,7 @@ def serve(
         batch_size=config.max_batch,
         revision=revision,
         attention=attention,
+        mask_decoder=mask_decoder,
     )
     app = create_app(detector, config)
     if not config.api_key and not _is_loopback(host):
