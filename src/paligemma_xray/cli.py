@@ -333,6 +333,11 @@ def _detector(args: argparse.Namespace):
     from paligemma_xray.infer import Detector
 
     models = args.model if isinstance(args.model, list) else [args.model]
+    mask_decoder = None
+    if args.seg_vae:  # before the (long) model load
+        from paligemma_xray.infer.masks import MaskDecoder
+
+        mask_decoder = MaskDecoder.load(args.seg_vae)
     detectors = [
         Detector.load(
             m,
@@ -343,6 +348,7 @@ def _detector(args: argparse.Namespace):
             batch_size=args.batch_size,
             revision=args.revision,
             attention=args.attention,
+            mask_decoder=mask_decoder,
         )
         for m in models
     ]
@@ -411,6 +417,13 @@ def _model_flags(p: argparse.ArgumentParser, several: bool = False) -> None:
     else:
         p.add_argument("--model", metavar="M", required=True, help=_MODEL_HELP)
     _revision_flag(p)
+    p.add_argument(
+        "--seg-vae",
+        metavar="NPZ",
+        default=None,
+        help="big_vision's mask decoder (vae-oid.npz): 'segment …' answers (<seg> codes)\n"
+        "become masks in the JSON, PNGs, metrics and DICOM SEG",
+    )
     p.add_argument(
         "--max-new-tokens",
         type=int,
@@ -488,6 +501,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         annotated=not args.no_images,
         dicom_sr=args.dicom_sr,
         secondary_capture=args.secondary_capture,
+        dicom_seg=args.dicom_seg,
         workers=args.workers,
         on_answer=(lambda name, text: print(f"{name}\t{text.strip()}", flush=True)) if free_form else None,
     )
@@ -507,8 +521,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     if "dicom_sr" in summary:
         print(
-            f"wrote DICOM for {summary['dicom_sr']} DICOM image(s); {summary['not_dicom']} input(s) "
-            "were not DICOM and got none",
+            f"wrote DICOM for {summary['dicom_sr']} DICOM image(s)"
+            + (f" ({summary['dicom_seg']} SEG)" if args.dicom_seg else "")
+            + f"; {summary['not_dicom']} input(s) were not DICOM and got none",
             file=sys.stderr,
         )
     return 0
@@ -575,6 +590,12 @@ def _add_predict(verbs) -> None:
         action="store_true",
         help="for each DICOM input also write OUT/dicom-sc/<name>.sc.dcm: the image with its\n"
         "boxes drawn, as a DICOM Secondary Capture (for viewers without SR)",
+    )
+    p.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="for each DICOM input whose objects have masks (a 'segment …' prompt with\n"
+        "--seg-vae) also write OUT/dicom-seg/<name>.seg.dcm: a DICOM Segmentation",
     )
 
 
@@ -949,6 +970,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         revision=args.revision,
         attention=args.attention,
+        seg_vae=args.seg_vae,
     )
     return 0
 
