@@ -98,3 +98,53 @@ def place(mask64: np.ndarray, bins: tuple[int, int, int, int], height: int, widt
     )
     full[y1:y2, x1:x2] = np.asarray(resized) > 0.0
     return full
+
+
+# -- big_vision's encoder (pp/proj/paligemma/segmentation.py), TensorFlow ops in numpy ---------
+
+
+def _tf_same_conv(x: np.ndarray, kernel_hwio: np.ndarray, bias: np.ndarray, stride: int) -> np.ndarray:
+    """tf.nn.conv2d(x, kernel, strides=stride, padding='SAME') + bias, NHWC.
+
+    TensorFlow's SAME: out = ceil(in / stride), pad_total = max((out - 1) * stride + k - in, 0),
+    the smaller half before, the larger after; then a strided correlation.
+    """
+    kh, kw = kernel_hwio.shape[:2]
+    pads = []
+    for size, k in ((x.shape[1], kh), (x.shape[2], kw)):
+        out = -(-size // stride)
+        total = max((out - 1) * stride + k - size, 0)
+        pads.append((total // 2, total - total // 2))
+    x = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    height = (x.shape[1] - kh) // stride + 1
+    width = (x.shape[2] - kw) // stride + 1
+    y = np.zeros((x.shape[0], height, width, kernel_hwio.shape[3]), np.float64)
+    for dy in range(kh):
+        for dx in range(kw):
+            patch = x[
+                :, dy : dy + stride * (height - 1) + 1 : stride, dx : dx + stride * (width - 1) + 1 : stride
+            ]
+            y += patch @ kernel_hwio[dy, dx]
+    return y + bias
+
+
+def big_vision_encode(checkpoint: dict[str, np.ndarray], masks: np.ndarray) -> np.ndarray:
+    """``encode_to_codebook_indices(checkpoint, masks[..., None])`` in numpy: codes (N, 16)."""
+
+    def conv(x, name, stride=1):
+        kernel = np.transpose(checkpoint[name + ".weight"], (2, 3, 1, 0)).astype(np.float64)
+        return _tf_same_conv(x, kernel, checkpoint[name + ".bias"], stride)
+
+    x = 2.0 * (masks[..., None].astype(np.float64) - 0.5)
+    for n in range(4):
+        x = np.maximum(conv(x, f"encoder.{2 * n}", stride=2), 0)
+    for n in range(2):
+        original = x
+        y = np.maximum(conv(x, f"encoder.{8 + n}.net.0"), 0)
+        y = np.maximum(conv(y, f"encoder.{8 + n}.net.2"), 0)
+        x = conv(y, f"encoder.{8 + n}.net.4") + original
+    x = conv(x, "encoder.10")
+    embeddings = checkpoint["_vq_vae._embedding"].astype(np.float64)
+    flat = x.reshape(-1, embeddings.shape[1])
+    distances = (flat**2).sum(1, keepdims=True) + (embeddings**2).sum(1) - 2 * flat @ embeddings.T
+    return distances.argmin(1).reshape(-1, 16)

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from bv_masks import big_vision_reconstruct_masks, place
+from bv_masks import big_vision_encode, big_vision_reconstruct_masks, place
+from PIL import Image
 
 from paligemma_xray.errors import CheckpointError, ConfigError
 from paligemma_xray.infer.masks import (
     DECODER_KEYS,
     MaskDecoder,
+    MaskEncoder,
     decode_masks,
+    encode_masks,
     real_layout_shapes,
     write_random_vae,
 )
 from paligemma_xray.locations import Detections, parse, seg_token
-from paligemma_xray.masks import decode_rle, place_mask
+from paligemma_xray.masks import decode_rle, encode_rle, place_mask
 
 # -- tests ------------------------------------------------------------------------------------
 
@@ -139,3 +142,51 @@ def test_place_mask_empty_box_and_json_round_trip() -> None:
     again = Detections.from_json(found.to_json())
     assert again.masks == found.masks
     assert again[np.array([0])].masks == found.masks
+
+
+def _blobs(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:64, 0:64]
+    masks = []
+    for _ in range(n):
+        cy, cx, ry, rx = rng.uniform(10, 54), rng.uniform(10, 54), rng.uniform(5, 30), rng.uniform(5, 30)
+        masks.append((((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.float32))
+    return np.stack(masks)
+
+
+def test_encoder_matches_big_vision_transcription(vae) -> None:
+    path, checkpoint = vae
+    masks = _blobs(8, seed=4)
+    masks[0] = 0.0
+    masks[1] = 1.0
+    expected = big_vision_encode(checkpoint, masks)
+    got = MaskEncoder.load(path)(masks).numpy()
+    assert got.shape == (8, 16) and got.dtype == np.int64
+    assert len(np.unique(expected)) > 4  # a non-trivial check: many codes in play
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_encode_masks_gives_ground_truth_codes_from_masks(vae) -> None:
+    path, checkpoint = vae
+    encoder = MaskEncoder.load(path)
+    yy, xx = np.mgrid[0:120, 0:200]
+    mask = ((yy - 55) / 25) ** 2 + ((xx - 95) / 40) ** 2 <= 1  # an ellipse inside the box
+    found = Detections(
+        xyxy=[[50, 30, 150, 90]], class_name=["fracture"], class_id=[0], score=None,
+        seg_codes=[[-1] * 16], image_size=(200, 120), masks=[encode_rle(mask)],
+    )  # fmt: skip
+    coded = encode_masks(encoder, found)
+    crop = np.asarray(
+        Image.fromarray(mask[30:90, 50:150].astype(np.float32)).resize((64, 64), Image.BILINEAR)
+    )
+    np.testing.assert_array_equal(coded.seg_codes[0], big_vision_encode(checkpoint, crop[None])[0])
+    assert found.seg_codes[0, 0] == -1  # the input is left as it was
+
+
+def test_encoder_load_refuses_a_file_without_one(tmp_path, vae) -> None:
+    _, checkpoint = vae
+    decoder_only = {k: v for k, v in checkpoint.items() if not k.startswith("encoder.")}
+    np.savez(tmp_path / "decoder-only.npz", **decoder_only)
+    MaskDecoder.load(tmp_path / "decoder-only.npz")  # decoding needs no encoder
+    with pytest.raises(CheckpointError, match="no mask encoder"):
+        MaskEncoder.load(tmp_path / "decoder-only.npz")

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from paligemma_xray.errors import CheckpointError, ConfigError
 from paligemma_xray.locations import SEG_CODES, SEG_TOKENS_PER_OBJECT, Detections
@@ -254,3 +255,133 @@ def decode_masks(decoder: MaskDecoder | None, detections: Detections) -> Detecti
     selected = detections[np.arange(len(detections))]
     selected.masks = masks
     return selected
+
+
+# -- the encoder: masks → codes (training targets) ------------------------------------------
+
+_ENCODER_CONVS = ("encoder.0", "encoder.2", "encoder.4", "encoder.6")  # stride 2, each + ReLU
+_ENCODER_RESBLOCKS = ("encoder.8.net", "encoder.9.net")
+ENCODER_KEYS = tuple(
+    f"{c}.{p}"
+    for c in (
+        *_ENCODER_CONVS,
+        *(f"{block}.{i}" for block in _ENCODER_RESBLOCKS for i in (0, 2, 4)),
+        "encoder.10",
+    )
+    for p in ("weight", "bias")
+)
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's ``padding='SAME'``: (before, after) for one spatial axis."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class MaskEncoder(torch.nn.Module):
+    """big_vision's mask encoder: ``(N, 64, 64)`` masks in [0, 1] → codes ``(N, 16)``.
+
+    What big_vision uses to make ``<seg>`` training targets
+    (``pp/proj/paligemma/segmentation.py:encode_to_codebook_indices``, reading ``encoder.*``
+    and the codebook from the same ``vae-oid.npz``): ``2 (x - 0.5)``; four stride-2 convs
+    (TensorFlow ``SAME`` padding) each + ReLU; two residual blocks; a 1×1 conv to the
+    codebook width; per 4×4 cell the nearest codebook row (squared distance, first on ties).
+    Kernel sizes are read from the file, not assumed.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], *, source: str = "vae-oid.npz") -> None:
+        super().__init__()
+        self.source = source
+        for key in (EMBEDDING_KEY, *ENCODER_KEYS):
+            self.register_buffer(
+                _buffer_name(key), torch.from_numpy(np.asarray(arrays[key], np.float32).copy())
+            )
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> MaskEncoder:
+        """Read the encoder of ``vae-oid.npz`` (CheckpointError, one line, if it has none)."""
+        path = Path(path)
+        read_vae(path)  # the file and its decoder/codebook are checked the same way
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in ENCODER_KEYS if key not in npz.files]
+            if missing:
+                raise CheckpointError(
+                    f"this vae-oid.npz has no mask encoder ({missing[0]} missing): big_vision makes "
+                    "<seg> training targets with encoder.* of the same file",
+                    path=path,
+                )
+            arrays = {key: np.asarray(npz[key]) for key in (EMBEDDING_KEY, *ENCODER_KEYS)}
+        for key in ENCODER_KEYS:
+            if key.endswith(".weight") and arrays[key].ndim != 4:
+                raise CheckpointError(
+                    f"{key} has shape {arrays[key].shape}, expected a 4-d kernel", path=path
+                )
+        if arrays["encoder.10.weight"].shape[0] != arrays[EMBEDDING_KEY].shape[1]:
+            raise CheckpointError("encoder.10 does not map to the codebook's width", path=path)
+        encoder = cls(arrays, source=str(path))
+        return encoder.to(device) if device is not None else encoder
+
+    def _w(self, key: str) -> torch.Tensor:
+        return getattr(self, _buffer_name(key))
+
+    def _conv(self, x: torch.Tensor, name: str, stride: int = 1) -> torch.Tensor:
+        weight = self._w(f"{name}.weight")
+        top, bottom = _same_padding(x.shape[2], weight.shape[2], stride)
+        left, right = _same_padding(x.shape[3], weight.shape[3], stride)
+        x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, weight, self._w(f"{name}.bias"), stride=stride)
+
+    def forward(self, masks: Any) -> torch.Tensor:
+        """Codes ``(N, 16)`` (int64, 0..127) of float masks ``(N, 64, 64)`` in [0, 1]."""
+        x = torch.as_tensor(np.asarray(masks, np.float32) if not isinstance(masks, torch.Tensor) else masks)
+        if x.ndim != 3 or tuple(x.shape[1:]) != (64, 64):
+            raise ValueError(f"masks must have shape (N, 64, 64), got {tuple(x.shape)}")
+        embedding = self._w(EMBEDDING_KEY)
+        with torch.no_grad():
+            x = (2.0 * (x.to(embedding.device, torch.float32) - 0.5))[:, None]
+            for name in _ENCODER_CONVS:
+                x = F.relu(self._conv(x, name, stride=2))
+            for block in _ENCODER_RESBLOCKS:
+                y = F.relu(self._conv(x, f"{block}.0"))
+                y = F.relu(self._conv(y, f"{block}.2"))
+                x = self._conv(y, f"{block}.4") + x
+            x = self._conv(x, "encoder.10")
+            flat = x.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])  # (N·4·4, D), row-major cells
+            distances = (flat**2).sum(1, keepdim=True) + (embedding**2).sum(1) - 2 * flat @ embedding.T
+            return distances.argmin(1).reshape(len(x), -1)
+
+
+def box_crop64(mask: np.ndarray, box_xyxy: Any) -> np.ndarray:
+    """The encoder's input for one object, as big_vision's ``refcoco_mask2str`` makes it.
+
+    The image's mask cropped to the box (corners rounded half to even, as ``tf.round``),
+    resized to 64×64 with an antialiased bilinear filter (PIL's, mode ``F``; TensorFlow's
+    ``resize(antialias=True)`` in big_vision), in [0, 1].
+    """
+    height, width = mask.shape
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    rx1, ry1 = int(np.round(x1)), int(np.round(y1))
+    rx2, ry2 = int(np.round(x2)), int(np.round(y2))
+    crop = np.asarray(mask, np.float32)[max(ry1, 0) : min(ry2, height), max(rx1, 0) : min(rx2, width)]
+    if crop.size == 0:
+        return np.zeros((64, 64), np.float32)
+    resized = Image.fromarray(crop).resize((64, 64), resample=Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
+
+
+def encode_masks(encoder: MaskEncoder, detections: Detections) -> Detections:
+    """``detections`` whose objects with a mask get ``seg_codes`` from it (training targets)."""
+    from paligemma_xray.masks import decode_rle
+
+    if detections.masks is None or not detections.has_masks:
+        return detections
+    present = [(i, m) for i, m in enumerate(detections.masks) if m is not None]
+    rows = [i for i, _ in present]
+    crops = np.stack([box_crop64(decode_rle(m), detections.xyxy[i]) for i, m in present])
+    codes = encoder(crops).cpu().numpy()
+    out = detections[np.arange(len(detections))]
+    seg_codes = out.seg_codes.copy()
+    seg_codes[rows] = codes
+    out.seg_codes = seg_codes.astype(np.int16)
+    return out
