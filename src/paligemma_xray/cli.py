@@ -120,7 +120,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_data_import(args: argparse.Namespace) -> int:
     from paligemma_xray.data.importers import import_dataset
 
-    print(import_dataset(args.format, args.src, args.out, overwrite=args.overwrite).summary())
+    mask_encoder = None
+    if args.seg_vae:  # COCO polygons → <seg> codes with big_vision's mask encoder
+        from paligemma_xray.infer.masks import MaskEncoder
+
+        encoder = MaskEncoder.load(args.seg_vae)
+        mask_encoder = lambda crops: encoder(crops).numpy()  # noqa: E731
+    result = import_dataset(
+        args.format, args.src, args.out, overwrite=args.overwrite, mask_encoder=mask_encoder
+    )
+    print(result.summary())
     return 0
 
 
@@ -200,6 +209,13 @@ def _add_data(verbs) -> None:
         "--overwrite",
         action="store_true",
         help="replace an existing OUT/dataset (whole: no split of the old set is kept)",
+    )
+    p.add_argument(
+        "--seg-vae",
+        metavar="NPZ",
+        default=None,
+        help="COCO only: encode each object's polygon mask into 16 <seg> codes with\n"
+        "big_vision's mask encoder (encoder.* of vae-oid.npz); prefix 'segment a ; b'",
     )
 
     p = _verb(

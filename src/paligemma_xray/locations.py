@@ -210,11 +210,13 @@ def _to_bin(value: float) -> int:
     return min(LOC_BINS - 1, max(0, round(value * (LOC_BINS - 1))))
 
 
-def encode(boxes_xyxy: Any, labels: Sequence[str], image_size: tuple[int, int]) -> str:
+def encode(boxes_xyxy: Any, labels: Sequence[str], image_size: tuple[int, int], seg_codes: Any = None) -> str:
     """Write boxes (pixels, x1 y1 x2 y2) with their labels as a PaliGemma suffix.
 
     ``image_size`` is (width, height). Coordinates outside the image are clipped. No boxes
-    gives the empty string (a negative image).
+    gives the empty string (a negative image). ``seg_codes``: ``(N, 16)`` mask codes written
+    after each box's location tokens (rows with a negative code: none), as ``segment``
+    answers carry them.
 
     Example:
         >>> encode([[0, 0, 100, 50]], ["fracture"], (100, 100))
@@ -226,10 +228,18 @@ def encode(boxes_xyxy: Any, labels: Sequence[str], image_size: tuple[int, int]) 
     width, height = image_size
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {image_size}")
+    codes = (
+        np.full((len(boxes), SEG_TOKENS_PER_OBJECT), -1)
+        if seg_codes is None
+        else np.asarray(seg_codes, dtype=np.int64).reshape(-1, SEG_TOKENS_PER_OBJECT)
+    )
+    if len(codes) != len(boxes):
+        raise ValueError(f"{len(boxes)} boxes but {len(codes)} rows of seg codes")
     objects = []
-    for (x1, y1, x2, y2), label in zip(boxes, labels):
+    for (x1, y1, x2, y2), label, row in zip(boxes, labels, codes):
         bins = [_to_bin(y1 / height), _to_bin(x1 / width), _to_bin(y2 / height), _to_bin(x2 / width)]
-        objects.append("".join(loc_token(b) for b in bins) + f" {label.strip()}")
+        segs = "".join(seg_token(int(c)) for c in row) if (row >= 0).all() else ""
+        objects.append("".join(loc_token(b) for b in bins) + segs + f" {label.strip()}")
     return SEPARATOR.join(objects)
 
 

@@ -84,6 +84,24 @@ def place_mask(mask64: np.ndarray, box_xyxy: Sequence[float], image_size: tuple[
     return full
 
 
+def box_crop64(mask: np.ndarray, box_xyxy: Sequence[float]) -> np.ndarray:
+    """The mask encoder's input for one object, as big_vision's ``refcoco_mask2str`` makes it.
+
+    The image's mask cropped to the box (corners rounded half to even, as ``tf.round``),
+    resized to 64×64 with an antialiased bilinear filter (PIL's, mode ``F``; TensorFlow's
+    ``resize(antialias=True)`` in big_vision), in [0, 1].
+    """
+    height, width = mask.shape
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    rx1, ry1 = int(np.round(x1)), int(np.round(y1))
+    rx2, ry2 = int(np.round(x2)), int(np.round(y2))
+    crop = np.asarray(mask, np.float32)[max(ry1, 0) : min(ry2, height), max(rx1, 0) : min(rx2, width)]
+    if crop.size == 0:
+        return np.zeros((64, 64), np.float32)
+    resized = Image.fromarray(crop).resize((64, 64), resample=Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
+
+
 def encode_rle(mask: np.ndarray) -> Rle:
     """COCO's compressed RLE of a ``(height, width)`` bool mask, JSON-ready (``counts`` a str)."""
     encoded = _mask_utils().encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))

@@ -46,7 +46,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from paligemma_xray.errors import CheckpointError, ConfigError
 from paligemma_xray.locations import SEG_CODES, SEG_TOKENS_PER_OBJECT, Detections
@@ -351,28 +350,14 @@ class MaskEncoder(torch.nn.Module):
             distances = (flat**2).sum(1, keepdim=True) + (embedding**2).sum(1) - 2 * flat @ embedding.T
             return distances.argmin(1).reshape(len(x), -1)
 
-
-def box_crop64(mask: np.ndarray, box_xyxy: Any) -> np.ndarray:
-    """The encoder's input for one object, as big_vision's ``refcoco_mask2str`` makes it.
-
-    The image's mask cropped to the box (corners rounded half to even, as ``tf.round``),
-    resized to 64×64 with an antialiased bilinear filter (PIL's, mode ``F``; TensorFlow's
-    ``resize(antialias=True)`` in big_vision), in [0, 1].
-    """
-    height, width = mask.shape
-    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
-    rx1, ry1 = int(np.round(x1)), int(np.round(y1))
-    rx2, ry2 = int(np.round(x2)), int(np.round(y2))
-    crop = np.asarray(mask, np.float32)[max(ry1, 0) : min(ry2, height), max(rx1, 0) : min(rx2, width)]
-    if crop.size == 0:
-        return np.zeros((64, 64), np.float32)
-    resized = Image.fromarray(crop).resize((64, 64), resample=Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
+    def codes(self, masks: np.ndarray) -> np.ndarray:
+        """:meth:`forward` as numpy in and out (what ``data import --seg-vae`` calls)."""
+        return self(masks).cpu().numpy()
 
 
 def encode_masks(encoder: MaskEncoder, detections: Detections) -> Detections:
     """``detections`` whose objects with a mask get ``seg_codes`` from it (training targets)."""
-    from paligemma_xray.masks import decode_rle
+    from paligemma_xray.masks import box_crop64, decode_rle
 
     if detections.masks is None or not detections.has_masks:
         return detections
