@@ -197,7 +197,7 @@ def evaluate_records(
     metrics["skipped_records"] = {"count": len(skipped), "records": skipped}
     if undecoded_truth:
         metrics["masks_not_evaluated"] = (
-            f"{undecoded_truth} record(s) of this rank carry <seg> mask codes; give --seg-vae vae-oid.npz "
+            f"{undecoded_truth} record(s) carry <seg> mask codes; give --seg-vae vae-oid.npz "
             "to evaluate masks"
         )
     return rows, metrics
