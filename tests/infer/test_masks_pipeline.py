@@ -102,6 +102,14 @@ def test_evaluation_decodes_ground_truth_codes_and_scores_masks(tmp_path, xray, 
     assert masks["map50"] == pytest.approx(1.0) and masks["map50_95"] == pytest.approx(1.0)
     assert masks["dice"] == {"mean": 1.0, "median": 1.0, "n": 1}
     assert masks["iou"]["mean"] == 1.0 and masks["objects_without_mask"] == 0
+    # The report shows the mask figures (and draws the masks in its gallery).
+    from paligemma_xray.evaluate.runner import save_evaluation
+    from paligemma_xray.report.html import write_report
+
+    save_evaluation(tmp_path / "eval", rows, metrics)
+    page = write_report(tmp_path / "eval").read_text()
+    assert "masks: mAP@0.5 (COCO segm)" in page and "masks: Dice per matched object (mean)" in page
+    assert page.count("data:image/jpeg;base64,") >= 1
     # Without the decoder the ground truth's codes cannot become masks: said, not guessed.
     plain = Detector(detector.model, detector.processor, batch_size=1)
     record_boxes = Record(xray, "segment fracture", ANSWER, "test", tmp_path / "a.jsonl", 1)
