@@ -1,8 +1,9 @@
 """Pictures of detections: boxes drawn with supervision's annotators, thumbnails, data URIs.
 
-The one place that draws boxes on images, for every output that shows them: ``predict``'s
-annotated PNGs, ``data check``'s gallery, the HTML report's gallery and the service's
-preview. No torch (the data layer uses it).
+The one place that draws boxes and masks on images, for every output that shows them:
+``predict``'s annotated PNGs, ``data check``'s gallery, the HTML report's gallery and the
+service's preview. Masks (``Detections.masks``, COCO RLE) are filled with supervision's
+``MaskAnnotator`` under the boxes. No torch (the data layer uses it).
 
 >>> from PIL import Image
 >>> from paligemma_xray.locations import parse
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from paligemma_xray.locations import Detections
+from paligemma_xray.masks import Rle, decode_rle
 
 Colour = tuple[int, int, int]
 DEFAULT_COLOUR: Colour = (230, 119, 0)  # orange: visible on grey radiographs
@@ -99,6 +101,50 @@ def box_labels(detections: Detections) -> list[str]:
     ]
 
 
+def draw_masks(
+    image: Image.Image,
+    masks: Sequence[Rle | None],
+    *,
+    colour: Colour = DEFAULT_COLOUR,
+    opacity: float = 0.4,
+) -> Image.Image:
+    """A copy of ``image`` with each mask (COCO RLE over the whole image; None: none) filled in."""
+    frame = np.asarray(image.convert("RGB")).copy()
+    present = [decode_rle(m) for m in masks if m is not None]
+    if not present:
+        return Image.fromarray(frame)
+    stack = np.stack(present)
+    if stack.shape[1:] != frame.shape[:2]:  # masks of the original, drawn on a smaller picture
+        stack = np.stack(
+            [np.asarray(Image.fromarray(m).resize(image.size, Image.Resampling.NEAREST)) for m in stack]
+        )
+    sv = _supervision()
+    boxes = np.array([_mask_box(m) for m in stack], dtype=np.float32)
+    detections = sv.Detections(xyxy=boxes, mask=stack.astype(bool), class_id=np.zeros(len(stack), dtype=int))
+    annotator = sv.MaskAnnotator(color=sv.Color(*colour), opacity=opacity)
+    return Image.fromarray(annotator.annotate(frame, detections))
+
+
+def mask_png_data_uri(rle: Rle, *, colour: Colour = DEFAULT_COLOUR, alpha: int = 110) -> str:
+    """One mask as a ``data:image/png`` URI the size of its image: ``colour`` at ``alpha`` on the
+    mask, transparent elsewhere (a two-colour palette PNG), for a page to lay over the picture."""
+    mask = decode_rle(rle).astype(np.uint8)
+    picture = Image.fromarray(mask, mode="L").convert("P")
+    picture.putpalette([0, 0, 0, *colour])
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", transparency=bytes([0, alpha]), optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _mask_box(mask: np.ndarray) -> list[float]:
+    rows, cols = np.nonzero(mask)
+    if not len(rows):
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
+
+
 def annotate(image: Image.Image, detections: Detections, *, colour: Colour = DEFAULT_COLOUR) -> Image.Image:
-    """The image with every box of ``detections`` and its ``label score`` caption."""
+    """The image with every mask (where there are any), box and ``label score`` caption."""
+    if detections.has_masks and detections.masks is not None:
+        image = draw_masks(image, detections.masks, colour=colour)
     return draw_boxes(image, detections.xyxy, labels=box_labels(detections), colour=colour)

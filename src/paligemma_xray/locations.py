@@ -74,6 +74,11 @@ class Detections:
         seg_codes: ``(N, 16)`` int16 VQ codes of the mask; rows of -1 where none were given.
         image_size: ``(width, height)`` of the image the boxes refer to.
         parse_issues: counts of what the parser dropped or flagged (see PARSE_ISSUE_KINDS).
+        masks: None (no masks), or one COCO RLE per object (``{"size": [h, w], "counts": str}``
+            over the whole image; :mod:`paligemma_xray.masks`), ``None`` for an object without
+            one. Predictions get them from their ``<seg>`` codes
+            (:func:`paligemma_xray.infer.masks.decode_masks`), ground truth from its codes or
+            polygons.
 
     Example:
         >>> d = Detections.empty((640, 480))
@@ -88,6 +93,7 @@ class Detections:
     seg_codes: np.ndarray
     image_size: tuple[int, int]
     parse_issues: dict[str, int] = field(default_factory=_empty_issues)
+    masks: list[dict[str, Any] | None] | None = None
 
     def __post_init__(self) -> None:
         self.xyxy = np.asarray(self.xyxy, dtype=np.float32).reshape(-1, 4)
@@ -102,6 +108,9 @@ class Detections:
         lengths = {len(self.class_name), len(self.class_id), len(self.seg_codes)}
         if self.score is not None:
             lengths.add(len(self.score))
+        if self.masks is not None:
+            self.masks = list(self.masks)
+            lengths.add(len(self.masks))
         if lengths != {n}:
             raise ValueError(f"Detections fields disagree in length: {n} boxes, other lengths {lengths}")
 
@@ -132,7 +141,13 @@ class Detections:
             seg_codes=self.seg_codes[selected],
             image_size=self.image_size,
             parse_issues=dict(self.parse_issues),
+            masks=None if self.masks is None else [self.masks[i] for i in selected],
         )
+
+    @property
+    def has_masks(self) -> bool:
+        """True when at least one object carries a mask."""
+        return self.masks is not None and any(m is not None for m in self.masks)
 
     def with_threshold(self, threshold: float) -> Detections:
         """Detections whose score is at least ``threshold`` (all of them when unscored)."""
@@ -165,6 +180,8 @@ class Detections:
                     "seg_codes": codes.tolist() if (codes >= 0).all() else None,
                 }
             )
+            if self.masks is not None:
+                objects[-1]["mask"] = self.masks[i]
         return {
             "image_size": list(self.image_size),
             "detections": objects,
@@ -186,6 +203,7 @@ class Detections:
             ),
             image_size=tuple(data["image_size"]),
             parse_issues=data.get("parse_issues", {}),
+            masks=[obj.get("mask") for obj in objects] if any("mask" in obj for obj in objects) else None,
         )
 
 
@@ -195,11 +213,13 @@ def _to_bin(value: float) -> int:
     return min(LOC_BINS - 1, max(0, round(value * (LOC_BINS - 1))))
 
 
-def encode(boxes_xyxy: Any, labels: Sequence[str], image_size: tuple[int, int]) -> str:
+def encode(boxes_xyxy: Any, labels: Sequence[str], image_size: tuple[int, int], seg_codes: Any = None) -> str:
     """Write boxes (pixels, x1 y1 x2 y2) with their labels as a PaliGemma suffix.
 
     ``image_size`` is (width, height). Coordinates outside the image are clipped. No boxes
-    gives the empty string (a negative image).
+    gives the empty string (a negative image). ``seg_codes``: ``(N, 16)`` mask codes written
+    after each box's location tokens (rows with a negative code: none), as ``segment``
+    answers carry them.
 
     Example:
         >>> encode([[0, 0, 100, 50]], ["fracture"], (100, 100))
@@ -211,10 +231,18 @@ def encode(boxes_xyxy: Any, labels: Sequence[str], image_size: tuple[int, int]) 
     width, height = image_size
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {image_size}")
+    codes = (
+        np.full((len(boxes), SEG_TOKENS_PER_OBJECT), -1)
+        if seg_codes is None
+        else np.asarray(seg_codes, dtype=np.int64).reshape(-1, SEG_TOKENS_PER_OBJECT)
+    )
+    if len(codes) != len(boxes):
+        raise ValueError(f"{len(boxes)} boxes but {len(codes)} rows of seg codes")
     objects = []
-    for (x1, y1, x2, y2), label in zip(boxes, labels):
+    for (x1, y1, x2, y2), label, row in zip(boxes, labels, codes):
         bins = [_to_bin(y1 / height), _to_bin(x1 / width), _to_bin(y2 / height), _to_bin(x2 / width)]
-        objects.append("".join(loc_token(b) for b in bins) + f" {label.strip()}")
+        segs = "".join(seg_token(int(c)) for c in row) if (row >= 0).all() else ""
+        objects.append("".join(loc_token(b) for b in bins) + segs + f" {label.strip()}")
     return SEPARATOR.join(objects)
 
 

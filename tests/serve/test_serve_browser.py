@@ -168,3 +168,56 @@ def test_page_shows_dicom_through_the_server_preview_and_accepts_a_drop(live_ser
 def _foreign(url: str, server) -> bool:
     parsed = urlparse(url)
     return parsed.scheme in ("http", "https", "ws", "wss") and parsed.hostname != server.host
+
+
+def test_page_draws_the_masks_of_a_segment_answer(browser_page, tmp_path):
+    """A 'segment …' answer (a scripted tiny model, the real mask decoder) shows its mask."""
+    import io
+
+    import httpx
+    import numpy as np
+    from infer.seg_answers import HEIGHT, WIDTH, answering_detector
+    from PIL import Image
+
+    from paligemma_xray.infer.masks import MaskDecoder, write_random_vae
+    from paligemma_xray.masks import decode_rle
+    from paligemma_xray.serve import ServeConfig, ServerThread, create_app
+
+    detector = answering_detector(MaskDecoder.load(write_random_vae(tmp_path / "vae-oid.npz", seed=5)))
+    page = browser_page
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    with ServerThread(create_app(detector, ServeConfig(max_new_tokens=40))) as server:
+        page.goto(f"{server.url}/")
+        page.wait_for_selector("#model-id:text-matches('^model: ')")
+        page.fill("#prompt", "segment fracture")
+        picture = io.BytesIO()
+        Image.new("RGB", (WIDTH, HEIGHT), (0, 0, 0)).save(picture, format="PNG")
+        page.set_input_files(
+            "#file", files=[{"name": "knee.png", "mimeType": "image/png", "buffer": picture.getvalue()}]
+        )
+        page.wait_for_selector("body[data-state=done]")
+        page.evaluate(_SET_SLIDER, 0)
+        assert page.get_attribute("#canvas", "data-masks-drawn") == "1"
+        detector.model.lm_head.calls = 0  # the scripted head answers again from its start
+        response = httpx.post(
+            f"{server.url}/v1/detect",
+            files={"file": ("knee.png", picture.getvalue(), "image/png")},
+            data={"prompt": "segment fracture"},
+            timeout=60,
+        )
+    assert response.status_code == 200, response.text
+    mask = decode_rle(response.json()["detections"][0]["mask"])
+    canvas = page.evaluate(
+        """() => { const c = document.getElementById("canvas");
+                   return Array.from(c.getContext("2d").getImageData(0, 0, c.width, c.height).data); }"""
+    )
+    pixels = np.array(canvas, dtype=np.uint8).reshape(HEIGHT, WIDTH, 4)
+    red = pixels[..., 0] > 40  # the orange tint on a black picture
+    # The same answer again: the page tinted where the mask is, not elsewhere (away from the
+    # box's outline and caption).
+    inner = np.zeros_like(mask)
+    inner[HEIGHT // 4 : 3 * HEIGHT // 4, WIDTH // 4 : 3 * WIDTH // 4] = True
+    assert mask[inner].any() and (~mask[inner]).any()
+    assert red[inner & mask].mean() > 0.95 and red[inner & ~mask].mean() < 0.2
+    assert not errors, errors

@@ -39,8 +39,9 @@ def predict(settings: PredictSettings) -> int:
         )
     if "dicom_sr" in summary:
         say(
-            f"wrote DICOM for {summary['dicom_sr']} DICOM image(s); {summary['not_dicom']} input(s) "
-            "were not DICOM and got none"
+            f"wrote DICOM for {summary['dicom_sr']} DICOM image(s)"
+            + (f" ({summary['dicom_seg']} SEG)" if summary.get("dicom_seg") else "")
+            + f"; {summary['not_dicom']} input(s) were not DICOM and got none"
         )
     return 0
 

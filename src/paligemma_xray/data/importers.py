@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,7 +46,7 @@ from PIL import Image
 from paligemma_xray import atomic
 from paligemma_xray.data.records import SPLITS, normalise_split
 from paligemma_xray.errors import DataError, check_output
-from paligemma_xray.locations import encode
+from paligemma_xray.locations import SEG_TOKENS_PER_OBJECT, encode
 from paligemma_xray.progress import bar as progress_bar
 
 if TYPE_CHECKING:
@@ -74,7 +75,10 @@ class ImportResult:
     def summary(self) -> str:
         lines = [f"wrote {self.out / 'dataset'} (prefix 'detect {' ; '.join(self.classes)}')"]
         for split, c in self.counts.items():
-            lines.append(f"  {split}: {c['images']} images, {c['boxes']} boxes, {c['negatives']} negatives")
+            masks = f", {c['masks']} masks" if c.get("masks") else ""
+            lines.append(
+                f"  {split}: {c['images']} images, {c['boxes']} boxes{masks}, {c['negatives']} negatives"
+            )
         if self.dropped_classes:
             lines.append(
                 f"  classes without any box left out of the prefix: {', '.join(self.dropped_classes)}"
@@ -151,7 +155,7 @@ def _voc_sources(src: Path) -> dict[str, tuple]:
     return sources
 
 
-def _load(fmt: str, src: Path) -> dict[str, DetectionDataset]:
+def _load(fmt: str, src: Path, masks: bool = False) -> dict[str, DetectionDataset]:
     finder = {"coco": _coco_sources, "yolo": _yolo_sources, "voc": _voc_sources}[fmt]
     sources = finder(src)
     if not sources:
@@ -163,7 +167,7 @@ def _load(fmt: str, src: Path) -> dict[str, DetectionDataset]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                datasets[split] = read(*args)
+                datasets[split] = read(*args, force_masks=True) if masks else read(*args)
         except Exception as error:
             raise DataError(f"cannot read the {fmt.upper()} {split} split: {error}", path=args[1]) from None
     return datasets
@@ -175,9 +179,22 @@ def _clean_label(name: str) -> str:
 
 
 def import_dataset(
-    fmt: str, src: str | Path, out: str | Path, *, progress: bool = True, overwrite: bool = False
+    fmt: str,
+    src: str | Path,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    mask_encoder: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ImportResult:
     """Convert the ``fmt`` (``coco``/``yolo``/``voc``) data set at ``src`` into ``out``.
+
+    ``mask_encoder`` (COCO only): maps ``(N, 64, 64)`` mask crops in [0, 1] to ``(N, 16)``
+    ``<seg>`` codes (:class:`paligemma_xray.infer.masks.MaskEncoder`, the CLI's
+    ``--seg-vae``). Then each object's polygon mask is cropped to its box and resized as
+    big_vision does (:func:`paligemma_xray.masks.box_crop64`), encoded, and written after its
+    location tokens, and the prefix is ``segment …``: a set to train segmentation on. An
+    object without a polygon keeps its box only.
 
     An existing ``out/dataset`` is refused unless ``overwrite``, which replaces it whole:
     no split of an earlier set survives to be mixed with the new one. Written to a
@@ -190,12 +207,14 @@ def import_dataset(
     fmt = fmt.lower()
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if mask_encoder is not None and fmt != "coco":
+        raise DataError(f"masks (--seg-vae) are read from COCO polygons, not from {fmt.upper()}")
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.exists():
         raise DataError("no such file or folder", path=src)
     check_output(out, folder=True)
     atomic.check_fresh(out / "dataset", overwrite=overwrite, what="data set")
-    datasets = _load(fmt, src)
+    datasets = _load(fmt, src, masks=mask_encoder is not None)
 
     # Class names by box count over all splits; classes never used (e.g. the supercategory
     # Roboflow's COCO exports list first) stay out of the prompt.
@@ -212,7 +231,7 @@ def import_dataset(
                     used[key] = used.get(key, 0) + 1
     classes = [c for c in declared if used.get(c)] or declared
     dropped = [c for c in declared if c not in classes]
-    prefix = "detect " + " ; ".join(classes)
+    prefix = ("segment " if mask_encoder is not None else "detect ") + " ; ".join(classes)
 
     # Every image is checked before anything is written: a bad one leaves no half-made output.
     sizes: dict[str, tuple[int, int]] = {}
@@ -229,12 +248,27 @@ def import_dataset(
                 raise DataError(f"cannot read image: {error}", path=path) from None
 
     with atomic.staged_dir(out / "dataset") as folder:
-        counts = _write_set(datasets, folder, fmt, prefix, sizes, progress)
+        counts = _write_set(datasets, folder, fmt, prefix, sizes, progress, mask_encoder)
     return ImportResult(out=out, classes=classes, counts=counts, dropped_classes=dropped)
 
 
+def _seg_codes(detections, xyxy: np.ndarray, mask_encoder) -> np.ndarray | None:
+    """``(N, 16)`` codes of the objects' masks (-1 rows where an object has none)."""
+    masks = getattr(detections, "mask", None)
+    if mask_encoder is None or masks is None or not len(xyxy):
+        return None
+    from paligemma_xray.masks import box_crop64
+
+    codes = np.full((len(xyxy), SEG_TOKENS_PER_OBJECT), -1, dtype=np.int64)
+    present = [i for i in range(len(xyxy)) if np.asarray(masks[i]).any()]
+    if present:
+        crops = np.stack([box_crop64(np.asarray(masks[i], bool), xyxy[i]) for i in present])
+        codes[present] = np.asarray(mask_encoder(crops), dtype=np.int64).reshape(len(present), -1)
+    return codes
+
+
 def _write_set(
-    datasets, folder: Path, fmt: str, prefix: str, sizes, progress: bool
+    datasets, folder: Path, fmt: str, prefix: str, sizes, progress: bool, mask_encoder=None
 ) -> dict[str, dict[str, int]]:
     names: dict[str, int] = {}
     for ds in datasets.values():
@@ -246,7 +280,7 @@ def _write_set(
     for split in sorted(datasets, key=lambda s: SPLITS.index(s) if s in SPLITS else len(SPLITS)):
         ds = datasets[split]
         rows: list[str] = []
-        c = {"images": 0, "boxes": 0, "negatives": 0}
+        c = {"images": 0, "boxes": 0, "negatives": 0, "masks": 0}
         for path_str in sorted(ds.image_paths):
             path = Path(path_str)
             size = sizes[path_str]
@@ -261,7 +295,9 @@ def _write_set(
             xyxy = np.asarray(detections.xyxy, dtype=np.float64).reshape(-1, 4)
             ids = detections.class_id if detections.class_id is not None else np.zeros(len(xyxy), int)
             labels = [_clean_label(ds.classes[int(i)]) for i in ids]
-            suffix = encode(xyxy, labels, size) if len(xyxy) else ""
+            codes = _seg_codes(detections, xyxy, mask_encoder)
+            suffix = encode(xyxy, labels, size, seg_codes=codes) if len(xyxy) else ""
+            c["masks"] += 0 if codes is None else int((codes >= 0).all(axis=1).sum())
             rows.append(json.dumps({"image": name, "prefix": prefix, "suffix": suffix}))
             c["images"] += 1
             c["boxes"] += len(xyxy)

@@ -201,6 +201,111 @@ def coco_precision(
     return np.asarray(evaluator.eval["precision"])
 
 
+def _object_masks(dets: Detections) -> list:
+    """Each object's RLE; an object without a mask counts with its box filled (documented)."""
+    from paligemma_xray.masks import encode_rle
+
+    width, height = dets.image_size
+    out = []
+    for i in range(len(dets)):
+        rle = dets.masks[i] if dets.masks is not None else None
+        if rle is None:
+            filled = np.zeros((height, width), dtype=bool)
+            x1, y1, x2, y2 = (int(float(v)) for v in dets.xyxy[i])
+            filled[max(y1, 0) : max(y2, 0), max(x1, 0) : max(x2, 0)] = True
+            rle = encode_rle(filled)
+        out.append(rle)
+    return out
+
+
+def mask_metrics(
+    ground_truth: Sequence[Detections],
+    predictions: Sequence[Detections],
+    classes: Sequence[str],
+    *,
+    iou_threshold: float = 0.5,
+    threshold: float | None = None,
+) -> dict | None:
+    """Segmentation figures when both sides carry masks (``Detections.masks``); else None.
+
+    ``map50`` / ``map50_95`` / ``ap_per_class``: COCO's ``segm`` evaluation (faster-coco-eval,
+    the same library and image/category numbering as the boxes); objects without a mask count
+    with their box filled (``objects_without_mask`` says how many). ``dice`` / ``iou``: per
+    predicted object matched to a ground-truth object by its box (COCO's greedy rule at
+    ``iou_threshold``, scored ≥ ``threshold``), the Dice coefficient and IoU of the two masks:
+    ``mean``, ``median``, ``n`` (matched pairs where both have a mask).
+    """
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    from paligemma_xray.masks import decode_rle, dice, mask_iou, rle_area
+
+    if not any(g.has_masks for g in ground_truth) or not any(p.has_masks for p in predictions):
+        return None
+    classes = list(classes)
+    gt_dict, results = coco_dicts(ground_truth, predictions, classes, np.arange(len(ground_truth)))
+    without = 0
+    annotations = iter(gt_dict["annotations"])
+    results_iter = iter(results)
+    for gt, pr in zip(ground_truth, predictions):
+        for rle, cls, given in zip(
+            _object_masks(gt), _class_index(gt.class_name, classes), gt.masks or [None] * len(gt)
+        ):
+            if cls >= 0:
+                next(annotations)["segmentation"] = rle
+                without += given is None
+        for rle, cls, given in zip(
+            _object_masks(pr), _class_index(pr.class_name, classes), pr.masks or [None] * len(pr)
+        ):
+            if cls >= 0:
+                result = next(results_iter)
+                result["segmentation"] = rle
+                del result["bbox"]  # loadRes then reads the masks (area, box) from the RLE
+                without += given is None
+    for annotation in gt_dict["annotations"]:
+        annotation["area"] = float(rle_area(annotation["segmentation"]))
+    if gt_dict["images"]:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = COCO(gt_dict)
+            coco_dt = coco_gt.loadRes(results) if results else COCO()
+            evaluator = COCOeval_faster(coco_gt, coco_dt, "segm", print_function=lambda *a, **k: None)
+            evaluator.evaluate()
+            evaluator.accumulate()
+        summary = _coco_summary(np.asarray(evaluator.eval["precision"]), classes)
+    else:
+        summary = {"map50": None, "map50_95": None, "ap_per_class": {}}
+    dices: list[float] = []
+    ious: list[float] = []
+    for gt, pr in zip(ground_truth, predictions):
+        if not (gt.has_masks and pr.has_masks) or gt.masks is None or pr.masks is None:
+            continue
+        matching = match(gt, pr, classes, iou_threshold)
+        scores = _scores(pr)
+        for j, i in enumerate(matching.gt_matched_by):
+            if i < 0 or (threshold is not None and scores[i] < threshold):
+                continue
+            a, b = gt.masks[j], pr.masks[i]
+            if a is None or b is None:
+                continue
+            truth_mask, predicted_mask = decode_rle(a), decode_rle(b)
+            dices.append(dice(predicted_mask, truth_mask))
+            ious.append(mask_iou(predicted_mask, truth_mask))
+
+    def figures(values: list[float]) -> dict:
+        return {
+            "mean": float(np.mean(values)) if values else None,
+            "median": float(np.median(values)) if values else None,
+            "n": len(values),
+        }
+
+    return {
+        **summary,
+        "dice": figures(dices),
+        "iou": figures(ious),
+        "iou_threshold": iou_threshold,
+        "objects_without_mask": without,
+    }
+
+
 @functools.cache
 def _both_iou_thresholds() -> np.ndarray:
     """The medical thresholds below 0.5, then COCO's own array (0.5 … 0.95, as it builds it)."""
@@ -533,7 +638,8 @@ def evaluate_detections(
     ``parse_failures`` (summed ``parse_issues``); ``ci95`` (percentile bootstrap over
     images, ``bootstrap`` resamples, seeded by ``seed``; 0 turns it off, e.g. during
     training); ``curves`` (COCO's interpolated precision-recall at IoU 0.5 per class and
-    the FROC curve, for plots).
+    the FROC curve, for plots); ``masks`` (only when ground truth and predictions carry
+    masks: :func:`mask_metrics`).
 
     >>> import numpy as np
     >>> from paligemma_xray.locations import Detections
@@ -598,6 +704,9 @@ def evaluate_detections(
         "duplicates": _duplicates(predictions, duplicate_iou),
         "parse_failures": {"total": sum(issues.values()), **issues},
     }
+    masks = mask_metrics(ground_truth, predictions, classes, iou_threshold=iou_threshold, threshold=threshold)
+    if masks is not None:
+        result["masks"] = masks
 
     if bootstrap and n_images > 1:
         rng = np.random.default_rng(seed)

@@ -39,6 +39,7 @@ from paligemma_xray.evaluate.settings import EvaluateSettings
 from paligemma_xray.infer.calibrated import save_with_model as save_calibration_with_model
 from paligemma_xray.infer.detector import DetectorLike
 from paligemma_xray.infer.distributed import barrier, gather_indexed, shard, world
+from paligemma_xray.infer.masks import decode_masks
 from paligemma_xray.infer.settings import DEFAULT_DETECT_TOKENS
 from paligemma_xray.locations import Detections
 from paligemma_xray.model.fingerprint import fingerprint
@@ -112,6 +113,7 @@ def evaluate_records(
     kept: list[tuple[int, Record]] = []
     prompts: list[str] = []  # grows with `kept`: the detector slices it batch by batch
     skipped_here: list[tuple[int, str]] = []
+    undecoded_truth = 0  # records whose <seg> codes need --seg-vae to become masks
 
     def images():
         for index, record in mine:
@@ -130,6 +132,12 @@ def evaluate_records(
     for number, (generation, found) in enumerate(stream):
         index, record = kept[number]
         truth = record_targets(record, found.image_size)
+        if (truth.seg_codes >= 0).all(axis=1).any():  # a segmentation set: <seg> codes in the suffix
+            decoder = detector.mask_decoder
+            if decoder is None:
+                undecoded_truth += 1
+            else:
+                truth = decode_masks(decoder, truth)
         results.append(
             (
                 index,
@@ -160,6 +168,11 @@ def evaluate_records(
         bootstrap=bootstrap, seed=seed, curves=curves,
     )  # fmt: skip
     metrics["skipped_records"] = {"count": len(skipped), "records": skipped}
+    if undecoded_truth:
+        metrics["masks_not_evaluated"] = (
+            f"{undecoded_truth} record(s) carry <seg> mask codes; give --seg-vae vae-oid.npz "
+            "to evaluate masks"
+        )
     return rows, metrics
 
 

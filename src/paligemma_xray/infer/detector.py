@@ -21,6 +21,7 @@ from PIL import Image
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.infer.calibrated import Calibration, find_calibration
 from paligemma_xray.infer.decode import BoxOrStop, greedy_decode
+from paligemma_xray.infer.masks import MaskDecoder, decode_masks
 from paligemma_xray.infer.settings import (
     ATTENTION_CHOICES,
     DEFAULT_DETECT_TOKENS,
@@ -107,6 +108,11 @@ class DetectorLike(Protocol):
         """Score → probability maps and the operating point saved with the model, if any."""
         ...
 
+    @property
+    def mask_decoder(self) -> MaskDecoder | None:
+        """big_vision's VQ-VAE decoder that turns ``<seg>`` answers into masks (None: no masks)."""
+        ...
+
     def detect(
         self,
         images: Sequence[ImageInput],
@@ -177,6 +183,10 @@ class Detector:
         batch_size: images decoded together.
         calibration: score → probability maps and the operating point saved with the
             model (:mod:`paligemma_xray.infer.calibrated`); :meth:`load` reads it.
+        mask_decoder: big_vision's VQ-VAE mask decoder
+            (:class:`~paligemma_xray.infer.masks.MaskDecoder`, ``--seg-vae vae-oid.npz``):
+            objects answered with ``<seg>`` codes get ``Detections.masks``. Without it such an
+            answer is a one-line :class:`~paligemma_xray.errors.ConfigError`.
 
     Example (a tiny random model, so the boxes mean nothing; shapes and types do):
 
@@ -202,6 +212,7 @@ class Detector:
         min_box_probability: float | None = None,
         batch_size: int = 8,
         calibration: Calibration | None = None,
+        mask_decoder: MaskDecoder | None = None,
     ) -> None:
         check_decoding(
             batch_size=batch_size, min_box_probability=min_box_probability, box_or_stop=box_or_stop
@@ -214,6 +225,7 @@ class Detector:
         self.min_box_probability = min_box_probability
         self.batch_size = batch_size
         self.calibration = calibration
+        self.mask_decoder = mask_decoder
         self._eos = self._eos_ids()
         self._rule = self._box_rule()
         self._special = set(self.tokenizer.all_special_ids)
@@ -442,4 +454,4 @@ class Detector:
                 found = parse(generation.text, image.size, classes, token_logprobs=generation.token_logprobs)
                 if threshold is not None:
                     found = found.with_threshold(threshold)
-                yield generation, found
+                yield generation, decode_masks(self.mask_decoder, found)

@@ -246,10 +246,15 @@ def _library_ready(ds: Any) -> bool:
 
 
 def _finding(label: str, codes: dict[str, Any]) -> Any:
-    from pydicom.sr.coding import Code
-
     if label.strip().lower() in FRACTURE_LABELS:
         return codes["fracture"]
+    return private_code(label)
+
+
+def private_code(label: str) -> Any:
+    """A label without a standard code, in our private scheme (the same code in SR and SEG)."""
+    from pydicom.sr.coding import Code
+
     text = label.strip() or "unlabelled"
     value = "PXR-" + hashlib.sha1(text.encode()).hexdigest()[:10].upper()
     return Code(value, PRIVATE_SCHEME, text[:64])
@@ -395,7 +400,7 @@ def build_sr(
             CodingSchemeIdentificationItem(designator=PRIVATE_SCHEME, name="paligemma-xray private codes")
         ],
     )
-    return sr
+    return _ai_result(sr, algorithm, f"{ALGORITHM_NAME} fracture detection")
 
 
 def build_secondary_capture(
@@ -450,7 +455,14 @@ def build_secondary_capture(
     if given is None:
         sc.PatientOrientation = None  # type: ignore[assignment]  # Type 2C: unknown stays empty rather than guessed
     sc.Laterality = ds.get("Laterality") or None  # type: ignore[assignment]  # Type 2C: the source's, else empty
-    return sc
+    return _ai_result(sc, algorithm, f"{ALGORITHM_NAME} fracture boxes")
+
+
+def _ai_result(dataset: Any, algorithm: Algorithm, subject: str) -> Any:
+    """IHE AI Results conventions on a built SR / SC (:mod:`paligemma_xray.infer.ai_results`)."""
+    from paligemma_xray.infer.ai_results import mark_ai_result
+
+    return mark_ai_result(dataset, algorithm, subject=subject)
 
 
 def to_bytes(dataset: Any) -> bytes:

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 from paligemma_xray.errors import ConfigError
 from paligemma_xray.infer.calibrated import Calibration
 from paligemma_xray.infer.detector import Detector, DetectorLike, Generation
+from paligemma_xray.infer.masks import MaskDecoder
 from paligemma_xray.infer.settings import (
     DEFAULT_DETECT_TOKENS,
     FUSION_METHODS,
@@ -171,6 +172,7 @@ class FusedDetector:
         self.calibration: Calibration | None = (
             None  # a fused model's scores are not those any saved calibration saw
         )
+        self.mask_decoder: MaskDecoder | None = None  # fusion merges boxes; masks are not fused
         views = " + ".join(d.model_id for d in self.detectors)
         extras = [f"tta {'+'.join(self.tta)}"] * bool(self.tta) + [f"merge {merge}"] * bool(merge)
         fused = f" ({method})" if len(self.detectors) > 1 or self.tta else ""

@@ -7,7 +7,9 @@ with the number of images. For each image it writes, under ``out_dir``:
 * ``json/<name>.json`` — the detections (or the answer to a free-form prompt), the
   decoded text and its per-token log-probabilities;
 * ``annotated/<name>.png`` — the image with its boxes (supervision's annotators), for
-  detection prompts.
+  detection prompts, and the objects' masks where the answer carried ``<seg>`` codes
+  (decoded with the detector's ``mask_decoder``; each detection's ``mask`` in the JSON is
+  its COCO RLE over the whole image, also the ``segmentation`` of its COCO result).
 
 Output names keep the inputs' paths relative to the folder that holds them all
 (``predict a/x.jpg b/x.jpg`` writes ``json/a/x.jpg.json`` and ``json/b/x.jpg.json``), so no
@@ -55,6 +57,7 @@ OUTPUTS = (
     "annotated",
     "dicom-sr",
     "dicom-sc",
+    "dicom-seg",
     "predictions.coco.json",
     "images.json",
     "categories.json",
@@ -207,18 +210,25 @@ def _check_resume(out: Path, previous: dict | None, settings: dict, checksum: di
 
 
 class _DicomOutputs:
-    """The DICOM SR / Secondary Capture of each DICOM input (``--dicom-sr``); others are counted."""
+    """The DICOM SR / Secondary Capture / SEG of each DICOM input (``--dicom-sr``); others are counted."""
 
     def __init__(
-        self, detector: DetectorLike, out: Path, prompt: str, threshold: float | None, sr: bool, sc: bool
+        self,
+        detector: DetectorLike,
+        out: Path,
+        prompt: str,
+        threshold: float | None,
+        sr: bool,
+        sc: bool,
+        seg: bool = False,
     ) -> None:
-        self.detector, self.out, self.sr, self.sc = detector, out, sr, sc
+        self.detector, self.out, self.sr, self.sc, self.seg = detector, out, sr, sc, seg
         self.settings = dicom_sr.settings_key(prompt, threshold)
         self.algorithm: dicom_sr.Algorithm | None = None
-        self.counts = {"dicom_sr": 0, "not_dicom": 0}
+        self.counts = {"dicom_sr": 0, "not_dicom": 0, "dicom_seg": 0}
 
     def write(self, item: Item, image: Image.Image, found: Detections) -> None:
-        if not (self.sr or self.sc):
+        if not (self.sr or self.sc or self.seg):
             return
         if not dicom_sr.is_dicom_file(item.path):
             self.counts["not_dicom"] += 1
@@ -238,6 +248,11 @@ class _DicomOutputs:
             secondary_capture=self.sc,
         )
         self.counts["dicom_sr"] += 1
+        if self.seg:
+            from paligemma_xray.infer.dicom_seg import write_seg
+
+            written = write_seg(self.out, item.name, item.path, found, self.algorithm, settings=self.settings)
+            self.counts["dicom_seg"] += written is not None
 
 
 def predict(
@@ -256,7 +271,9 @@ def predict(
     free-form answers with it). ``resume`` continues a folder made with the same settings;
     ``overwrite`` replaces its results. ``dicom_sr`` / ``secondary_capture``: for each DICOM
     input also write ``dicom-sr/<name>.sr.dcm`` (a TID 1500 Structured Report) /
-    ``dicom-sc/<name>.sc.dcm`` (boxes drawn); see :mod:`.dicom_sr`. ``workers``: threads
+    ``dicom-sc/<name>.sc.dcm`` (boxes drawn); see :mod:`.dicom_sr`. ``dicom_seg``: also
+    ``dicom-seg/<name>.seg.dcm``, a DICOM SEG of the objects' masks (:mod:`.dicom_seg`; needs
+    the detector's ``mask_decoder``; an image whose objects have no mask gets none). ``workers``: threads
     that decode the next images while the model works on this batch, and as many that
     write the annotated PNGs and JSON files of the previous ones (default: up to 4; 0 does
     both on this thread). The summary's ``input_wait_s`` / ``output_wait_s`` are the times
@@ -275,7 +292,11 @@ def predict(
     workers = settings.workers
     w = world()
     detecting = settings.detecting
-    dicom_outputs = _DicomOutputs(detector, out, prompt, threshold, dicom_sr, secondary_capture)
+    if settings.dicom_seg and detector.mask_decoder is None:
+        raise ConfigError("--dicom-seg writes masks: give the mask decoder with --seg-vae vae-oid.npz")
+    dicom_outputs = _DicomOutputs(
+        detector, out, prompt, threshold, dicom_sr, secondary_capture, settings.dicom_seg
+    )
     recorded = {
         "model": detector.model_id,
         "prompt": prompt,
@@ -377,7 +398,7 @@ def predict(
     }
     summary["input_wait_s"] = loader.wait_s  # time the model waited for decoded images
     summary["output_wait_s"] = writer.wait_s  # ... and for earlier images' files to be written
-    if dicom_sr or secondary_capture:
+    if dicom_sr or secondary_capture or settings.dicom_seg:
         summary.update(dicom_outputs.counts)
     if w.is_main:
         summary.update(_write_coco(out, paths, prompt if detecting else None))
@@ -412,18 +433,15 @@ def _write_coco(out: Path, paths: Sequence[str | Path], prompt: str | None) -> d
             for obj in detections["detections"]:
                 x1, y1, x2, y2 = obj["box"]
                 category = classes.index(obj["label"]) + 1 if obj["label"] in classes else 0
-                results.write(
-                    ("," if n_boxes else "")
-                    + "\n"
-                    + json.dumps(
-                        {
-                            "image_id": index + 1,
-                            "category_id": category,
-                            "bbox": [x1, y1, x2 - x1, y2 - y1],
-                            "score": obj["score"] if obj["score"] is not None else 1.0,
-                        }
-                    )
-                )
+                result = {
+                    "image_id": index + 1,
+                    "category_id": category,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": obj["score"] if obj["score"] is not None else 1.0,
+                }
+                if obj.get("mask") is not None:  # COCO's segm results: the mask as RLE
+                    result["segmentation"] = obj["mask"]
+                results.write(("," if n_boxes else "") + "\n" + json.dumps(result))
                 n_boxes += 1
         results.write("\n]\n")
         images.write("]\n")

@@ -25,6 +25,7 @@ from paligemma_xray.settings import SETTINGS_CONFIG, Float, StrList, flag
 if TYPE_CHECKING:
     from paligemma_xray.infer.detector import Detector
     from paligemma_xray.infer.fusion import FusedDetector
+    from paligemma_xray.infer.masks import MaskDecoder
 
 DEFAULT_DETECT_TOKENS = 64  # ~8 boxes of 4 locations + label + separator
 Attention = Literal["sdpa", "eager"]
@@ -89,6 +90,9 @@ class DecodeSettings:
     """Also start a box where the location tokens together reach probability P although EOS
     is likelier, scored by that probability: candidates below the greedy operating point, so
     mAP and FROC see the whole precision-recall curve (e.g. 0.05; default: only where they beat EOS)."""
+    seg_vae: Annotated[str | None, flag(metavar="NPZ")] = None
+    """big_vision's mask decoder (vae-oid.npz): 'segment …' answers (<seg> codes) become masks
+    in the JSON, PNGs, metrics and DICOM SEG."""
 
     @model_validator(mode="after")
     def _decodes(self) -> DecodeSettings:
@@ -98,6 +102,14 @@ class DecodeSettings:
             box_or_stop=self.box_or_stop,
         )
         return self
+
+    def load_mask_decoder(self) -> MaskDecoder | None:
+        """The ``--seg-vae`` mask decoder, read once for every model (None without one)."""
+        if self.seg_vae is None:
+            return None
+        from paligemma_xray.infer.masks import MaskDecoder
+
+        return MaskDecoder.load(self.seg_vae)
 
     def load_options(self) -> dict[str, typing.Any]:
         """The keyword arguments of ``Detector.load`` these settings give (model aside)."""
@@ -142,8 +154,15 @@ class DetectSettings(DecodeSettings):
         """The detector these settings describe: one model, or the fused ensemble / TTA."""
         from paligemma_xray.infer.detector import Detector
 
+        mask_decoder = self.load_mask_decoder()  # before the (long) model loads
         detectors = [
-            Detector.load(model, batch_size=self.batch_size, progress=progress, **self.load_options())
+            Detector.load(
+                model,
+                batch_size=self.batch_size,
+                progress=progress,
+                mask_decoder=mask_decoder,
+                **self.load_options(),
+            )
             for model in self.model
         ]
         if not self.fused:
@@ -189,6 +208,9 @@ class PredictSettings(DetectSettings):
     secondary_capture: bool = False
     """For each DICOM input also write OUT/dicom-sc/<name>.sc.dcm: the image with its boxes
     drawn, as a DICOM Secondary Capture (for viewers without SR)."""
+    dicom_seg: bool = False
+    """For each DICOM input whose objects have masks (a 'segment …' prompt with --seg-vae)
+    also write OUT/dicom-seg/<name>.seg.dcm: a DICOM Segmentation."""
 
     @model_validator(mode="after")
     def _predicts(self) -> PredictSettings:
@@ -199,7 +221,7 @@ class PredictSettings(DetectSettings):
             )
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"loading and writing workers must be at least 0, got {self.workers}")
-        if (self.dicom_sr or self.secondary_capture) and not self.detecting:
+        if (self.dicom_sr or self.secondary_capture or self.dicom_seg) and not self.detecting:
             raise ConfigError(f"--dicom-sr needs a detection prompt ('detect …'), not {self.prompt!r}")
         return self
 

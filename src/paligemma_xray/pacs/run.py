@@ -152,4 +152,8 @@ class _Job:
                 image=image,
                 name=name,
             )
+            if detections.has_masks:  # a segment prompt with --seg-vae: the masks as a DICOM SEG
+                from paligemma_xray.infer.dicom_seg import build_seg
+
+                outputs.append(build_seg(data, detections, self.algorithm, settings=self.key, name=name))
         return outputs

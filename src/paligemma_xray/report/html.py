@@ -23,11 +23,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from paligemma_xray import atomic
-from paligemma_xray.draw import draw_boxes, fit, jpeg_data_uri
+from paligemma_xray.draw import draw_boxes, draw_masks, fit, jpeg_data_uri
 from paligemma_xray.errors import DataError, check_output
 from paligemma_xray.evaluate.compare import COMPARISON_FILE
 from paligemma_xray.evaluate.folder import load_metrics, load_predictions
@@ -154,6 +155,15 @@ def _metrics_table(evaluations: Sequence[Evaluation]) -> str:
         ("repeated boxes (IoU ≥ 0.7, same answer)", lambda m: m.get("duplicates", {}).get("boxes")),
         ("unfinished answers", lambda m: m.get("unfinished_answers")),
     ]
+    if any("masks" in e.metrics for e in evaluations):  # a segmentation evaluation
+        counts = [
+            ("masks: mAP@0.5 (COCO segm)", lambda m: _mask_figure(m, "map50")),
+            ("masks: mAP@[.5:.95] (COCO segm)", lambda m: _mask_figure(m, "map50_95")),
+            ("masks: Dice per matched object (mean)", lambda m: _mask_figure(m, "dice", "mean")),
+            ("masks: IoU per matched object (mean)", lambda m: _mask_figure(m, "iou", "mean")),
+            ("masks: matched objects", lambda m: _mask_figure(m, "dice", "n")),
+            *counts,
+        ]
     for label, get in counts:
         cells = "".join(f"<td>{_fmt(get(e.metrics))}</td><td></td>" for e in evaluations)
         body.append(f"<tr><td>{label}</td>{cells}</tr>")
@@ -163,10 +173,16 @@ def _metrics_table(evaluations: Sequence[Evaluation]) -> str:
     )
 
 
+def _mask_figure(metrics: dict, key: str, part: str | None = None) -> Any:
+    """``metrics["masks"][key][part]`` (None where the evaluation has no masks)."""
+    value = metrics.get("masks", {}).get(key)
+    return value.get(part) if part is not None and isinstance(value, dict) else value
+
+
 def annotated_image_uri(
     path: str, truth: Detections, prediction: Detections, matching: Matching, threshold: float
 ) -> str | None:
-    """The image with its boxes, as a base64 JPEG data URI (None if it cannot be read).
+    """The image with its boxes (and masks), as a base64 JPEG data URI (None if it cannot be read).
 
     Ground truth in one colour; predictions scored at least ``threshold`` in another, false
     alarms (unmatched in ``matching``) drawn as corners only. Shared with the live training page.
@@ -178,9 +194,16 @@ def annotated_image_uri(
     except Exception:  # a moved image must not break the whole report
         return None
     image, scale = fit(image, THUMBNAIL)
-    image = draw_boxes(image, truth.xyxy * scale, colour=TRUTH_COLOUR, thickness=3)
     scores = prediction.score if prediction.score is not None else np.full(len(prediction), np.nan)
     shown = ~(scores < threshold)  # boxes below the threshold are left out; unscored ones stay
+    # Masks first (truth, then the shown predictions'), boxes over them.
+    if truth.has_masks and truth.masks is not None:
+        image = draw_masks(image, truth.masks, colour=TRUTH_COLOUR, opacity=0.3)
+    if prediction.has_masks and prediction.masks is not None:
+        image = draw_masks(
+            image, [m for m, keep in zip(prediction.masks, shown) if keep], colour=PREDICTION_COLOUR
+        )
+    image = draw_boxes(image, truth.xyxy * scale, colour=TRUTH_COLOUR, thickness=3)
     labels = np.array([f"{s:.2f}" if not np.isnan(s) else n for s, n in zip(scores, prediction.class_name)])
     matched = np.asarray(matching.pred_tp, dtype=bool)
     for keep, corners_only in ((shown & matched, False), (shown & ~matched, True)):  # false alarm: corners

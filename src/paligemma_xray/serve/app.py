@@ -35,8 +35,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from paligemma_xray import __version__
-from paligemma_xray.draw import fit, jpeg_data_uri
-from paligemma_xray.errors import ImageLoadError
+from paligemma_xray.draw import fit, jpeg_data_uri, mask_png_data_uri
+from paligemma_xray.errors import ConfigError, ImageLoadError
 from paligemma_xray.locations import DEFAULT_PROMPT, Detections
 from paligemma_xray.serve.batching import BatchingQueue, QueueClosedError, QueueFullError
 from paligemma_xray.serve.dicom import check_sr_input, parse_format, sr_response
@@ -65,6 +65,14 @@ class Box(BaseModel):
     score: float | None = Field(description="confidence in (0, 1] from the decoder's token probabilities")
     probability: float | None = Field(
         None, description="calibrated P(true positive) for the score (None: the model has no calibration)"
+    )
+    mask: dict[str, Any] | None = Field(
+        None,
+        description="the object's mask (a segment prompt's <seg> codes, decoded with the server's\n"
+        "--seg-vae) as COCO RLE over the whole image: {size: [height, width], counts}",
+    )
+    mask_png: str | None = Field(
+        None, description="the same mask as a data:image/png URL the size of the image (for the page)"
     )
 
 
@@ -243,6 +251,7 @@ def _boxes(detections: Detections, threshold: float | None, calibration: Any = N
         if threshold is not None and score is not None and score < threshold:
             continue
         x1, y1, x2, y2 = (round(float(v), 2) for v in detections.xyxy[i])
+        mask = None if detections.masks is None else detections.masks[i]
         boxes.append(
             Box(
                 box=(x1, y1, x2, y2),
@@ -250,6 +259,8 @@ def _boxes(detections: Detections, threshold: float | None, calibration: Any = N
                 class_id=int(detections.class_id[i]),
                 score=None if score is None else round(score, 5),
                 probability=None if described is None else described["box_probability"][i],
+                mask=mask,
+                mask_png=None if mask is None else mask_png_data_uri(mask),
             )
         )
     return boxes
@@ -420,6 +431,8 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
             ) from error
         except QueueClosedError as error:
             raise ApiError(503, "unavailable", str(error), headers={"Retry-After": "5"}) from error
+        except ConfigError as error:  # a <seg> answer and no --seg-vae on the server
+            raise ApiError(422, "no_mask_decoder", str(error)) from error
         if output == "dicom-sr":
             return await run_in_threadpool(
                 sr_response, detector, upload.data, upload.filename, kind, detections, prompt, threshold

@@ -39,7 +39,12 @@ def serve(settings: ServeSettings, *, api_key: str | None = None) -> None:
     config = settings.app_config(api_key)
     host, port = settings.host, settings.port
     check_address(host, port)  # before the (long) model load
-    detector = Detector.load(settings.model[0], batch_size=config.max_batch, **settings.load_options())
+    detector = Detector.load(
+        settings.model[0],
+        batch_size=config.max_batch,
+        mask_decoder=settings.load_mask_decoder(),
+        **settings.load_options(),
+    )
     app = create_app(detector, config)
     if not config.api_key and not _is_loopback(host):
         log.warning("serving on %s without an API key: set %s to require one", host, API_KEY_ENV)
