@@ -248,7 +248,7 @@ def test_the_default_prompt_is_one_constant_everywhere():
     from paligemma_xray.data import synth
     from paligemma_xray.infer import Detector
     from paligemma_xray.infer.fusion import FusedDetector
-    from paligemma_xray.infer.predict import predict
+    from paligemma_xray.infer.settings import PredictSettings
     from paligemma_xray.locations import DEFAULT_PROMPT
 
     assert DEFAULT_PROMPT == "detect fracture" and synth.PREFIX is DEFAULT_PROMPT
@@ -257,6 +257,6 @@ def test_the_default_prompt_is_one_constant_everywhere():
         Detector.iter_detect,
         FusedDetector.detect,
         FusedDetector.iter_detect,
-        predict,
     ):
         assert inspect.signature(function).parameters["prompt"].default is DEFAULT_PROMPT, function
+    assert PredictSettings(paths=["x"]).prompt is DEFAULT_PROMPT

@@ -25,6 +25,7 @@ from paligemma_xray.infer.ai_results import NOTICE_ENV
 from paligemma_xray.infer.dicom_seg import build_seg, seg_uids
 from paligemma_xray.infer.masks import MaskDecoder, write_random_vae
 from paligemma_xray.infer.predict import predict
+from paligemma_xray.infer.settings import PredictSettings
 from paligemma_xray.locations import Detections
 from paligemma_xray.masks import decode_rle, encode_rle
 
@@ -179,10 +180,11 @@ def test_predict_dicom_seg_end_to_end(tmp_path) -> None:
     source = radiograph(folder / "knee.dcm", width=96, height=128)
     vae = write_random_vae(tmp_path / "vae-oid.npz", seed=1)
     detector = answering_detector(MaskDecoder.load(vae))
-    summary = predict(
-        detector, [folder], tmp_path / "out", prompt="segment fracture", max_new_tokens=40,
-        dicom_sr=True, dicom_seg=True, workers=0, progress=False,
+    settings = PredictSettings(
+        paths=[str(folder)], out=str(tmp_path / "out"), prompt="segment fracture", max_new_tokens=40,
+        dicom_sr=True, dicom_seg=True, workers=0,
     )  # fmt: skip
+    summary = predict(detector, settings, progress=False)
     assert summary["dicom_seg"] == 1
     record = (tmp_path / "out" / "json" / "in" / "knee.dcm.json").read_text()
     assert ANSWER in record
@@ -196,6 +198,7 @@ def test_predict_dicom_seg_end_to_end(tmp_path) -> None:
     assert (tmp_path / "out" / "dicom-sr" / "in" / "knee.dcm.sr.dcm").is_file()
     # --dicom-seg without a mask decoder is refused before any work.
     with pytest.raises(ConfigError, match="--seg-vae"):
-        predict(
-            answering_detector(None), [folder], tmp_path / "out2", prompt="segment fracture", dicom_seg=True
+        settings = PredictSettings(
+            paths=[str(folder)], out=str(tmp_path / "out2"), prompt="segment fracture", dicom_seg=True
         )
+        predict(answering_detector(None), settings, progress=False)

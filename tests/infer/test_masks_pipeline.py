@@ -21,6 +21,7 @@ from paligemma_xray.evaluate.runner import evaluate_records
 from paligemma_xray.infer import Detector
 from paligemma_xray.infer.masks import MaskDecoder, write_random_vae
 from paligemma_xray.infer.predict import predict
+from paligemma_xray.infer.settings import PredictSettings
 from paligemma_xray.locations import Detections
 from paligemma_xray.masks import decode_rle, encode_rle
 
@@ -50,7 +51,10 @@ def test_predict_writes_masks_in_json_png_and_coco(tmp_path, xray, vae) -> None:
     path, checkpoint = vae
     detector = answering_detector(MaskDecoder.load(path))
     out = tmp_path / "out"
-    predict(detector, [xray], out, prompt="segment fracture", max_new_tokens=40, workers=0, progress=False)
+    settings = PredictSettings(
+        paths=[str(xray)], out=str(out), prompt="segment fracture", max_new_tokens=40, workers=0
+    )
+    predict(detector, settings, progress=False)
     record = json.loads((out / "json" / "knee.png.json").read_text())
     assert record["text"] == ANSWER
     (obj,) = record["detections"]["detections"]
@@ -72,15 +76,14 @@ def test_predict_writes_masks_in_json_png_and_coco(tmp_path, xray, vae) -> None:
 
 def test_a_seg_answer_without_the_decoder_is_one_line(tmp_path, xray) -> None:
     with pytest.raises(ConfigError, match=r"--seg-vae"):
-        predict(
-            answering_detector(None),
-            [xray],
-            tmp_path / "out",
+        settings = PredictSettings(
+            paths=[str(xray)],
+            out=str(tmp_path / "out"),
             prompt="segment fracture",
             max_new_tokens=40,
             workers=0,
-            progress=False,
         )
+        predict(answering_detector(None), settings, progress=False)
 
 
 def test_cli_refuses_a_missing_seg_vae_before_loading_the_model(tmp_path, xray, capsys) -> None:
