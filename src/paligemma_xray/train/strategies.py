@@ -7,7 +7,8 @@ Strategies (``TrainConfig.trainable``):
   vision tower and projector stay frozen;
 - ``all`` — every weight;
 - ``lora`` — LoRA adapters (peft) on ``lora_targets`` of the language model, optionally over
-  a 4-bit (NF4, bitsandbytes) base: QLoRA.
+  a 4-bit (NF4, bitsandbytes) base: QLoRA, on a CUDA GPU or on the CPU (bitsandbytes ≥ 0.50
+  ships CPU kernels for 4-bit; its backward dequantizes the weight and multiplies in torch).
 
 Trainable weights are kept in float32 (SGD steps of 0.01 × small gradients vanish in bf16);
 frozen ones in bf16 when computing in bf16 (half the memory), else float32. Only parameters
@@ -16,6 +17,7 @@ are cast, never buffers: a bf16 rotary ``inv_freq`` would shift every position.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TYPE_CHECKING, cast
 
@@ -66,7 +68,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, device: torch.device, b
     """
     frozen_dtype = torch.bfloat16 if bf16 else torch.float32
     if config.quantize == "4bit":
-        _check_qlora(device)
+        _check_qlora()
     for param in model.parameters():
         param.requires_grad_(False)
 
@@ -142,9 +144,10 @@ def _add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     return get_peft_model(model, lora)
 
 
-def _check_qlora(device: torch.device) -> None:
-    if device.type != "cuda":
-        raise ConfigError("the qlora recipe (4-bit weights) needs a CUDA GPU; on CPU use --recipe lora")
+def _check_qlora() -> None:
+    # On import, bitsandbytes' CPU backend warns that an optional fused inference kernel
+    # (``kernels`` package) is missing; training never uses that kernel (see below).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -152,7 +155,15 @@ def _check_qlora(device: torch.device) -> None:
 
 
 def _quantize_language_model(model: nn.Module, compute_dtype: torch.dtype) -> None:
-    """Replace the language model's linears by NF4 ``Linear4bit`` (quantized on ``.cuda()``)."""
+    """Replace the language model's linears by NF4 ``Linear4bit`` (quantized by ``.to(device)``).
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a ``Linear4bit``'s weight for its fused
+    inference kernel the first time it runs in eval mode without gradients (our validation),
+    and keeps it so: later training forwards then go through that kernel, which has no
+    backward — the gradient to the layer's input is silently dropped (torch only warns), and
+    every LoRA adapter below it stops learning the right thing. Training modules never take
+    that path here (``support_avx512bf16_for_cpu = False``).
+    """
     import bitsandbytes as bnb
 
     language_model = unwrap(model).model.language_model
@@ -167,6 +178,7 @@ def _quantize_language_model(model: nn.Module, compute_dtype: torch.dtype) -> No
                 compute_dtype=compute_dtype,
                 quant_type="nf4",
             )
+            quantized.support_avx512bf16_for_cpu = False  # see above: keeps the backward
             quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
             if child.bias is not None:
                 quantized.bias = nn.Parameter(child.bias.data, requires_grad=False)
