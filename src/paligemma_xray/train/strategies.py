@@ -185,16 +185,23 @@ def _quantize_language_model(model: nn.Module, compute_dtype: torch.dtype) -> No
             setattr(module, child_name, quantized)
 
 
-def merged_state_dict(model: nn.Module, base_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    model: nn.Module,
+    base_state: dict[str, torch.Tensor],
+    trained: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Weights of a LoRA-trained model with the adapters folded in, on the CPU in float32.
 
     ``base_state``: the base checkpoint's own weights (HF names), so that a 4-bit base is
     merged from its original, unquantized values; the live model is left untouched (merging
-    in place and back is not exact, and would break an exact resume).
+    in place and back is not exact, and would break an exact resume). ``trained``: the
+    adapters' weights by parameter name, whole, when the live ones are FSDP shards
+    (``sharding.trainable_state``); else they are read from the model.
     """
     from peft.tuners.lora import LoraLayer
 
     merged = {k: v.detach().to("cpu", torch.float32).clone() for k, v in base_state.items()}
+    names = {id(m): n for n, m in model.named_modules()}
     core = unwrap(model)
     for name, module in core.named_modules():
         if not isinstance(module, LoraLayer):
@@ -203,7 +210,14 @@ def merged_state_dict(model: nn.Module, base_state: dict[str, torch.Tensor]) -> 
         if key not in merged:
             raise KeyError(f"adapted layer {name} has no base weight {key}")
         for adapter in module.active_adapters:
-            if adapter in module.lora_A:
+            if adapter not in module.lora_A:
+                continue
+            if trained is None:
                 delta = module.get_delta_weight(adapter)
-                merged[key] += delta.detach().to("cpu", torch.float32)
+            else:  # peft's delta of a Linear: B @ A × scaling
+                prefix = names[id(module)]
+                a = trained[f"{prefix}.lora_A.{adapter}.weight"].to("cpu", torch.float32)
+                b = trained[f"{prefix}.lora_B.{adapter}.weight"].to("cpu", torch.float32)
+                delta = (b @ a) * module.scaling[adapter]
+            merged[key] += delta.detach().to("cpu", torch.float32)
     return merged
