@@ -149,3 +149,17 @@ def test_fsdp_in_bf16_over_two_processes_resumes_exactly(
     base, last = _tensors(tiny_hf_dir), _tensors(whole / "last")
     changed = {k for k in base if not torch.equal(base[k], last[k])}
     assert changed and all("language_model" in k and last[k].dtype == torch.float32 for k in changed)
+
+
+def test_fsdp_refuses_4bit_weights_in_one_line() -> None:
+    from paligemma_xray.errors import ConfigError
+    from paligemma_xray.train.loop import _check_world
+    from paligemma_xray.train.recipes import preset
+
+    config = preset("qlora")
+    config.distributed = "fsdp"
+    _check_world(config, 1)  # one process shards nothing
+    with pytest.raises(ConfigError, match="fsdp cannot shard 4-bit weights"):
+        _check_world(config, 2)
+    config.distributed = "ddp"
+    _check_world(config, 2)

@@ -116,11 +116,7 @@ def run(
     main = accelerator.is_main_process
     bf16 = _use_bf16(config, device)
     out = Path(config.out)
-    if config.batch_size % (world * config.grad_accum):
-        raise ConfigError(
-            f"batch_size {config.batch_size} must divide by processes × grad_accum"
-            f" = {world} × {config.grad_accum}"
-        )
+    _check_world(config, world)
     train_records, valid_records = _records(config)
     prepare_run_dir(out, resume=resume, main=main)
 
@@ -324,6 +320,19 @@ def _accelerator(config: TrainConfig):
         raise ConfigError("device: cuda asked for, but no CUDA GPU is visible")
     # autocast is ours (see run); FSDP too (sharding.py): accelerate sets up the processes.
     return Accelerator(cpu=cpu, mixed_precision="no")
+
+
+def _check_world(config: TrainConfig, world: int) -> None:
+    """What a recipe needs of the number of processes, refused before any work."""
+    if config.batch_size % (world * config.grad_accum):
+        raise ConfigError(
+            f"batch_size {config.batch_size} must divide by processes × grad_accum"
+            f" = {world} × {config.grad_accum}"
+        )
+    if config.distributed == "fsdp" and world > 1 and config.quantize == "4bit":
+        # FSDP2 turns each weight into a DTensor; bitsandbytes' packed 4-bit weights lose
+        # their quantization state on the way ("quant_state is required").
+        raise ConfigError("distributed: fsdp cannot shard 4-bit weights (qlora); use distributed: ddp")
 
 
 def _no_sync(accelerator, step_module: nn.Module):
