@@ -19,16 +19,16 @@ Random weights of the real shapes (``pg1-3b-224``: PaliGemma 1 3B at 224 px, fro
   annotated PNGs and JSON included), images decoded on the main thread (``workers=0``, the
   old way) and in loading threads: images/s, the share of the wall time the model computes
   (``model_busy``; the target is >= 0.8 on GPU) and the time it waited for decoded images;
-- ``qlora``: one step of the ``qlora`` recipe (4-bit base; needs CUDA and bitsandbytes,
-  else skipped with the reason);
-- ``resume``: a short training run (tiny model; bf16 on CUDA, float32 on CPU where bf16
-  is refused) resumed from its middle checkpoint ends with bit-identical weights;
+- ``qlora``: one step of the ``qlora`` recipe (4-bit NF4 base: bitsandbytes' CUDA or CPU
+  kernels; skipped with the reason where bitsandbytes is missing);
+- ``resume``: a short training run (tiny model, bf16 on CUDA and CPU alike) resumed from
+  its middle checkpoint ends with bit-identical weights;
 - ``profile``: where the time of one ``big-vision`` training step (ours) and one decoding
   batch goes: the top operators by self device time (torch.profiler), to say why a missed
   target was missed;
-- ``fsdp``: one step of our training module wrapped by accelerate's FSDP plugin (the
-  training loop's settings) in ONE process, against the unwrapped step (skipped where
-  accelerate has no FSDP for the device, e.g. CPU).
+- ``fsdp``: one bf16 step of our training module sharded as ``distributed: fsdp`` shards
+  it (``train.sharding``: FSDP2, frozen bf16 and trained float32 weights in the same
+  layers) in ONE process (NCCL on CUDA, gloo on CPU), against the unsharded step.
 
 Each case is recorded as ``{"status": "ok" | "skipped" | "failed", ...}``; the JSON is
 rewritten after every case, so a run stopped at its time limit keeps what it measured.
@@ -310,8 +310,6 @@ def case_predict(p: dict, device: torch.device, decode_model, work: Path) -> dic
 
 def case_qlora(p: dict, device: torch.device) -> dict:
     """One step of the qlora recipe (NF4 base, LoRA adapters, activation checkpointing)."""
-    if device.type != "cuda":
-        return {"status": "skipped", "reason": "qlora needs a CUDA GPU (bitsandbytes 4-bit kernels)"}
     try:
         model, config, bf16 = build_model(p["train_dims"], device, "qlora")
     except ConfigError as error:  # bitsandbytes missing
@@ -349,7 +347,7 @@ def case_resume(p: dict, device: torch.device, work: Path) -> dict:
     from paligemma_xray.train import from_run, resolve, run
 
     model, data = _tiny_run_inputs(work)
-    precision = "bf16" if device.type == "cuda" else "float32"
+    precision = "bf16"  # the device path, on the CPU too
     steps = p["resume_examples"] // p["resume_batch"]
     overrides = {
         "model": str(model), "data": str(data), "examples": p["resume_examples"],
@@ -398,27 +396,22 @@ def _free_port() -> int:
 
 
 def case_fsdp(p: dict, device: torch.device, work: Path) -> dict:
-    """One step of the training module under accelerate's FSDP (the loop's plugin) in one
-    process, against the same step unwrapped: same loss, same updated weights."""
-    from accelerate import Accelerator
-
+    """One bf16 step of the training module sharded as the loop shards it (FSDP2) in one
+    process, against the same step unsharded: same loss, same updated weights."""
     from paligemma_xray.model import load
+    from paligemma_xray.train import sharding
     from paligemma_xray.train.batches import Augment, Examples
-    from paligemma_xray.train.loop import _fsdp_plugin, _load_image, _optimizer, _records, _StepModule
+    from paligemma_xray.train.loop import _load_image, _optimizer, _records, _StepModule
     from paligemma_xray.train.recipes import resolve
     from paligemma_xray.train.strategies import prepare_model
 
-    try:
-        plugin = _fsdp_plugin()
-    except RuntimeError as error:  # accelerate: FSDP needs CUDA, XPU, NPU, …
-        return {"status": "skipped", "reason": f"accelerate's FSDP plugin refuses this device: {error}"}
     model_dir, data = _tiny_run_inputs(work)
     config = resolve(
         "big-vision",
         overrides={"model": str(model_dir), "data": str(data), "out": str(work / "fsdp"), "batch_size": 4,
                    "progress": False},
     )  # fmt: skip
-    bf16 = device.type == "cuda"
+    bf16 = True  # frozen bf16 + trained float32 in one layer: what FSDP1 could not flatten
     base, processor = load(config.model, progress=False)
     records, _ = _records(config)
     examples = Examples(records, Augment(), config.seed, _load_image)
@@ -427,63 +420,47 @@ def case_fsdp(p: dict, device: torch.device, work: Path) -> dict:
     first_location = processor.tokenizer.convert_tokens_to_ids("<loc0000>")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    def one_step(module, params, backward) -> float:
+    def one_step(module, params) -> float:
         optimizer = _optimizer(config, params)
         with autocast:
             loss, _, _ = module(batch)
-        backward(loss)
+        loss.backward()
         optimizer.step()
         return float(loss.detach())
 
     reference_model = prepare_model(copy.deepcopy(base), config, device, bf16)
     reference = _StepModule(reference_model, config, first_location)
-    reference_loss = one_step(
-        reference, [q for q in reference.parameters() if q.requires_grad], lambda x: x.backward()
-    )
+    reference_loss = one_step(reference, [q for q in reference.parameters() if q.requires_grad])
     expected = {n: q.detach().float().cpu() for n, q in reference_model.named_parameters() if q.requires_grad}
     del reference, reference_model
     _free(device)
 
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    saved = {k: os.environ.get(k) for k in [*env, "MASTER_PORT"]}
-    os.environ.update(env, MASTER_PORT=str(_free_port()))
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)  # the resume case's runs left a one-process state
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
     try:
-        accelerator = Accelerator(fsdp_plugin=plugin, mixed_precision="no")
-        model = prepare_model(base, config, accelerator.device, bf16)
-        wrapped = accelerator.prepare_model(_StepModule(model, config, first_location))
+        model = prepare_model(base, config, device, bf16)
+        sharded = sharding.shard(_StepModule(model, config, first_location))
         memory = Memory(device)
         memory.reset()
         start = time.perf_counter()
-        loss = one_step(wrapped, [q for q in wrapped.parameters() if q.requires_grad], accelerator.backward)
+        loss = one_step(sharded, [q for q in sharded.parameters() if q.requires_grad])
         _sync(device)
         seconds = time.perf_counter() - start
-        # The full (gathered) state, as the loop's checkpoints take it under FSDP.
-        full = accelerator.get_state_dict(wrapped)
-        names = set(expected)  # clean names (the wrapped modules' own carry FSDP prefixes)
-        got = {
-            n.removeprefix("model."): t.float().cpu()
-            for n, t in full.items()
-            if n.removeprefix("model.") in names
-        }
-        distributed_type = accelerator.distributed_type.name
+        # Gathered whole, as the loop's checkpoints take them.
+        got = {n: t.float().cpu() for n, t in sharding.trainable_state(model).items()}
+        dtypes = sorted({str(q.dtype) for q in model.parameters()})
     finally:
         with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
-        AcceleratorState._reset_state(True)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     max_diff = max((float((got[n] - expected[n]).abs().max()) for n in expected if n in got), default=None)
     close = got.keys() == expected.keys() and max_diff is not None and max_diff <= 1e-3
     return {
         "model": "tiny (the path, not the size: one process holds every shard)",
-        "distributed_type": distributed_type,
-        "precision": "bf16 autocast" if bf16 else "float32",
+        "sharding": f"FSDP2 fully_shard, {backend}",
+        "precision": "bf16 autocast",
+        "parameter_dtypes": dtypes,
         "loss": {"fsdp": loss, "unwrapped": reference_loss},
         "seconds_per_step": round(seconds, 4),
         "peak_memory_bytes": memory.peak(),

@@ -1,4 +1,4 @@
-"""Trainable-parameter selection, dtypes, LoRA merge, QLoRA refusal on CPU."""
+"""Trainable-parameter selection, dtypes, LoRA merge (QLoRA: tests/train/test_qlora.py)."""
 
 from __future__ import annotations
 
@@ -79,12 +79,6 @@ def test_lora_adapts_language_model_only_and_merges_exactly() -> None:
         merged["model.language_model.layers.0.self_attn.q_proj.weight"],
         base_state["model.language_model.layers.0.self_attn.q_proj.weight"],
     )
-
-
-def test_qlora_on_cpu_is_a_clear_error() -> None:
-    model, _ = tiny_model(version=1)
-    with pytest.raises(ConfigError, match="CUDA"):
-        prepare_model(model, preset("qlora"), CPU, bf16=False)
 
 
 def test_lora_targets_that_match_nothing() -> None:

@@ -175,13 +175,19 @@ def write_npz_streamed(
 
 
 def save_lora(
-    peft_model: Any, out_dir: str | Path, base: str | Path | None = None, revision: str | None = None
+    peft_model: Any,
+    out_dir: str | Path,
+    base: str | Path | None = None,
+    revision: str | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """Save a ``PeftModel``'s adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     ``base``: the checkpoint the adapter applies to, recorded in ``adapter_config.json`` so
     that :func:`load` can find it (a path relative to ``out_dir`` or absolute, or a Hub id
-    with its ``revision``, PEFT's own field for the base model's revision).
+    with its ``revision``, PEFT's own field for the base model's revision). ``state_dict``:
+    the adapter's weights by the model's parameter names, when the live ones cannot be read
+    (FSDP shards); default: the model's own.
     """
     from peft import PeftModel
 
@@ -192,5 +198,5 @@ def save_lora(
         for config in peft_model.peft_config.values():
             config.base_model_name_or_path = str(base)
             config.revision = revision
-    peft_model.save_pretrained(str(out), safe_serialization=True)
+    peft_model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
     return out

@@ -1,7 +1,8 @@
 """The training loop: ``run(config) -> RunSummary``.
 
 One process or many (``torchrun`` / ``accelerate launch`` set RANK/WORLD_SIZE; accelerate
-wraps the model in DDP, or FSDP with ``distributed: fsdp``). The whole optimiser step is in
+wraps the model in DDP, or :mod:`~paligemma_xray.train.sharding` shards it with FSDP2 for
+``distributed: fsdp``). The whole optimiser step is in
 :func:`run`, on one screen. Around it: the run folder and checkpoints
 (:mod:`~paligemma_xray.train.run_folder`), logs (:mod:`~paligemma_xray.train.logs`), the
 loop's state (:mod:`~paligemma_xray.train.state`), validation
@@ -13,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from paligemma_xray.data.bad_records import BadRecords
 from paligemma_xray.errors import ConfigError, DataError
 from paligemma_xray.model.forms import BEST, LAST
 from paligemma_xray.model.processing import build_batch
+from paligemma_xray.train import sharding
 from paligemma_xray.train.batches import Augment, Examples, FeatureCache, step_positions
 from paligemma_xray.train.logs import MetricsLog, progress_bar
 from paligemma_xray.train.loss import image_features, loss_denominator, suffix_loss
@@ -83,7 +84,9 @@ class _StepModule(nn.Module):
         self.location_sigma = config.location_sigma
         self.first_location_id = first_location_id
 
-    def forward(self, batch, features=None, denominator=None):
+    def forward(self, batch=None, features=None, denominator=None, pixels=None):
+        if pixels is not None:  # the image-feature cache under FSDP (through the root: see sharding)
+            return image_features(self.model, pixels)
         out = suffix_loss(
             self.model,
             batch,
@@ -114,11 +117,7 @@ def run(
     main = accelerator.is_main_process
     bf16 = _use_bf16(config, device)
     out = Path(config.out)
-    if config.batch_size % (world * config.grad_accum):
-        raise ConfigError(
-            f"batch_size {config.batch_size} must divide by processes × grad_accum"
-            f" = {world} × {config.grad_accum}"
-        )
+    _check_world(config, world)
     train_records, valid_records = _records(config)
     prepare_run_dir(out, resume=resume, main=main)
 
@@ -130,7 +129,11 @@ def run(
     accelerator.wait_for_everyone()
     n_trainable, n_total = count_parameters(model)
     first_location_id = processor.tokenizer.convert_tokens_to_ids("<loc0000>")
-    step_module = accelerator.prepare_model(_StepModule(model, config, first_location_id))
+    step_module: nn.Module = _StepModule(model, config, first_location_id)
+    if config.distributed == "fsdp" and world > 1:
+        step_module = sharding.shard(step_module)
+    else:
+        step_module = accelerator.prepare_model(step_module)
     trainable = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = _optimizer(config, trainable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(config, i + 1))
@@ -144,7 +147,9 @@ def run(
     state = TrainState()
     if resume:
         state = load_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank)
-    cache = _feature_cache(config, model, examples, processor, device=device, bf16=bf16, main=main)
+    cache = _feature_cache(
+        config, model, step_module, examples, processor, device=device, bf16=bf16, main=main
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     logs = MetricsLog(out, state.step, main=main)
     steps, start = config.steps, state.step
@@ -173,7 +178,7 @@ def run(
             sync = i == len(micro) - 1
             with (
                 _oom_guard(config, step),
-                contextlib.nullcontext() if sync else accelerator.no_sync(step_module),
+                contextlib.nullcontext() if sync else _no_sync(accelerator, step_module),
             ):
                 with autocast:
                     loss, _, _ = step_module(batch, features=features, denominator=denominator)
@@ -196,16 +201,17 @@ def run(
         if done % config.log_every == 0 or done == steps:
             logs.write({"kind": "train", "step": done, "loss": loss_value, "lr": lr, "examples_per_s": rate})
         if valid_records and (done % config.eval_interval == 0 or done == steps):
-            validated = validate(
-                model,
-                processor,
-                valid_records,
-                config,
-                device=device,
-                bf16=bf16,
-                accelerator=accelerator,
-                return_rows=True,
-            )
+            with sharding.whole(step_module):  # validation calls the model directly
+                validated = validate(
+                    model,
+                    processor,
+                    valid_records,
+                    config,
+                    device=device,
+                    bf16=bf16,
+                    accelerator=accelerator,
+                    return_rows=True,
+                )
             assert isinstance(validated, tuple)  # return_rows=True: (metrics, rows)
             last_eval, rows = validated
             logs.write({"kind": "eval", "step": done, **last_eval})
@@ -313,30 +319,37 @@ def _accelerator(config: TrainConfig):
     cpu = config.device == "cpu" or not torch.cuda.is_available()
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda asked for, but no CUDA GPU is visible")
-    kwargs: dict[str, Any] = {"cpu": cpu, "mixed_precision": "no"}  # autocast is ours (see run)
-    if config.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        kwargs["fsdp_plugin"] = _fsdp_plugin()
-    return Accelerator(**kwargs)
+    # autocast is ours (see run); FSDP too (sharding.py): accelerate sets up the processes.
+    return Accelerator(cpu=cpu, mixed_precision="no")
 
 
-def _fsdp_plugin():
-    """accelerate's FSDP settings for ``distributed: fsdp`` (also used by the GPU suite's
-    one-process FSDP case). accelerate raises RuntimeError where FSDP has no device (CPU)."""
-    from accelerate import FullyShardedDataParallelPlugin
+def _check_world(config: TrainConfig, world: int) -> None:
+    """What a recipe needs of the number of processes, refused before any work."""
+    if config.batch_size % (world * config.grad_accum):
+        raise ConfigError(
+            f"batch_size {config.batch_size} must divide by processes × grad_accum"
+            f" = {world} × {config.grad_accum}"
+        )
+    if config.distributed == "fsdp" and world > 1 and config.quantize == "4bit":
+        # FSDP2 turns each weight into a DTensor; bitsandbytes' packed 4-bit weights lose
+        # their quantization state on the way ("quant_state is required").
+        raise ConfigError("distributed: fsdp cannot shard 4-bit weights (qlora); use distributed: ddp")
 
-    return FullyShardedDataParallelPlugin(
-        auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=["GemmaDecoderLayer", "Gemma2DecoderLayer", "SiglipEncoderLayer"],
-        use_orig_params=True,  # frozen and trainable weights share flat parameters
-        state_dict_type="FULL_STATE_DICT",
-        sync_module_states=True,
-    )
+
+def _no_sync(accelerator, step_module: nn.Module):
+    """No gradient reduction for this micro-batch (DDP's no_sync, FSDP2's requires_gradient_sync)."""
+    if sharding.is_sharded(step_module):
+        return sharding.no_sync(step_module)
+    return accelerator.no_sync(step_module)
 
 
 def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast with frozen weights in bf16: ``auto`` on a GPU, ``bf16`` anywhere.
+
+    On a CPU, ``bf16`` runs the GPU's precision path (the same casts and autocast; fast where
+    the CPU has AVX512-BF16 or AMX), so a dtype mistake in it shows without a GPU.
+    """
     if config.precision == "bf16":
-        if device.type != "cuda":
-            raise ConfigError("precision: bf16 needs a CUDA GPU here; use float32 (or auto) on CPU")
         return True
     return config.precision == "auto" and device.type == "cuda"
 
@@ -401,6 +414,7 @@ def _features_fn(model: nn.Module):
 def _feature_cache(
     config: TrainConfig,
     model: nn.Module,
+    step_module: nn.Module,
     examples: Examples,
     processor: Any,
     *,
@@ -422,6 +436,9 @@ def _feature_cache(
     if main:
         logger.info("caching image features of %d images (%.1f MB)", len(used), size / 2**20)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    # Sharded: through the root module, whose forward gathers the weights (the same number of
+    # batches on every process); else the model itself.
+    compute = (lambda px: step_module(pixels=px)) if sharding.is_sharded(step_module) else _features_fn(model)
     for s in range(0, len(used), config.eval_batch_size):
         keys = used[s : s + config.eval_batch_size]
         records = [examples.records[i] for i in keys]
@@ -433,7 +450,7 @@ def _feature_cache(
             max_length=config.max_length,
         )["pixel_values"]
         with autocast:
-            cache.get(_features_fn(model), keys, pixels.to(device))
+            cache.get(compute, keys, pixels.to(device))
     return cache
 
 

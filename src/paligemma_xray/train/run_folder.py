@@ -29,10 +29,11 @@ from torch import nn
 
 from paligemma_xray.atomic import remove_stale_temporaries, staged_dir, write_json, write_text
 from paligemma_xray.errors import ConfigError, check_output
+from paligemma_xray.train import sharding
 from paligemma_xray.train.logs import METRICS_LOG
 from paligemma_xray.train.recipes import TrainConfig
 from paligemma_xray.train.state import TrainState
-from paligemma_xray.train.strategies import merged_state_dict, trainable_state, unwrap
+from paligemma_xray.train.strategies import merged_state_dict, unwrap
 
 if TYPE_CHECKING:
     from transformers import PaliGemmaForConditionalGeneration
@@ -89,16 +90,6 @@ def interrupted_message(run_dir: Path) -> str:
     )
 
 
-def _full_trainable_state(
-    model: nn.Module, accelerator: Any, step_module: nn.Module
-) -> dict[str, torch.Tensor]:
-    if accelerator.distributed_type.name == "FSDP":
-        full = accelerator.get_state_dict(step_module)
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        return {n.removeprefix("model."): t for n, t in full.items() if n.removeprefix("model.") in names}
-    return trainable_state(model)
-
-
 def _rng_state() -> dict[str, torch.Tensor]:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -125,7 +116,8 @@ def save_checkpoint(
     """
     from accelerate.utils import gather_object
 
-    weights = _full_trainable_state(model, accelerator, step_module)
+    weights = sharding.trainable_state(model)  # gathered whole under FSDP
+    optimizer_state = sharding.optimizer_state(model, optimizer)
     rng = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
     if accelerator.is_main_process:
         with staged_dir(out / "checkpoints" / f"step-{state.step}") as tmp:
@@ -133,7 +125,7 @@ def save_checkpoint(
                 {k: v.to("cpu", torch.float32).contiguous() for k, v in weights.items()},
                 tmp / "trainable.safetensors",
             )
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             # LambdaLR stores lr_lambdas as [None] for plain functions: the state is JSON.
             record = {**state.to_json(), "scheduler": scheduler.state_dict()}
             (tmp / "state.json").write_text(json.dumps(record, indent=1))
@@ -162,10 +154,7 @@ def load_checkpoint(
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
         raise ConfigError(f"checkpoint does not fit the model (missing {missing[0]} …)", path=latest)
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(optimizer_state)
+    sharding.load(model, weights, optimizer, optimizer_state)  # scattered to the shards under FSDP
     scheduler.load_state_dict(record["scheduler"])
     rng_file = latest / f"rng-{rank}.pt"
     if rng_file.exists():
@@ -218,26 +207,30 @@ def save_weights(
         "tokenizer": str(Path(config.tokenizer).resolve()) if config.tokenizer else None,
         "trainable": config.trainable,
     }
+    sharded = sharding.is_sharded(step_module)
+    # Under FSDP the live weights are shards: exports read a gathered copy of the trained ones.
+    weights = sharding.trainable_state(model) if sharded or not (full or lora) else None
+    adapter_state = weights if lora else None
     if not full:
-        weights = {} if lora else _full_trainable_state(model, accelerator, step_module)
         if accelerator.is_main_process:
             with staged_dir(final) as tmp:
                 if lora:
-                    save_lora(model, tmp, base=base, revision=config.revision)
+                    save_lora(model, tmp, base=base, revision=config.revision, state_dict=adapter_state)
                 else:
+                    assert weights is not None
                     trained = {k: v.to("cpu", torch.float32).contiguous() for k, v in weights.items()}
                     save_file(trained, tmp / TRAINED_WEIGHTS)
                 write_json(tmp / TRAINED_INFO, info)
         accelerator.wait_for_everyone()
         return
-    full_fsdp = accelerator.distributed_type.name == "FSDP"
-    fsdp_state = accelerator.get_state_dict(step_module) if full_fsdp else None
     if accelerator.is_main_process:
         base_dtype = stored_dtype(config.model, config.revision)
         with staged_dir(final) as tmp:
             if lora:  # first: the export below may fold the adapter into the model
-                save_lora(model, tmp / RUN_ADAPTER, base=base, revision=config.revision)
-            target = _export_model(model, config, fsdp_state, DTYPES[base_dtype])
+                save_lora(
+                    model, tmp / RUN_ADAPTER, base=base, revision=config.revision, state_dict=adapter_state
+                )
+            target = _export_model(model, config, weights, DTYPES[base_dtype])
             # No shard-writing bar: it would cut through the training bar.
             save_hf(target, processor, tmp, progress=False, staged=False)  # staged here, whole
             if npz:
@@ -259,6 +252,8 @@ def _export_model(
     model: nn.Module, config: TrainConfig, fsdp_state: dict | None, base_dtype: torch.dtype
 ) -> PaliGemmaForConditionalGeneration:
     """The model ``last/`` holds: frozen weights as the base stores them, trained ones float32.
+
+    ``fsdp_state``: the trained weights gathered whole (FSDP: the live ones are shards), by name.
 
     Called once, after the last step: the training model itself is cast (and a LoRA adapter
     folded into it) where that is exact — frozen weights held in float32 or in the base's
@@ -288,12 +283,11 @@ def _export_model(
         core = unwrap(model)
         adapted = {f"{n}.weight" for n, m in core.named_modules() if isinstance(m, LoraLayer)}
         fresh_state = fresh.state_dict()
-        return _with_trained(fresh, merged_state_dict(model, {k: fresh_state[k] for k in adapted}))
+        base_state = {k: fresh_state[k] for k in adapted}
+        return _with_trained(fresh, merged_state_dict(model, base_state, trained=fsdp_state))
     if fsdp_state is not None:
         fresh, _ = load_base(config)
-        state = {k.removeprefix("model."): v for k, v in fsdp_state.items()}
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        return _with_trained(fresh, {k: v for k, v in state.items() if k in names})
+        return _with_trained(fresh, fsdp_state)
     if not exact:
         # e.g. bfloat16 frozen weights of a float16 base: casting back would not be exact.
         fresh, _ = load_base(config)

@@ -7,7 +7,8 @@ Strategies (``TrainConfig.trainable``):
   vision tower and projector stay frozen;
 - ``all`` — every weight;
 - ``lora`` — LoRA adapters (peft) on ``lora_targets`` of the language model, optionally over
-  a 4-bit (NF4, bitsandbytes) base: QLoRA.
+  a 4-bit (NF4, bitsandbytes) base: QLoRA, on a CUDA GPU or on the CPU (bitsandbytes ≥ 0.50
+  ships CPU kernels for 4-bit; its backward dequantizes the weight and multiplies in torch).
 
 Trainable weights are kept in float32 (SGD steps of 0.01 × small gradients vanish in bf16);
 frozen ones in bf16 when computing in bf16 (half the memory), else float32. Only parameters
@@ -16,6 +17,7 @@ are cast, never buffers: a bf16 rotary ``inv_freq`` would shift every position.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TYPE_CHECKING, cast
 
@@ -67,7 +69,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, device: torch.device, b
     """
     frozen_dtype = torch.bfloat16 if bf16 else torch.float32
     if config.quantize == "4bit":
-        _check_qlora(device)
+        _check_qlora()
     for param in model.parameters():
         param.requires_grad_(False)
 
@@ -144,9 +146,10 @@ def _add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
     return get_peft_model(model, lora)
 
 
-def _check_qlora(device: torch.device) -> None:
-    if device.type != "cuda":
-        raise ConfigError("the qlora recipe (4-bit weights) needs a CUDA GPU; on CPU use --recipe lora")
+def _check_qlora() -> None:
+    # On import, bitsandbytes' CPU backend warns that an optional fused inference kernel
+    # (``kernels`` package) is missing; training never uses that kernel (see below).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -154,7 +157,15 @@ def _check_qlora(device: torch.device) -> None:
 
 
 def _quantize_language_model(model: nn.Module, compute_dtype: torch.dtype) -> None:
-    """Replace the language model's linears by NF4 ``Linear4bit`` (quantized on ``.cuda()``)."""
+    """Replace the language model's linears by NF4 ``Linear4bit`` (quantized by ``.to(device)``).
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a ``Linear4bit``'s weight for its fused
+    inference kernel the first time it runs in eval mode without gradients (our validation),
+    and keeps it so: later training forwards then go through that kernel, which has no
+    backward — the gradient to the layer's input is silently dropped (torch only warns), and
+    every LoRA adapter below it stops learning the right thing. Training modules never take
+    that path here (``support_avx512bf16_for_cpu = False``).
+    """
     import bitsandbytes as bnb
 
     language_model = unwrap(model).model.language_model
@@ -169,22 +180,30 @@ def _quantize_language_model(model: nn.Module, compute_dtype: torch.dtype) -> No
                 compute_dtype=compute_dtype,
                 quant_type="nf4",
             )
+            quantized.support_avx512bf16_for_cpu = False  # see above: keeps the backward
             quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
             if child.bias is not None:
                 quantized.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(module, child_name, quantized)
 
 
-def merged_state_dict(model: nn.Module, base_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    model: nn.Module,
+    base_state: dict[str, torch.Tensor],
+    trained: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Weights of a LoRA-trained model with the adapters folded in, on the CPU in float32.
 
     ``base_state``: the base checkpoint's own weights (HF names), so that a 4-bit base is
     merged from its original, unquantized values; the live model is left untouched (merging
-    in place and back is not exact, and would break an exact resume).
+    in place and back is not exact, and would break an exact resume). ``trained``: the
+    adapters' weights by parameter name, whole, when the live ones are FSDP shards
+    (``sharding.trainable_state``); else they are read from the model.
     """
     from peft.tuners.lora import LoraLayer
 
     merged = {k: v.detach().to("cpu", torch.float32).clone() for k, v in base_state.items()}
+    names = {id(m): n for n, m in model.named_modules()}
     core = unwrap(model)
     for name, module in core.named_modules():
         if not isinstance(module, LoraLayer):
@@ -193,9 +212,16 @@ def merged_state_dict(model: nn.Module, base_state: dict[str, torch.Tensor]) -> 
         if key not in merged:
             raise KeyError(f"adapted layer {name} has no base weight {key}")
         for adapter in module.active_adapters:
-            if adapter in module.lora_A:
+            if adapter not in module.lora_A:
+                continue
+            if trained is None:
                 # Every concrete LoraLayer (Linear, bitsandbytes' 8/4-bit) defines it; the base
                 # class that peft's stubs describe does not declare it.
                 delta = module.get_delta_weight(adapter)  # type: ignore[attr-defined]
-                merged[key] += delta.detach().to("cpu", torch.float32)
+            else:  # peft's delta of a Linear: B @ A × scaling
+                prefix = names[id(module)]
+                a = trained[f"{prefix}.lora_A.{adapter}.weight"].to("cpu", torch.float32)
+                b = trained[f"{prefix}.lora_B.{adapter}.weight"].to("cpu", torch.float32)
+                delta = (b @ a) * module.scaling[adapter]
+            merged[key] += delta.detach().to("cpu", torch.float32)
     return merged
