@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint browser pacs-deps bench clean
+.PHONY: setup demo test lint browser pacs-deps ohif bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,13 +32,21 @@ pacs-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools dcmtk >/dev/null) || \
 	  echo "orthanc / orthanc-dicomweb / dicom3tools / dcmtk not installed: the PACS and DICOM validator tests will be skipped"; }
 
+# OHIF (npm @ohif/app, a prebuilt viewer) for the test that opens our SRs in a real viewer;
+# fetched into .cache/ohif when npm and its registry answer, else that test is skipped.
+OHIF_VERSION := 3.13.2
+ohif:
+	@[ -f .cache/ohif/ohif-app-$(OHIF_VERSION).tgz ] || { command -v npm >/dev/null 2>&1 && mkdir -p .cache/ohif && \
+	  npm pack -q @ohif/app@$(OHIF_VERSION) --pack-destination .cache/ohif >/dev/null 2>&1; } || \
+	  echo "@ohif/app not fetched (no npm or no registry): the OHIF viewer test will be skipped"
+
 # ruff (lint + format check) and mypy on src/ ([tool.mypy] in pyproject.toml); CI runs it through `make test`.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: setup browser pacs-deps lint
+test: setup browser pacs-deps ohif lint
 	$(VENV)/bin/pytest -n 2 -q $(PYTEST_ARGS)
 
 bench: setup
