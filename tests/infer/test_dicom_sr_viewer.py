@@ -106,6 +106,22 @@ def test_no_box_no_viewer_sr(tmp_path):
     assert dicom_sr.build_viewer_sr(image, _detections(BOXES[:0], SCORES[:0]), ALGORITHM) is None
 
 
+def test_predict_files_hold_the_viewer_sr_beside_the_report_when_there_are_boxes(tmp_path):
+    image = radiograph(tmp_path / "image.dcm", modality="DX", width=SIZE, height=SIZE, seed=3)
+    written = dicom_sr.write_for_image(tmp_path / "out", "a", image, None, _detections(), ALGORITHM)
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in written] == [
+        "dicom-sr/a.sr.dcm",
+        "dicom-sr-viewer/a.sr.dcm",
+    ]
+    shown = hd.sr.srread(written[1])
+    assert shown.SeriesNumber == dicom_sr.SERIES_NUMBER_VIEWER_SR
+    assert len(shown.content.get_planar_roi_measurement_groups()) == len(BOXES)
+    none = dicom_sr.write_for_image(
+        tmp_path / "out", "b", image, None, _detections(BOXES[:0], SCORES[:0]), ALGORITHM
+    )
+    assert [p.name for p in none] == ["b.sr.dcm"]  # the report says "absent"; nothing to draw
+
+
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) is not installed")
 def test_viewer_sr_passes_an_independent_validator(tmp_path):
     _, _, viewer = _study(tmp_path)

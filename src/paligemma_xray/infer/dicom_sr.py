@@ -639,6 +639,8 @@ def write_for_image(
 ) -> list[Path]:
     """``predict --dicom-sr``'s files for one image: ``dicom-sr/<name>.sr.dcm``, ``dicom-sc/<name>.sc.dcm``.
 
+    With the SR, when there are boxes, ``dicom-sr-viewer/<name>.sr.dcm``: :func:`build_viewer_sr`.
+
     Written atomically (:mod:`paligemma_xray.atomic`); returns the paths written.
     """
     from paligemma_xray.atomic import write_bytes
@@ -656,6 +658,9 @@ def write_for_image(
             name=source,
         )
         written.append(write_bytes(out / "dicom-sr" / f"{name}.sr.dcm", to_bytes(report)))
+        shown = build_viewer_sr(source, detections, algorithm, settings=settings, name=source)
+        if shown is not None:  # the boxes as OHIF draws them (build_viewer_sr)
+            written.append(write_bytes(out / "dicom-sr-viewer" / f"{name}.sr.dcm", to_bytes(shown)))
     if secondary_capture:
         capture = build_secondary_capture(
             source, image, detections, algorithm, settings=settings, name=source
