@@ -488,7 +488,10 @@ class _Job:
         from paligemma_xray.infer import dicom_sr
 
         our_series, _ = dicom_sr.sr_uids(study_uid, "", self.algorithm, self.settings)
-        images = self._images(study_uid, {our_series, dicom_sr.sc_series_uid(study_uid, self.algorithm)})
+        viewer_series, _ = dicom_sr.viewer_sr_uids(study_uid, "", self.algorithm, self.settings)
+        images = self._images(
+            study_uid, {our_series, viewer_series, dicom_sr.sc_series_uid(study_uid, self.algorithm)}
+        )
         existing = self._existing(study_uid, our_series) if images else set()
         todo = [
             img
@@ -547,6 +550,11 @@ class _Job:
                     name=name,
                 )
             )
+            shown = dicom_sr.build_viewer_sr(
+                data, detections, self.algorithm, settings=self.settings, name=name
+            )
+            if shown is not None:  # the boxes in the encoding OHIF draws
+                outputs.append(shown)
             if self.secondary_capture:
                 outputs.append(
                     dicom_sr.build_secondary_capture(
