@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint browser pacs-deps bench clean
+.PHONY: setup demo test lint browser pacs-deps ohif bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,6 +32,14 @@ pacs-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dicom3tools dcmtk >/dev/null) || \
 	  echo "orthanc / orthanc-dicomweb / dicom3tools / dcmtk not installed: the PACS and DICOM validator tests will be skipped"; }
 
+# OHIF (npm @ohif/app, a prebuilt viewer) for the test that opens our SRs in a real viewer;
+# fetched into .cache/ohif when npm and its registry answer, else that test is skipped.
+OHIF_VERSION := 3.13.2
+ohif:
+	@[ -f .cache/ohif/ohif-app-$(OHIF_VERSION).tgz ] || { command -v npm >/dev/null 2>&1 && mkdir -p .cache/ohif && \
+	  npm pack -q @ohif/app@$(OHIF_VERSION) --pack-destination .cache/ohif >/dev/null 2>&1; } || \
+	  echo "@ohif/app not fetched (no npm or no registry): the OHIF viewer test will be skipped"
+
 # ruff (lint + format check), mypy on src/ ([tool.mypy]) and the import contracts: layer order and
 # no private names across modules ([tool.importlinter], lint-imports); CI runs it through `make test`.
 lint: setup
@@ -40,7 +48,7 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: setup browser pacs-deps lint
+test: setup browser pacs-deps ohif lint
 	$(VENV)/bin/pytest -n 2 -q $(PYTEST_ARGS)
 
 bench: setup

@@ -25,6 +25,7 @@ from orthanc_server import PASSWORD, USER, Orthanc
 from paligemma_xray import pacs
 from paligemma_xray.cli import main
 from paligemma_xray.errors import ConfigError
+from paligemma_xray.infer import dicom_sr
 
 
 @pytest.fixture
@@ -40,14 +41,17 @@ def pacs_env(monkeypatch):
     monkeypatch.setenv(pacs.ENV_PASSWORD, PASSWORD)
 
 
-def _srs(url: str) -> dict[str, hd.sr.ComprehensiveSR]:
-    """Every SR on the PACS, by the SOP Instance UID of the image it reports on (read with highdicom)."""
+def _srs(url: str, series_number: int = dicom_sr.SERIES_NUMBER_SR) -> dict[str, hd.sr.ComprehensiveSR]:
+    """Our reports on the PACS (the full ones; ``SERIES_NUMBER_VIEWER_SR``: the viewer SRs), by the
+    SOP Instance UID of the image each reports on (read with highdicom)."""
     client = DICOMwebClient(url, session=create_session_from_user_pass(USER, PASSWORD))
     found = {}
     for series in client.search_for_series(search_filters={"Modality": "SR"}, get_remaining=True):
         study_uid, series_uid = series["0020000D"]["Value"][0], series["0020000E"]["Value"][0]
         for inst in client.search_for_instances(study_uid, series_uid, get_remaining=True):
             ds = client.retrieve_instance(study_uid, series_uid, inst["00080018"]["Value"][0])
+            if int(ds.SeriesNumber) != series_number:
+                continue
             sr = hd.sr.ComprehensiveSR.from_dataset(ds)
             image = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
             found[image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID] = sr
@@ -74,6 +78,7 @@ def test_pacs_round_trip_matches_predict_and_never_duplicates(
     assert main(["predict", "--model", str(tiny_boxes_hf_dir), *map(str, [*cr, *dx]), "--out", str(out)]) == 0
     srs = _srs(orthanc.url)
     assert len(srs) == 6
+    shown = _srs(orthanc.url, dicom_sr.SERIES_NUMBER_VIEWER_SR)  # the boxes as OHIF draws them
     n_boxes = 0
     for path in [*cr, *dx]:
         source = pydicom.dcmread(path)
@@ -90,8 +95,15 @@ def test_pacs_round_trip_matches_predict_and_never_duplicates(
             )
         np.testing.assert_allclose(got, expected, atol=1.0)  # …and has predict's boxes within a pixel
         n_boxes += len(expected)
+        if len(expected):  # a viewer SR beside it, with the same regions; none without a box
+            regions = shown[source.SOPInstanceUID].content.get_planar_roi_measurement_groups()
+            np.testing.assert_allclose(
+                [np.asarray(g.roi.value) for g in regions], [g.roi.value for g in groups]
+            )
+        else:
+            assert source.SOPInstanceUID not in shown
     assert n_boxes > 0
-    assert other.name and orthanc.count() == uploaded + 6  # nothing for the OT image
+    assert other.name and orthanc.count() == uploaded + 6 + len(shown)  # nothing for the OT image
 
     # Again, with the state file and without it: nothing is stored twice.
     assert main(args) == 0
@@ -101,7 +113,7 @@ def test_pacs_round_trip_matches_predict_and_never_duplicates(
     err = capsys.readouterr().err
     assert "0 SR(s) stored" in err
     assert "study/s" not in err  # --no-progress silences the bar (it used to be tqdm's own, always on)
-    assert orthanc.count() == uploaded + 6
+    assert orthanc.count() == uploaded + 6 + len(shown)
 
 
 class _StopsThePacs:
@@ -143,7 +155,7 @@ def test_pacs_down_mid_run_is_one_clear_error_then_a_clean_resume(orthanc, tiny_
     totals = pacs.run(detector, settings, **options)
     assert totals["studies"] == 1 and totals["srs"] == 2 and totals["skipped_studies"] == 1
     assert len(_srs(orthanc.url)) == 4
-    assert orthanc.count() == 8
+    assert orthanc.count() == 8 + len(_srs(orthanc.url, dicom_sr.SERIES_NUMBER_VIEWER_SR))
 
 
 class _Answers503(http.server.BaseHTTPRequestHandler):

@@ -465,6 +465,123 @@ def _ai_result(dataset: Any, algorithm: Algorithm, subject: str) -> Any:
     return mark_ai_result(dataset, algorithm, subject=subject)
 
 
+# -- an SR that OHIF draws ---------------------------------------------------------------------
+
+SERIES_NUMBER_VIEWER_SR = 7703
+
+
+def viewer_sr_uids(study_uid: str, sop_uid: str, algorithm: Algorithm, settings: str = "") -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the viewer SR (:func:`build_viewer_sr`).
+
+    Its own series (one per study and model), apart from the full report's: OHIF shows the
+    last instance of an SR series, so the two must not share one.
+    """
+    from pydicom.uid import generate_uid
+
+    series = generate_uid(entropy_srcs=["pxr-viewer-sr-series", str(study_uid), algorithm.checksum])
+    instance = generate_uid(entropy_srcs=["pxr-viewer-sr", str(sop_uid), algorithm.checksum, settings])
+    return str(series), str(instance)
+
+
+def build_viewer_sr(
+    source: Any,
+    detections: Detections,
+    algorithm: Algorithm,
+    *,
+    settings: str = "",
+    name: str | Path | None = None,
+) -> Any | None:
+    """A TID 1500 Comprehensive SR of the boxes alone, in the encoding the OHIF viewer draws.
+
+    OHIF (3.x, the viewer OHIF publishes) draws the regions of a TID 1500 report only when
+    *every* measurement group has a spatial coordinate: a group without one, such as the
+    image-level finding of :func:`build_sr` (TID 1501), stops its SR viewport before it shows
+    the image (checked in ``tests/infer/test_dicom_sr_viewer.py`` with OHIF 3.13.2). This
+    report therefore holds one planar-ROI group (TID 1410) per box and nothing else: the same
+    closed ``POLYLINE`` in the source's pixel coordinates, the same finding code and score,
+    the same algorithm and device observer, in its own series (:func:`viewer_sr_uids`,
+    series number 7703) beside the full report. The full report stays the record; this one
+    is what a radiologist sees drawn on the image without new software.
+
+    Returns ``None`` when there is no box (TID 1500 needs one group; nothing to draw).
+
+    Raises:
+        DataError: the source is not DICOM or lacks an attribute the SR needs.
+    """
+    import highdicom as hd
+    from highdicom.coding_schemes import CodingSchemeIdentificationItem
+    from pydicom.uid import generate_uid
+
+    ds = read_source(source, name=name)
+    if not len(detections):
+        return None
+    codes = _codes()
+    evidence = _evidence(ds)
+    boxes = _scale(detections, ds)
+    series_uid, sop_uid = viewer_sr_uids(ds.StudyInstanceUID, ds.SOPInstanceUID, algorithm, settings)
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, parameters=algorithm.parameters
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes["device"],
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=str(generate_uid(entropy_srcs=["pxr-device", algorithm.checksum])),
+            name=algorithm.name,
+            manufacturer_name=MANUFACTURER,
+            model_name=Path(algorithm.model_id).name[:64] or algorithm.model_id[:64],
+        ),
+    )
+    source_ref: dict[str, Any] = {
+        "referenced_sop_class_uid": str(ds.SOPClassUID),
+        "referenced_sop_instance_uid": str(ds.SOPInstanceUID),
+    }
+    if _multiframe_class(str(ds.SOPClassUID)):
+        source_ref["referenced_frame_numbers"] = [1]
+    groups = []
+    for i in range(len(detections)):
+        score = None if detections.score is None else round(float(detections.score[i]), 6)
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=str(generate_uid(entropy_srcs=[sop_uid, "box", str(i)])), identifier=f"box {i + 1}"
+                ),
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                    graphic_data=polyline(boxes[i]),
+                    source_image=hd.sr.SourceImageForRegion(**source_ref),
+                ),
+                finding_type=_finding(detections.class_name[i], codes),
+                algorithm_id=algorithm_id,
+                measurements=None
+                if score is None
+                else [hd.sr.Measurement(name=codes["score"], value=score, unit=codes["no_units"])],
+            )
+        )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes["procedure"],
+        imaging_measurements=groups,
+        referenced_images=[evidence] if _library_ready(evidence) else None,
+    )
+    viewer_sr = hd.sr.ComprehensiveSR(
+        evidence=[evidence],
+        content=report[0],
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBER_VIEWER_SR,
+        sop_instance_uid=sop_uid,
+        instance_number=int(ds.get("InstanceNumber") or 1),
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=f"{ALGORITHM_NAME} boxes for viewers",
+        software_versions=algorithm.version,
+        manufacturer_model_name=algorithm.name,
+        coding_schemes=[
+            CodingSchemeIdentificationItem(designator=PRIVATE_SCHEME, name="paligemma-xray private codes")
+        ],
+    )
+    return _ai_result(viewer_sr, algorithm, f"{ALGORITHM_NAME} boxes for viewers")
+
+
 def to_bytes(dataset: Any) -> bytes:
     """A DICOM Part 10 file of ``dataset`` (an SR or SC built here)."""
     buffer = io.BytesIO()
@@ -494,6 +611,7 @@ def build_for_image(
     secondary_capture: bool = False,
     image: Any = None,
     name: str | Path | None = None,
+    viewer: bool = True,
 ) -> list[Any]:
     """The DICOM objects that report one source image: its SR, then its Secondary Capture.
 
@@ -501,7 +619,9 @@ def build_for_image(
     ``format=dicom-sr`` go through. ``calibration``: the model's (``DetectorLike.calibration``),
     whose probabilities the SR reports beside the scores (none without one); ``sr`` /
     ``secondary_capture``: which objects; ``image``: the decoded source, which the Secondary
-    Capture draws on. ``settings`` and ``name`` as for :func:`build_sr`.
+    Capture draws on. ``settings`` and ``name`` as for :func:`build_sr`. ``viewer``: after
+    the SR, when there are boxes, the same boxes alone as OHIF draws them
+    (:func:`build_viewer_sr`, a series of its own).
 
     Raises:
         DataError: the source is not DICOM or lacks an attribute the SR needs.
@@ -520,6 +640,11 @@ def build_for_image(
                 name=name,
             )
         )
+        shown = (
+            build_viewer_sr(source, detections, algorithm, settings=settings, name=name) if viewer else None
+        )
+        if shown is not None:  # the boxes as OHIF draws them, in a series of their own
+            objects.append(shown)
     if secondary_capture:
         if image is None:
             raise ValueError("a Secondary Capture needs the decoded image")
@@ -544,8 +669,9 @@ def write_for_image(
 ) -> list[Path]:
     """``predict --dicom-sr``'s files for one image: ``dicom-sr/<name>.sr.dcm``, ``dicom-sc/<name>.sc.dcm``.
 
-    Built by :func:`build_for_image`; written atomically (:mod:`paligemma_xray.atomic`);
-    returns the paths written.
+    Built by :func:`build_for_image`: with the SR, when there are boxes,
+    ``dicom-sr-viewer/<name>.sr.dcm`` (:func:`build_viewer_sr`). Written atomically
+    (:mod:`paligemma_xray.atomic`); returns the paths written.
     """
     from paligemma_xray.atomic import write_bytes
 
@@ -554,8 +680,16 @@ def write_for_image(
         source, detections, algorithm, calibration=calibration, settings=settings, sr=sr,
         secondary_capture=secondary_capture, image=image, name=source,
     )  # fmt: skip
-    places = [("dicom-sr", "sr")] * sr + [("dicom-sc", "sc")] * secondary_capture
     return [
         write_bytes(out / folder / f"{name}.{kind}.dcm", to_bytes(dataset))
-        for (folder, kind), dataset in zip(places, objects)
+        for dataset in objects
+        for folder, kind in [_FOLDERS[int(dataset.SeriesNumber)]]
     ]
+
+
+# Where write_for_image files each object build_for_image returns, by its series number.
+_FOLDERS = {
+    SERIES_NUMBER_SR: ("dicom-sr", "sr"),
+    SERIES_NUMBER_VIEWER_SR: ("dicom-sr-viewer", "sr"),
+    SERIES_NUMBER_SC: ("dicom-sc", "sc"),
+}

@@ -110,7 +110,8 @@ class _Job:
         from paligemma_xray.infer import dicom_sr
 
         our_series, _ = dicom_sr.sr_uids(study_uid, "", self.algorithm, self.key)
-        ours = {our_series, dicom_sr.sc_series_uid(study_uid, self.algorithm)}
+        viewer_series, _ = dicom_sr.viewer_sr_uids(study_uid, "", self.algorithm, self.key)
+        ours = {our_series, viewer_series, dicom_sr.sc_series_uid(study_uid, self.algorithm)}
         images = self.pacs.images(study_uid, ours, self.settings.modalities)
         existing = self.pacs.instances(study_uid, our_series) if images else set()
         todo = [

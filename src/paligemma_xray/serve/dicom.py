@@ -59,6 +59,7 @@ def sr_response(
             calibration=detector.calibration,
             settings=dicom_sr.settings_key(prompt, threshold),
             name=filename or "upload",
+            viewer=False,  # one object answers the request: the full report
         )
     except DataError as error:
         raise ApiError(422, "bad_dicom", str(error)) from error
