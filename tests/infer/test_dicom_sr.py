@@ -341,7 +341,7 @@ def test_sr_and_secondary_capture_build_without_predict_or_torch(tmp_path):
         "      sorted(m for m in ('paligemma_xray.infer.predict', 'torch') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "['SR', 'OT'] []"
+    assert done.stdout.strip() == "['SR', 'SR', 'OT'] []"  # the report, the viewer's boxes, the SC
 
 
 def test_predict_pacs_and_serve_build_srs_through_one_function():
