@@ -425,7 +425,8 @@ def _model_flags(p: argparse.ArgumentParser, several: bool = False) -> None:
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         default=None,
-        help="weights' dtype (default: the checkpoint's)",
+        help="weights' dtype (default: bfloat16 on a CPU with native bf16 matmul (AMX,\n"
+        "AVX-512 BF16), else the checkpoint's)",
     )
     p.add_argument(
         "--attention",

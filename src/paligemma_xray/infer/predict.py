@@ -167,7 +167,9 @@ def _read_manifest(out: Path) -> dict | None:
     return manifest
 
 
-def _check_resume(out: Path, previous: dict | None, settings: dict, checksum: dict | None) -> None:
+def _check_resume(
+    out: Path, previous: dict | None, settings: dict, checksum: dict | None, dtype: str | None = None
+) -> None:
     """Refuse to continue results made with other settings (they would be mixed, silently)."""
     if previous is None:
         if (out / "json").is_dir():
@@ -183,6 +185,8 @@ def _check_resume(out: Path, previous: dict | None, settings: dict, checksum: di
         for key in SETTINGS
         if key != "model" and old.get(key) != settings[key]
     ]
+    if previous.get("dtype") and dtype and previous["dtype"] != dtype:  # answers differ a little
+        differ.append(f"dtype {previous['dtype']!r} then, {dtype!r} now")
     old_sum = (previous.get("model_checksum") or {}).get("sha256")
     new_sum = (checksum or {}).get("sha256")
     if old_sum and new_sum:
@@ -295,7 +299,7 @@ def predict(
     previous = _read_manifest(out) if resume else None
     checksum = fingerprint(detector.model_id, previous=(previous or {}).get("model_checksum"))
     if resume:
-        _check_resume(out, previous, settings, checksum)
+        _check_resume(out, previous, settings, checksum, getattr(detector, "dtype", None))
     barrier(w)  # every rank has checked the folder before the first one writes into it
     if w.is_main:
         if overwrite:
@@ -306,7 +310,9 @@ def predict(
                         shutil.rmtree(target)
                     elif target.exists() or target.is_symlink():
                         target.unlink()
-        atomic.write_json(out / MANIFEST, {"settings": settings, "model_checksum": checksum})
+        dtype = getattr(detector, "dtype", None)
+        manifest = {"settings": settings, "model_checksum": checksum, "dtype": dtype}
+        atomic.write_json(out / MANIFEST, manifest)
     barrier(w)
     counts: dict[str, int] = {}
     mine = shard(iter_inputs(paths, counts), w)
