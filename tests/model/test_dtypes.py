@@ -44,7 +44,7 @@ def test_bfloat16_on_a_bf16_cpu_else_the_checkpoints():
     assert inference_dtype(cpu, cpu_bf16=False).dtype is None
     assert inference_dtype("cuda", cpu_bf16=True).dtype is None  # a GPU: unchanged, the checkpoint's
     assert inference_dtype("cpu", "float32", cpu_bf16=True).dtype is torch.float32  # --dtype wins
-    assert inference_dtype("cpu", "float16", cpu_bf16=True).reason == "--dtype"
+    assert inference_dtype("cpu", "float16", cpu_bf16=True).reason == "as asked (--dtype)"
 
 
 def test_unknown_dtype_is_refused():

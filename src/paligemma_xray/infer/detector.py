@@ -216,7 +216,7 @@ class Detector:
         model, processor = load_model(
             path, dtype=choice.dtype, device=device, progress=progress, revision=revision
         )
-        announce(f"weights in {dtype_name(model)}: {choice.reason} (--dtype overrides)")
+        announce(f"weights in {dtype_name(model)}: {choice.reason}")
         if attention is not None:
             set_attention(model, attention)
         model_id = f"{path}@{revision}" if revision else str(path)

@@ -12,7 +12,7 @@ Example:
 >>> import torch
 >>> choice = inference_dtype(torch.device("cpu"), requested="float32")
 >>> choice.dtype, choice.reason
-(torch.float32, '--dtype')
+(torch.float32, 'as asked (--dtype)')
 >>> inference_dtype(torch.device("cpu"), cpu_bf16=True).name
 'bfloat16'
 >>> inference_dtype(torch.device("cpu"), cpu_bf16=False).dtype is None   # the checkpoint's
@@ -93,14 +93,16 @@ def inference_dtype(
     """
     chosen = resolve_dtype(requested)
     if chosen is not None:
-        return DtypeChoice(chosen, "--dtype")
+        return DtypeChoice(chosen, "as asked (--dtype)")
     if torch.device(device).type != "cpu":
-        return DtypeChoice(None, "the checkpoint's")
+        return DtypeChoice(None, "the checkpoint's; --dtype overrides")
     native = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
     if native:
         features = "/".join(cpu_bf16_features()) or "bf16"
-        return DtypeChoice(torch.bfloat16, f"this CPU has native bfloat16 matmul ({features})")
-    return DtypeChoice(None, "the checkpoint's (this CPU has no native bfloat16 matmul)")
+        return DtypeChoice(
+            torch.bfloat16, f"this CPU has native bfloat16 matmul ({features}); --dtype overrides"
+        )
+    return DtypeChoice(None, "the checkpoint's (this CPU has no native bfloat16 matmul); --dtype overrides")
 
 
 _announced: set[str] = set()
