@@ -77,6 +77,46 @@ if side == "seed":
         if len(made) == 1:
             result["first_result_s"] = time.perf_counter() - t1
     result["run_s"] = time.perf_counter() - t1
+elif side == "profile":
+    # One image through our Detector, default dtype: image loading, preprocessing, the prefill
+    # (max_new_tokens=1) and the whole answer, then torch.profiler's top ops over the whole.
+    from torch.profiler import ProfilerActivity, profile
+    from paligemma_xray.data import load_image
+    from paligemma_xray.infer import Detector
+    from paligemma_xray.infer.decode import greedy_decode
+    from paligemma_xray.model.processing import build_batch
+    t0 = time.perf_counter()
+    detector = Detector.load(npz, progress=False)
+    result["load_s"] = time.perf_counter() - t0
+    result["dtype"] = detector.dtype
+    t = time.perf_counter()
+    image = load_image(images[0])
+    result["image_load_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    batch = build_batch(detector.processor, [image], [PROMPT_PLACEHOLDER])
+    batch["pixel_values"] = batch["pixel_values"].to(detector.model.dtype)
+    result["preprocess_s"] = time.perf_counter() - t
+    def decode(n):
+        with torch.inference_mode():
+            return greedy_decode(detector.model, batch, max_new_tokens=n, eos_token_id=detector._eos)
+    decode(1)  # warm-up
+    t = time.perf_counter()
+    decode(1)
+    result["prefill_s"] = time.perf_counter() - t
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        out = decode(tokens)
+        whole = time.perf_counter() - t
+    result["whole_answer_s"] = whole
+    result["decode_steps_s"] = whole - result["prefill_s"]
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    result["top_ops"] = [{"op": e.key, "calls": e.count, "self_s": round(e.self_cpu_time_total / 1e6, 3),
+                          "share": round(e.self_cpu_time_total / total, 3)} for e in events[:10]]
+    made = [len(out.tokens[0])]
+    result["run_s"] = result["first_result_s"] = whole
+    model = detector.model
+    side = "seed"  # model bytes below from `model`
 else:
     from paligemma_xray.infer import Detector
     from paligemma_xray.infer.predict import predict
@@ -152,8 +192,10 @@ def run_side(side: str, npz: Path, hf: Path, images: Path, tokens: int, workdir:
     if result.returncode:
         raise SystemExit(f"{side} failed:\n{result.stderr[-4000:]}")
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    for key in ("load_s", "run_s", "first_result_s", "images_per_s"):
-        figures[key] = round(figures[key], 3)
+    for key in ("load_s", "run_s", "first_result_s", "images_per_s", "image_load_s", "preprocess_s",
+                "prefill_s", "whole_answer_s", "decode_steps_s"):  # fmt: skip
+        if key in figures:
+            figures[key] = round(figures[key], 3)
     figures["peak_rss_gib"] = round(figures["peak_rss_bytes"] / 2**30, 2)
     print(json.dumps(figures), file=sys.stderr, flush=True)
     return figures
@@ -176,8 +218,13 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny widths, real vocabulary: checks the script"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="then one image through ours under torch.profiler"
+    )
     parser.add_argument("--out", type=Path, help="write the JSON result here (also printed)")
     args = parser.parse_args()
+    if args.profile:
+        args.sides += ",profile"
     npz, hf, images = prepare(args.cache, args.images, smoke=args.smoke)
     workdir = args.cache / "outputs"
     sides = {
