@@ -64,12 +64,27 @@ for i in range(steps + 1):
     optimizer.zero_grad(set_to_none=True)
     if i:  # the first step warms up
         times.append(time.perf_counter() - t)
+top = []
+if sys.argv[9] == "1":  # one more step under torch.profiler: where the time goes, op by op
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = suffix_loss(model, batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    for e in events[:12]:
+        top.append({"op": e.key, "shapes": str(e.input_shapes)[:160], "calls": e.count,
+                    "self_ms": round(e.self_cpu_time_total / 1000, 1),
+                    "share": round(e.self_cpu_time_total / total, 3)})
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 with open("/proc/self/status") as status:
     peak = next(int(l.split()[1]) * 1024 for l in status if l.startswith("VmHWM"))
 print(json.dumps({"seconds_per_step": sum(times) / len(times), "loss": float(loss),
                   "weights_bytes": weights, "baseline_bytes": baseline, "prepared_rss_bytes": held,
-                  "peak_rss_bytes": peak}))
+                  "peak_rss_bytes": peak, "profile_top_ops": top}))
 """
 
 
@@ -83,12 +98,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="examples per step (default 2)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--profile", action="store_true", help="one extra step per case under torch.profiler: its top ops"
+    )
     parser.add_argument("--out", type=Path, help="write the JSON result here (also printed)")
     args = parser.parse_args()
     here = str(Path(__file__).resolve().parent)
     cases = {}
     for case in ("float32", "bf16"):
         argv = [here, case, args.width, args.depth, args.mlp_dim, args.batch_size, args.steps, args.threads]
+        argv.append(int(args.profile))
         result = subprocess.run(
             [sys.executable, "-c", _CASE, *map(str, argv)], capture_output=True, text=True,
             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},

@@ -72,12 +72,15 @@ def write_checkpoint(path: Path, dtype: str, width: int, depth: int, mlp_dim: in
 
 
 def measure(path: Path, load_dtype: str | None) -> dict:
+    """One load of ``path`` (an npz, or an HF folder) in a fresh process."""
     result = subprocess.run(
         [sys.executable, "-c", _LOAD, str(path), load_dtype or "-"],
         check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    size = path.stat().st_size
+    size = (
+        path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+    )
     added = figures["peak_bytes"] - figures["baseline_bytes"]
     return {
         **figures,
@@ -101,12 +104,20 @@ def main() -> None:
 
     cases = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        for stored, loaded in (("float32", None), ("float32", "bfloat16"), ("bfloat16", None)):
+        # float16 → bfloat16: what inference on a bf16 CPU does with the seed's f16 files.
+        for stored, loaded in (
+            ("float32", None), ("float32", "bfloat16"), ("bfloat16", None), ("float16", "bfloat16")
+        ):  # fmt: skip
             path = Path(tmp) / stored / "model.npz"
             if not path.exists():
                 path.parent.mkdir(parents=True)
                 write_checkpoint(path, stored, args.width, args.depth, args.mlp_dim)
-            cases.append({"stored": stored, **measure(path, loaded)})
+            cases.append({"stored": stored, "form": "npz", **measure(path, loaded)})
+        # The same float16 weights as an HF folder (transformers' loader), loaded in bfloat16.
+        from paligemma_xray.model import convert
+
+        hf = convert(Path(tmp) / "float16" / "model.npz", Path(tmp) / "float16-hf", progress=False)
+        cases.append({"stored": "float16", "form": "hf", **measure(hf, "bfloat16")})
     result = {
         "benchmark": "load_memory",
         "target": "peak memory added by the load <= ~1.5x the checkpoint file",

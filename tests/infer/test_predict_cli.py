@@ -128,3 +128,16 @@ def test_folder_walk_finds_dicom_files_without_an_extension(tmp_path):
     (scans / "x.png").write_bytes(b"")
 
     assert [item.name for item in iter_inputs([scans])] == ["scans/IM0001", "scans/x.png"]
+
+
+def test_manifest_records_the_dtype_and_resume_refuses_another(tiny_boxes_hf_dir, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["predict", "--model", str(tiny_boxes_hf_dir), str(folder), "--out", str(out), "--no-images"]
+    assert main([*args, "--dtype", "bfloat16"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["dtype"] == "bfloat16"
+    (out / "json" / "xrays/a1.png.json").unlink()
+    capsys.readouterr()
+    # float32 answers mixed into bfloat16 ones would differ a little, silently: refused.
+    assert main([*args, "--dtype", "float32", "--resume"]) == 2
+    assert "dtype 'bfloat16' then, 'float32' now" in capsys.readouterr().err
+    assert main([*args, "--dtype", "bfloat16", "--resume"]) == 0

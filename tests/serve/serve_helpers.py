@@ -83,6 +83,7 @@ class FakeDetector:
 
     model_id = "fake-detector"
     batch_size, box_or_stop, min_box_probability, calibration = 8, True, None, None  # DetectorLike
+    dtype, mask_decoder = "float32", None
     BOXES = ([10, 20, 40, 60], [50, 10, 90, 30])
 
     def __init__(self) -> None:

@@ -285,6 +285,7 @@ def evaluate(
     metrics.update(
         {
             "model": detector.model_id,
+            "dtype": detector.dtype,  # the weights' (bfloat16 on a bf16 CPU)
             "data": str(dataset.root),
             "split": split,
             "max_new_tokens": max_new_tokens,

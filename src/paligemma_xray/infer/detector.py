@@ -109,6 +109,11 @@ class DetectorLike(Protocol):
         ...
 
     @property
+    def dtype(self) -> str:
+        """The weights' dtype as decoded (``"bfloat16"``…): recorded in manifests and metrics."""
+        ...
+
+    @property
     def mask_decoder(self) -> MaskDecoder | None:
         """big_vision's VQ-VAE decoder that turns ``<seg>`` answers into masks (None: no masks)."""
         ...
@@ -248,7 +253,8 @@ class Detector:
         ``path`` may be a Hub id or a ``kaggle:`` handle (``revision``: its branch, tag,
         commit or version; see ``model.load``), which is then the ``model_id``.
         ``device`` defaults to CUDA when available (under ``torchrun``: this rank's GPU);
-        ``dtype`` to the checkpoint's (bfloat16 is the usual choice on a GPU). ``progress``:
+        ``dtype`` to bfloat16 on a CPU with native bf16 matmul, else the checkpoint's (see
+        :func:`~paligemma_xray.model.dtypes.inference_dtype`; printed once). ``progress``:
         loading bars. ``attention``: one of :data:`ATTENTION_CHOICES` (None: transformers'
         default, SDPA). ``options`` go to the constructor. The calibration saved with a local
         model (``calibration.json``, see
@@ -271,7 +277,13 @@ class Detector:
             device = w.device() if w.size > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
         if "calibration" not in options:
             options["calibration"] = find_calibration(path)
-        model, processor = load_model(path, dtype=dtype, device=device, progress=progress, revision=revision)
+        from paligemma_xray.model.dtypes import announce, dtype_name, inference_dtype
+
+        choice = inference_dtype(device, dtype)
+        model, processor = load_model(
+            path, dtype=choice.dtype, device=device, progress=progress, revision=revision
+        )
+        announce(f"weights in {dtype_name(model)}: {choice.reason}")
         if attention is not None:
             set_attention(model, attention)
         model_id = f"{path}@{revision}" if revision else str(path)
@@ -306,6 +318,13 @@ class Detector:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> str:
+        """The weights' dtype name (``bfloat16`` …): predict's manifest and evaluate's metrics record it."""
+        from paligemma_xray.model.dtypes import dtype_name
+
+        return dtype_name(self.model)
 
     # -- decoding ------------------------------------------------------------------------
 

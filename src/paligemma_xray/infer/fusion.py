@@ -177,6 +177,8 @@ class FusedDetector:
         extras = [f"tta {'+'.join(self.tta)}"] * bool(self.tta) + [f"merge {merge}"] * bool(merge)
         fused = f" ({method})" if len(self.detectors) > 1 or self.tta else ""
         self.model_id = views + fused + (f" [{', '.join(extras)}]" if extras else "")
+        #: the weights' dtype (``+``-joined when the models differ), as the outputs record it
+        self.dtype = "+".join(dict.fromkeys(d.dtype for d in self.detectors))
 
     def _views(self, chunk: list[Image.Image]) -> list[tuple[Detector, list[Image.Image], bool]]:
         views = []

@@ -178,7 +178,9 @@ def _read_manifest(out: Path) -> dict | None:
     return manifest
 
 
-def _check_resume(out: Path, previous: dict | None, settings: dict, checksum: dict | None) -> None:
+def _check_resume(
+    out: Path, previous: dict | None, settings: dict, checksum: dict | None, dtype: str | None = None
+) -> None:
     """Refuse to continue results made with other settings (they would be mixed, silently)."""
     if previous is None:
         if (out / "json").is_dir():
@@ -194,6 +196,8 @@ def _check_resume(out: Path, previous: dict | None, settings: dict, checksum: di
         for key in SETTINGS
         if key != "model" and old.get(key) != settings[key]
     ]
+    if previous.get("dtype") and dtype and previous["dtype"] != dtype:  # answers differ a little
+        differ.append(f"dtype {previous['dtype']!r} then, {dtype!r} now")
     old_sum = (previous.get("model_checksum") or {}).get("sha256")
     new_sum = (checksum or {}).get("sha256")
     if old_sum and new_sum:
@@ -308,7 +312,7 @@ def predict(
     previous = _read_manifest(out) if resume else None
     checksum = fingerprint(detector.model_id, previous=(previous or {}).get("model_checksum"))
     if resume:
-        _check_resume(out, previous, recorded, checksum)
+        _check_resume(out, previous, recorded, checksum, detector.dtype)
     barrier(w)  # every rank has checked the folder before the first one writes into it
     if w.is_main:
         if overwrite:
@@ -319,7 +323,8 @@ def predict(
                         shutil.rmtree(target)
                     elif target.exists() or target.is_symlink():
                         target.unlink()
-        atomic.write_json(out / MANIFEST, {"settings": recorded, "model_checksum": checksum})
+        manifest = {"settings": recorded, "model_checksum": checksum, "dtype": detector.dtype}
+        atomic.write_json(out / MANIFEST, manifest)
     barrier(w)
     counts: dict[str, int] = {}
     mine = shard(iter_inputs(paths, counts), w)

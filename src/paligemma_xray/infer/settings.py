@@ -80,7 +80,8 @@ class DecodeSettings:
     device: str | None = None
     """cpu, cuda, cuda:1 … (default: CUDA when available; one GPU per rank under torchrun)."""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    """Weights' dtype (default: the checkpoint's)."""
+    """Weights' dtype (default: bfloat16 on a CPU with native bf16 matmul (AMX, AVX-512 BF16),
+    else the checkpoint's)."""
     attention: Attention | None = None
     """Attention kernel (default: transformers' own, sdpa; eager turns the fused kernel off, same tokens)."""
     box_or_stop: Annotated[bool, flag("--plain-greedy")] = True

@@ -368,6 +368,7 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
         _check_key(request, config.api_key)
         return {
             "model_id": model_id,
+            "dtype": detector.dtype,
             "version": __version__,
             "default_prompt": DEFAULT_PROMPT,
             "max_new_tokens": max_new_tokens,
