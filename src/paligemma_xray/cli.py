@@ -239,10 +239,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     flags = {**train.recipes.overrides(args), "model": args.model, "data": args.data, "out": args.out}
     config = train.recipes.for_command(args.recipe, args.config, flags, resume=args.resume)
     try:
-        summary = train.run(config, resume=args.resume is not None, on_validation=write_progress)
-    except KeyboardInterrupt:
+        summary = train.run(
+            config, resume=args.resume is not None, overwrite=args.overwrite, on_validation=write_progress
+        )
+    except KeyboardInterrupt as stop:  # SIGINT or SIGTERM (train.Interrupted): saved, then stopped
         print(_train_interrupted(Path(config.out)), file=sys.stderr)
-        return 130
+        return 143 if getattr(stop, "signal_name", "") == "SIGTERM" else 130
     best = (
         f"{summary.best_metric} {summary.best_value:.4f} at step {summary.best_step}"
         if (summary.best_value is not None)
@@ -285,7 +287,12 @@ def _train_interrupted(run_dir: Path) -> str:
 
     saved = checkpoints(run_dir) if run_dir.is_dir() else []
     if not saved:
-        return f"interrupted before the first checkpoint of {run_dir}: nothing saved to resume from"
+        if (run_dir / "config.yaml").is_file():
+            return (
+                f"interrupted before the first checkpoint of {run_dir}. "
+                f"Start it again with: paligemma-xray train --resume {run_dir}"
+            )
+        return f"interrupted before {run_dir} was created: nothing to resume"
     step = saved[-1].name.split("-")[1]
     return (
         f"interrupted; the last checkpoint saved is step {step} ({saved[-1]}). "
@@ -322,6 +329,7 @@ def _add_train(verbs) -> None:
     p.add_argument(
         "--resume", metavar="RUN", help="continue the run in RUN exactly where its last checkpoint left it"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     add_flags(p)
 
 

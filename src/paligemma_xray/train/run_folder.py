@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from paligemma_xray.atomic import remove_stale_temporaries, staged_dir, write_json, write_text
+from paligemma_xray.atomic import disk_errors, remove_stale_temporaries, staged_dir, write_json, write_text
 from paligemma_xray.errors import ConfigError, check_output
 from paligemma_xray.train.recipes import TrainConfig
 from paligemma_xray.train.state import TrainState
@@ -37,25 +37,54 @@ if TYPE_CHECKING:
     from transformers import PaliGemmaForConditionalGeneration
 
 
-def prepare_run_dir(out: Path, *, resume: bool, main: bool) -> None:
-    """Refuse a folder that cannot hold this run, before any work; creates nothing.
+RUN_CONTENTS = (
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "progress.html",
+    "tb",
+    "checkpoints",
+    "best",
+    "last",
+)
+"""What a run writes into its folder (``--overwrite`` removes these, and only these)."""
 
-    A fresh run needs a writable folder without a run in it; a resumed one needs checkpoints.
-    Resuming removes the temporaries of writes a kill interrupted: the steps after the last
-    checkpoint are replayed exactly, so ``best/`` and ``last/`` are written again if needed.
+
+def prepare_run_dir(out: Path, *, resume: bool, main: bool, overwrite: bool = False) -> None:
+    """Refuse a folder that cannot hold this run, before any work.
+
+    A fresh run needs a writable folder without a run in it (``overwrite``: the run in it
+    is removed); a resumed one needs its ``config.yaml`` (a run killed before its first
+    checkpoint starts again from step 0). Resuming removes the temporaries of writes a kill
+    interrupted: the steps after the last checkpoint are replayed exactly, so ``best/`` and
+    ``last/`` are written again if needed.
     """
     if resume:
-        if not (out / "checkpoints").is_dir():
-            raise ConfigError("nothing to resume: no checkpoints/ in the run folder", path=out)
+        if overwrite:
+            raise ConfigError("--resume continues a run; --overwrite would replace it: give one of them")
+        if not (out / "config.yaml").is_file():
+            raise ConfigError("nothing to resume: not a run folder (no config.yaml)", path=out)
         if main:
             remove_stale_temporaries(out)
             remove_stale_temporaries(out / "checkpoints")
         return
     check_output(out, folder=True)
-    if (out / "checkpoints").exists() or (out / "metrics.jsonl").exists():
+    held = [name for name in RUN_CONTENTS if (out / name).exists()]
+    if held and not overwrite:
         raise ConfigError(
-            "run folder already holds a run: continue it with --resume, or choose another --out", path=out
+            "run folder already holds a run: continue it with --resume, replace it with --overwrite,"
+            " or choose another --out",
+            path=out,
         )
+    if held and main:
+        with disk_errors(out):
+            for name in held:
+                target = out / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
+            remove_stale_temporaries(out)
 
 
 def write_config(out: Path, config: TrainConfig) -> None:
