@@ -18,7 +18,9 @@ part in the collectives (FSDP state dicts, RNG gathering) and waits for the othe
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -149,15 +151,34 @@ def save_checkpoint(
                 {k: v.to("cpu", torch.float32).contiguous() for k, v in weights.items()},
                 tmp / "trainable.safetensors",
             )
+            kill_point("checkpoint-writing", state.step)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             # LambdaLR stores lr_lambdas as [None] for plain functions: the state is JSON.
             record = {**state.to_json(), "scheduler": scheduler.state_dict()}
             (tmp / "state.json").write_text(json.dumps(record, indent=1))
             for rank, rank_rng in enumerate(rng):
                 torch.save(rank_rng, tmp / f"rng-{rank}.pt")
+        kill_point("checkpoint-written", state.step)
         for stale in checkpoints(out)[:-keep_last]:
-            shutil.rmtree(stale)
+            # Renamed aside first: a kill while removing it leaves a temporary (removed on
+            # resume), never a half-deleted folder under a checkpoint's name.
+            aside = stale.with_name(f".{stale.name}.tmp-prune-{os.getpid()}")
+            os.replace(stale, aside)
+            kill_point("pruning", state.step)
+            shutil.rmtree(aside)
     accelerator.wait_for_everyone()
+
+
+KILL_AT_VARIABLE = "PALIGEMMA_XRAY_KILL_AT"
+"""``POINT:STEP`` (e.g. ``pruning:3``): SIGKILL the process at that point of checkpoint
+STEP. For ``benchmarks/kill_storm.py`` and the resume tests only: the windows a kill at a
+random moment rarely hits (mid-checkpoint, mid-pruning), hit on purpose."""
+
+
+def kill_point(point: str, step: int) -> None:
+    """SIGKILL this process here when :data:`KILL_AT_VARIABLE` names ``point`` and ``step``."""
+    if os.environ.get(KILL_AT_VARIABLE) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_checkpoint(
