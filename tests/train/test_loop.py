@@ -407,3 +407,27 @@ def test_a_resume_under_another_thread_count_says_results_will_differ(
         torch.set_num_threads(threads)  # the next test in this process computes as before
     lines = [r.getMessage() for r in caplog.records if "last bits" in r.getMessage()]
     assert len(lines) == 1 and f"threads {threads + 1} (the run started with {threads})" in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["checkpoint-writing:2", "pruning:4"])
+def test_killed_mid_checkpoint_or_mid_pruning_resumes_to_the_same_run(
+    tiny_hf_dir, synthetic_dataset, lora_reference, tmp_path, kill_at
+) -> None:
+    """A few kills of ``benchmarks/kill_storm.py`` (it runs many): SIGKILL while a checkpoint
+    is half written, and while an old one is being pruned; the resumed run is the
+    uninterrupted one tensor by tensor (weights, adapter, optimiser state, RNG) and line by
+    line (``metrics.jsonl``: no step lost, none twice)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import kill_storm
+
+    out = tmp_path / "killed"
+    command = kill_storm.train_command("lora", tiny_hf_dir, synthetic_dataset, out, steps=6)
+    env = {**_same_threads_env(), "PALIGEMMA_XRAY_KILL_AT": kill_at}
+    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
+    assert list((out / "checkpoints").glob(".step-*.tmp-*"))  # the kill left a temporary behind
+    run(from_run(out), resume=True)
+    result = kill_storm.compare(lora_reference, out)
+    assert result["identical"], result["differences"]
+    assert result["lost_steps"] == [] and result["duplicated_lines"] == 0
