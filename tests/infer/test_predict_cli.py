@@ -128,3 +128,19 @@ def test_folder_walk_finds_dicom_files_without_an_extension(tmp_path):
     (scans / "x.png").write_bytes(b"")
 
     assert [item.name for item in iter_inputs([scans])] == ["scans/IM0001", "scans/x.png"]
+
+
+def test_a_failed_predict_does_not_block_its_rerun(tiny_hf_dir, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    bad = folder / "a1.png"  # the first image: the run fails before any result is written
+    good = bad.read_bytes()
+    bad.write_bytes(b"not a png")  # ... but after its manifest
+    args = ["predict", "--model", str(tiny_hf_dir), str(folder), "--out", str(out), "--no-images"]
+    assert main(args) == 2
+    assert "a1.png" in capsys.readouterr().err
+    bad.write_bytes(good)
+    assert main(args) == 0  # used to be refused: "the output folder is not empty"
+    assert "predicted 3 image(s)" in capsys.readouterr().err
+    # A folder holding results is still refused without --resume / --overwrite.
+    assert main(args) == 2
+    assert "not empty" in capsys.readouterr().err

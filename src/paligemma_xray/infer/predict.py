@@ -142,7 +142,7 @@ def check_inputs(
         raise ConfigError(
             "--resume continues the results in the folder and --overwrite replaces them: give one", path=out
         )
-    if not resume and not overwrite and out.is_dir() and any(out.iterdir()):
+    if not resume and not overwrite and out.is_dir() and _holds_results(out):
         raise ConfigError(
             "the output folder is not empty; add --resume to continue the predictions in it, "
             "or --overwrite to replace them",
@@ -152,6 +152,18 @@ def check_inputs(
         suffixes = " ".join(sorted(IMAGE_SUFFIXES))
         raise DataError(f"no image files here (looked for {suffixes})", path=paths[0] if paths else ".")
     return out
+
+
+def _holds_results(out: Path) -> bool:
+    """Whether ``out`` holds anything but what a predict that failed before its first result
+    leaves (its manifest, empty output folders, temporaries): that is not worth a refusal."""
+    for entry in out.iterdir():
+        if entry.name == MANIFEST or (entry.name.startswith(".") and ".tmp-" in entry.name):
+            continue
+        if entry.name in OUTPUTS and entry.is_dir() and not any(p.is_file() for p in entry.rglob("*")):
+            continue
+        return True
+    return False
 
 
 def _read_manifest(out: Path) -> dict | None:
