@@ -278,17 +278,18 @@ def build(
     """
     lines = lines or {}
     unknown = sorted(set(values) - set(_FIELDS))
-    if unknown:
+    problems: list[str] = []
+    path, line = file, None
+    if unknown:  # reported together with the known fields' mistakes: one round trip, not two
         import difflib
 
         hints = [difflib.get_close_matches(name, _FIELDS, n=1) for name in unknown]
         named = ", ".join(f"{u} (did you mean {h[0]}?)" if h else u for u, h in zip(unknown, hints))
         path, line = lines.get(unknown[0], (file, None))
-        raise ConfigError(f"unknown config field(s): {named}", path=path, line=line)
+        problems.append(f"unknown config field(s): {named}")
     try:
-        return TrainConfig(**values)
+        config = TrainConfig(**{k: v for k, v in values.items() if k in _FIELDS})
     except ValidationError as error:
-        problems, path, line = [], file, None
         for item in error.errors():
             name = str(item["loc"][0]) if item["loc"] else None
             message = item["msg"].removeprefix("Value error, ")
@@ -300,6 +301,9 @@ def build(
             if path is file and name in lines:
                 path, line = lines[name]
         raise ConfigError("; ".join(problems), path=path, line=line) from None
+    if problems:
+        raise ConfigError("; ".join(problems), path=path, line=line)
+    return config
 
 
 def preset(name: str) -> TrainConfig:
