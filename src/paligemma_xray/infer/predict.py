@@ -310,6 +310,11 @@ def predict(
         _check_resume(out, previous, settings, checksum)
     barrier(w)  # every rank has checked the folder before the first one writes into it
     if w.is_main:
+        if resume:  # what a killed run was writing: never renamed onto a final name, removed
+            for name in OUTPUTS:
+                if (out / name).is_dir():
+                    for folder in [out / name, *(p for p in (out / name).rglob("*") if p.is_dir())]:
+                        atomic.remove_stale_temporaries(folder)
         if overwrite:
             for name in OUTPUTS:
                 target = out / name
