@@ -153,11 +153,11 @@ def pinned_cpu_kernels() -> Iterator[None]:
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
+        for name, was in saved.items():
+            if was is None:
                 os.environ.pop(name, None)
             else:
-                os.environ[name] = value
+                os.environ[name] = was
 
 
 def runtime() -> dict[str, Any]:

@@ -154,7 +154,7 @@ class ErrorResponse(BaseModel):
 
 
 # The body is read by hand (see uploads.py), so the form is described here for the schema.
-_DETECT_BODY = {
+_DETECT_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
