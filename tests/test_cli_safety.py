@@ -438,7 +438,10 @@ def test_interrupted_training_names_the_last_checkpoint_and_the_resume_command(t
     from paligemma_xray.cli import _last_train_loss, _train_interrupted
 
     run = tmp_path / "run"
-    assert "nothing saved" in _train_interrupted(run)
+    assert "nothing to resume" in _train_interrupted(run)
+    run.mkdir()
+    (run / "config.yaml").write_text("recipe: lora\n")  # stopped before its first checkpoint
+    assert f"Start it again with: paligemma-xray train --resume {run}" in _train_interrupted(run)
     for step in (2, 10):
         (run / "checkpoints" / f"step-{step}").mkdir(parents=True)
     message = _train_interrupted(run)
