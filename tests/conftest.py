@@ -129,3 +129,20 @@ def tiny_boxes_hf_dir(tmp_path_factory) -> Path:
 def tiny_boxes() -> tuple[tuple[float, float, float, float], ...]:
     """The normalised boxes (x1, y1, x2, y2) that ``tiny_boxes_hf_dir`` answers with."""
     return TINY_BOXES
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Every test starts with the process's thread count, whatever the previous one set.
+
+    Float sums depend on the number of threads: a test that changed it in a worker process
+    (the demo sets its recipe's count) made the next tests' results depend on test order.
+    """
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)

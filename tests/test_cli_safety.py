@@ -439,7 +439,10 @@ def test_interrupted_training_names_the_last_checkpoint_and_the_resume_command(t
     from paligemma_xray.train.run_folder import interrupted_message
 
     run = tmp_path / "run"
-    assert "nothing saved" in interrupted_message(run)
+    assert "nothing to resume" in interrupted_message(run)
+    run.mkdir()
+    (run / "config.yaml").write_text("recipe: lora\n")  # stopped before its first checkpoint
+    assert f"Start it again with: paligemma-xray train --resume {run}" in interrupted_message(run)
     for step in (2, 10):
         (run / "checkpoints" / f"step-{step}").mkdir(parents=True)
     message = interrupted_message(run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,11 @@ def test_check_output_refuses_an_unwritable_parent(tmp_path) -> None:
             check_output(locked / "run", folder=True)
     finally:
         locked.chmod(0o755)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_check_output_refuses_a_folder_that_takes_no_new_files() -> None:
+    # /proc looks writable to root (permission bits) but mkdir there fails: one line, not a
+    # FileNotFoundError traceback after the model has loaded (`train --out /proc/x`).
+    with pytest.raises(ConfigError, match="/proc"):
+        check_output("/proc/x", folder=True)

@@ -70,4 +70,16 @@ def check_output(path: str | Path, *, folder: bool) -> Path:
         raise ConfigError(f"cannot create it: {target} is a file, not a folder", path=path)
     if not os.access(target, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write it: {target} is not writable", path=path)
+    # os.access trusts permission bits; a pseudo file system (/proc, /sys) or a full or
+    # read-only mount says no only when asked: a probe folder, removed at once, asks.
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=target))
+    except OSError as error:
+        import errno
+
+        # mkdir's ENOENT in a folder that exists: a pseudo file system that takes no new entries.
+        reason = "accepts no new files" if error.errno == errno.ENOENT else (error.strerror or str(error))
+        raise ConfigError(f"cannot write it: {target}: {reason}", path=path) from None
     return path

@@ -157,14 +157,20 @@ def build(
     names = names or {}
     known = fields(cls)
     unknown = sorted(set(values) - set(known))
+    # Unknown keys are reported together with the known fields' mistakes: one round trip, not two.
+    problems: list[str] = []
+    path: str | Path | None = file
+    line: int | None = None
     if unknown:
         hints = [difflib.get_close_matches(name, known, n=1) for name in unknown]
         named = ", ".join(f"{u} (did you mean {h[0]}?)" if h else u for u, h in zip(unknown, hints))
         path, line = lines.get(unknown[0], (file, None))
-        raise ConfigError(f"unknown config field(s): {named}", path=path, line=line)
+        problems.append(f"unknown config field(s): {named}")
     try:
-        return cls(**values)
+        settings = cls(**{k: v for k, v in values.items() if k in known})
     except ConfigError as error:  # a class's own check (several fields, or a library check's words)
+        if problems:
+            raise ConfigError("; ".join([*problems, error.message]), path=path, line=line) from None
         if error.path is not None or file is None:
             raise
         # A value from the file: name the line of the first field the message speaks of.
@@ -172,7 +178,6 @@ def build(
         path, line = lines[said[0]] if said else (Path(file), None)
         raise ConfigError(error.message, path=path, line=line) from None
     except ValidationError as error:
-        problems, path, line = [], file, None
         for item in error.errors():
             name = str(item["loc"][0]) if item["loc"] else None
             message = item["msg"].removeprefix("Value error, ")
@@ -184,6 +189,9 @@ def build(
             if path is file and name in lines:
                 path, line = lines[name]
         raise ConfigError("; ".join(problems), path=path, line=line) from None
+    if problems:
+        raise ConfigError("; ".join(problems), path=path, line=line)
+    return settings
 
 
 def to_dict(settings: Any) -> dict[str, Any]:

@@ -156,3 +156,17 @@ def test_report_paths_that_cannot_be_written_are_user_errors(synthetic_dataset, 
         assert main(["data", "check", str(synthetic_dataset), flag, str(target)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and str(target) in err and "Traceback" not in err
+
+
+def test_the_same_file_listed_in_two_splits_is_leakage(copy_of_synthetic):
+    folder = copy_of_synthetic / "dataset"
+    train_rows = _lines(folder / "_annotations.train.jsonl")
+    valid_file = folder / "_annotations.valid.jsonl"
+    valid_rows = _lines(valid_file)
+    valid_rows.append(dict(train_rows[0]))  # the very file train lists, listed again in valid
+    _write(valid_file, valid_rows)
+    report = check_dataset(copy_of_synthetic, progress=False)
+    leaks = [p for p in report.problems if p.kind == "leakage"]
+    assert [(p.path, p.line) for p in leaks] == [(valid_file.resolve(), len(valid_rows))]
+    assert "the same file as train image" in leaks[0].message and train_rows[0]["image"] in leaks[0].message
+    assert report.exit_code == 1 and report.leakage[0]["a"]["split"] == "train"

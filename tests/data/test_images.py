@@ -230,3 +230,12 @@ def test_dicom_files_written_elsewhere_load(name):
     image = load_image(ds.filename)
     assert image.mode == "RGB" and image.size == (int(ds.Columns), int(ds.Rows))
     assert np.asarray(image).std() > 5  # not blank
+
+
+def test_a_png_renamed_dcm_is_called_not_dicom(tmp_path):
+    path = tmp_path / "knee.dcm"
+    path.write_bytes(_png_bytes(Image.new("L", (16, 16), 100)))
+    with pytest.raises(ImageLoadError) as info:
+        load_image(path)
+    message = str(info.value)  # used to say "DICOM file has no pixel data"
+    assert message.startswith(f"{path}: not a DICOM file: the content is a PNG image") and ".png" in message

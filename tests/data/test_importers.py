@@ -128,3 +128,65 @@ def test_output_that_is_a_file_is_a_user_error(tmp_path, capsys):
     assert main(["data", "import", "--format", "coco", str(src), str(tmp_path / "taken")]) == 2
     err = capsys.readouterr().err
     assert "taken: exists and is not a folder" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fmt", ["yolo", "voc"])
+def test_an_annotation_without_its_image_is_refused(tmp_path, fmt, capsys):
+    src = _source(tmp_path, fmt)
+    image = src / "valid" / ("images" if fmt == "yolo" else "") / "c.jpg"
+    image.unlink()  # its label / XML stays: used to be dropped without a word
+    annotation = src / "valid" / ("labels/c.txt" if fmt == "yolo" else "c.xml")
+    assert main(["data", "import", "--format", fmt, str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{annotation}:" in err and "no image" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "dataset").exists()
+
+
+def test_yolo_boxes_past_the_edge_or_without_area_are_named_in_the_summary(tmp_path, capsys):
+    src = _source(tmp_path, "yolo")
+    label = src / "train" / "labels" / "a.txt"
+    lines = label.read_text().splitlines()
+    # line 3: centre at x = 1.2 (half outside); line 4: zero width
+    label.write_text("\n".join([*lines, "0 1.2 0.5 0.5 0.2", "1 0.5 0.5 0.0 0.3"]) + "\n")
+    result = import_dataset("yolo", src, tmp_path / "out", progress=False)
+    assert result.counts["train"]["boxes"] == 3  # 2 + the clipped one; the empty one left out
+    assert len(result.changes) == 2
+    assert result.changes[0].startswith(f"{label}:3: ") and "clipped" in result.changes[0]
+    assert result.changes[1].startswith(f"{label}:4: ") and "left out" in result.changes[1]
+    summary = result.summary()
+    assert "1 clipped to the image, 1 without area left out" in summary
+    assert all(change in summary for change in result.changes)
+    record = next(r for r in open_dataset(tmp_path / "out").records("train") if r.image.name == "a.jpg")
+    boxes = record_targets(record, SIZE).xyxy
+    assert len(boxes) == 3 and boxes[:, 2].max() <= SIZE[0] and boxes[:, 0].min() >= 0
+
+
+def test_voc_box_past_the_edge_is_clipped_and_named(tmp_path):
+    src = _source(tmp_path, "voc")
+    xml = src / "valid" / "c.xml"
+    text = xml.read_text()
+    assert text.count("<xmax>") == 1
+    start = text.index("<xmax>") + len("<xmax>")
+    xml.write_text(text[:start] + "400" + text[text.index("</xmax>") :])  # the image is 160 wide
+    result = import_dataset("voc", src, tmp_path / "out", progress=False)
+    line = next(n for n, t in enumerate(xml.read_text().splitlines(), 1) if "<object" in t)
+    assert len(result.changes) == 1, result.changes
+    assert (
+        result.changes[0].startswith(f"{xml}:{line}: box (")
+        and "clipped to the 160x120 image" in result.changes[0]
+    )
+
+
+def test_coco_unknown_category_names_the_id_and_the_annotation(tmp_path, capsys):
+    import json
+
+    src = _source(tmp_path, "coco")
+    path = src / "train" / "_annotations.coco.json"
+    data = json.loads(path.read_text())
+    data["annotations"][0]["category_id"] = 77
+    path.write_text(json.dumps(data))
+    assert main(["data", "import", "--format", "coco", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    annotation_id = data["annotations"][0]["id"]
+    assert f"{path}: annotation id {annotation_id}" in err and "category_id 77" in err
+    assert "Traceback" not in err

@@ -7,6 +7,7 @@ not a test; here every phase runs on a few images and a few training steps.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 
 import numpy as np
@@ -139,7 +140,15 @@ def test_shortened_demo_end_to_end(tmp_path):
     settings = DemoSettings(
         train_images=16, valid_images=4, test_images=6, image_size=112, examples=32, threads=1
     )
+    from paligemma_xray.demo.run import CPU_KERNELS
+
+    threads, kernels = torch.get_num_threads(), {name: os.environ.get(name) for name in CPU_KERNELS}
     result = run_demo(tmp_path / "demo", settings, progress=False, bootstrap=0)
+    # What the figures depend on is recorded; the process is left as it was found.
+    assert torch.get_num_threads() == threads
+    assert {name: os.environ.get(name) for name in CPU_KERNELS} == kernels
+    assert result["runtime"]["threads"] == 1 and result["runtime"]["torch"] == torch.__version__
+    assert result["runtime"]["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
     out = tmp_path / "demo"
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(result))
@@ -171,3 +180,24 @@ def test_shortened_demo_end_to_end(tmp_path):
 def test_demo_budget_too_small_is_a_clear_error(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "x"), "--minutes", "1"]) == 2
     assert "leaves no time to train" in capsys.readouterr().err
+
+
+def test_the_demo_pins_the_cpu_kernels_while_it_runs_and_only_then(monkeypatch):
+    from paligemma_xray.demo.run import CPU_KERNELS, _has_avx2, pinned_cpu_kernels
+
+    for name in CPU_KERNELS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")  # a value the user set wins
+    with pinned_cpu_kernels():
+        inside = {name: os.environ.get(name) for name in CPU_KERNELS}
+    if _has_avx2():
+        assert inside == {
+            "ATEN_CPU_CAPABILITY": "avx2",
+            "MKL_CBWR": "COMPATIBLE",
+            "ONEDNN_MAX_CPU_ISA": "AVX2",
+        }
+    else:  # not x86 with AVX2: nothing to pin
+        assert inside == {"ATEN_CPU_CAPABILITY": None, "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": None}
+    assert {name: os.environ.get(name) for name in CPU_KERNELS} == {
+        "ATEN_CPU_CAPABILITY": None, "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": None
+    }  # fmt: skip

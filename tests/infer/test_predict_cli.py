@@ -141,3 +141,19 @@ def test_manifest_records_the_dtype_and_resume_refuses_another(tiny_boxes_hf_dir
     assert main([*args, "--dtype", "float32", "--resume"]) == 2
     assert "dtype 'bfloat16' then, 'float32' now" in capsys.readouterr().err
     assert main([*args, "--dtype", "bfloat16", "--resume"]) == 0
+
+
+def test_a_failed_predict_does_not_block_its_rerun(tiny_hf_dir, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    bad = folder / "a1.png"  # the first image: the run fails before any result is written
+    good = bad.read_bytes()
+    bad.write_bytes(b"not a png")  # ... but after its manifest
+    args = ["predict", "--model", str(tiny_hf_dir), str(folder), "--out", str(out), "--no-images"]
+    assert main(args) == 2
+    assert "a1.png" in capsys.readouterr().err
+    bad.write_bytes(good)
+    assert main(args) == 0  # used to be refused: "the output folder is not empty"
+    assert "predicted 3 image(s)" in capsys.readouterr().err
+    # A folder holding results is still refused without --resume / --overwrite.
+    assert main(args) == 2
+    assert "not empty" in capsys.readouterr().err

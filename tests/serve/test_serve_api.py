@@ -394,3 +394,29 @@ def test_the_pages_prompt_field_holds_the_apps_default_prompt(monkeypatch):
     with ServerThread(create_app(FakeDetector())) as server:
         page = httpx.get(f"{server.url}/").text
     assert '<input id="prompt" type="text" value="detect fracture ; &lt;cast&gt;"' in page
+
+
+def test_detect_query_parameters_are_honoured_or_refused_and_documented(fake_server, fake_detector):
+    url = f"{fake_server.url}/v1/detect"
+    files = {"file": ("x.png", xray_png(), "image/png")}
+    # ?threshold= used to be ignored silently (the form field worked): now the same as the field.
+    body = httpx.post(f"{url}?threshold=0.99", files=files, timeout=30).json()
+    assert body["threshold"] == 0.99 and body["detections"] == []
+    body = httpx.post(f"{url}?threshold=0.5&prompt=detect%20cast", files=files, timeout=30).json()
+    assert body["threshold"] == 0.5 and fake_detector.prompts[-1] == "detect cast"
+    # Both ways with the same value: fine; with different values: refused.
+    assert (
+        httpx.post(f"{url}?threshold=0.5", files=files, data={"threshold": "0.5"}, timeout=30).status_code
+        == 200
+    )
+    clash = httpx.post(f"{url}?threshold=0.99", files=files, data={"threshold": "0.5"}, timeout=30)
+    assert clash.status_code == 422 and "threshold given twice" in clash.json()["detail"]
+    # An unknown query parameter (a typo) is refused, not ignored.
+    typo = httpx.post(f"{url}?treshold=0.99", files=files, timeout=30)
+    assert typo.status_code == 422 and "'treshold'" in typo.json()["detail"]
+    assert httpx.post(f"{url}?threshold=2", files=files, timeout=30).status_code == 422
+    schema = httpx.get(f"{fake_server.url}/openapi.json").json()
+    params = {p["name"]: p for p in schema["paths"]["/v1/detect"]["post"]["parameters"]}
+    assert set(params) == {"format", "prompt", "threshold", "preview"}
+    assert all(p["in"] == "query" for p in params.values())
+    assert params["threshold"]["schema"]["maximum"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -84,14 +85,19 @@ def lora_reference(tiny_hf_dir, synthetic_dataset, tmp_path_factory) -> Path:
     return out
 
 
-# Killed early (after step 1) and just after the first evaluation wrote best/ (step 3, of 6);
-# fixed steps, so that a failure can be reproduced.
-@pytest.mark.parametrize("kill_after", [1, 3])
-def test_sigkill_then_resume_ends_with_the_same_weights(
-    tiny_hf_dir, synthetic_dataset, lora_reference, tmp_path, kill_after
-) -> None:
-    out = tmp_path / "killed"
-    command = [
+def _same_threads_env() -> dict[str, str]:
+    """The environment of a training subprocess that computes exactly as this process does.
+
+    Float sums depend on the number of CPU threads: the subprocess gets this process's
+    count, whatever OMP_NUM_THREADS the suite was started with (forcing 1 there, while the
+    in-process reference followed the environment, made `OMP_NUM_THREADS=2 pytest` fail).
+    """
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO / "src")}
+
+
+def _lora_command(out: Path, tiny_hf_dir: Path, synthetic_dataset: Path, *extra: str) -> list[str]:
+    """The CLI form of ``lora_reference``'s run (checkpoints do not change the weights)."""
+    return [
         sys.executable,
         "-m",
         "paligemma_xray.cli",
@@ -117,9 +123,37 @@ def test_sigkill_then_resume_ends_with_the_same_weights(
         "--keep-last",
         "2",
         "--no-progress",
+        *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _assert_same_run(got: Path, expected: Path) -> None:
+    """``got`` ended with ``expected``'s weights, bit for bit, and the same training log."""
+    assert (got / "last" / "adapter" / "adapter_config.json").is_file()
+    a, b = _weights(expected / "last"), _weights(got / "last")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    # The resumed log is the uninterrupted one: no step twice, losses identical.
+    def train_losses(folder):
+        rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+    assert train_losses(got) == train_losses(expected)
+
+
+# Killed early (after step 1) and just after the first evaluation wrote best/ (step 3, of 6);
+# fixed steps, so that a failure can be reproduced.
+@pytest.mark.parametrize("kill_after", [1, 3])
+def test_sigkill_then_resume_ends_with_the_same_weights(
+    tiny_hf_dir, synthetic_dataset, lora_reference, tmp_path, kill_after
+) -> None:
+    out = tmp_path / "killed"
+    command = _lora_command(out, tiny_hf_dir, synthetic_dataset)
+    process = subprocess.Popen(
+        command, env=_same_threads_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
@@ -139,19 +173,101 @@ def test_sigkill_then_resume_ends_with_the_same_weights(
     assert not (out / "last").exists()
 
     resumed = run(from_run(out), resume=True)
-    assert (out / "last" / "adapter" / "adapter_config.json").is_file()
     assert resumed.steps == json.loads((lora_reference / "summary.json").read_text())["steps"]
-    expected, got = _weights(lora_reference / "last"), _weights(out / "last")
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
+    _assert_same_run(out, lora_reference)
 
-    # The resumed log is the uninterrupted one: no step twice, losses identical.
-    def train_losses(folder):
-        rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
 
-    assert train_losses(out) == train_losses(lora_reference)
+def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(
+    tiny_hf_dir, synthetic_dataset, lora_reference, tmp_path
+) -> None:
+    """What `kill`, systemd, Slurm and Kubernetes send is handled as Ctrl-C: the step in
+    progress ends, a checkpoint is saved (none was due: --checkpoint-every 100), the run
+    stops with a line saying how to continue, and the continuation is exact."""
+    out = tmp_path / "terminated"
+    command = _lora_command(out, tiny_hf_dir, synthetic_dataset, "--checkpoint-every", "100")
+    process = subprocess.Popen(
+        command, env=_same_threads_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and metrics.read_text().strip():
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=240)
+    message = err.decode()
+    assert process.returncode == 143, message[-2000:]
+    assert f"Continue with: paligemma-xray train --resume {out}" in message and "Traceback" not in message
+    saved = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("step-") and saved[0] != "step-6"
+    run(from_run(out), resume=True)
+    _assert_same_run(out, lora_reference)
+
+
+def test_resume_writes_into_the_folder_given_even_when_copied_or_moved(
+    tiny_hf_dir, synthetic_dataset, tmp_path, capsys
+) -> None:
+    import shutil
+
+    original = tmp_path / "runA"
+    run(_config(tiny_hf_dir, synthetic_dataset, original, examples=8, checkpoint_every=1, eval_every=100))
+    before = {p.relative_to(original): p.read_bytes() for p in original.rglob("*") if p.is_file()}
+    # A copy that lost its last step: resuming it trains step 2 into the copy, not into runA.
+    copy = tmp_path / "runB"
+    shutil.copytree(original, copy)
+    for name in ("last", "best", "checkpoints/step-2"):
+        shutil.rmtree(copy / name, ignore_errors=True)
+    (copy / "summary.json").unlink()
+    assert main(["train", "--resume", str(copy)]) == 0
+    assert f"trained 2 steps into {copy}" in capsys.readouterr().out
+    assert (copy / "last" / "config.json").is_file() and (copy / "checkpoints" / "step-2").is_dir()
+    after = {p.relative_to(original): p.read_bytes() for p in original.rglob("*") if p.is_file()}
+    assert after == before  # the original run is untouched
+    a, b = _weights(original / "last"), _weights(copy / "last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A moved run resumes where it now is.
+    moved = tmp_path / "elsewhere" / "runC"
+    moved.parent.mkdir()
+    shutil.move(str(original), moved)
+    assert main(["train", "--resume", str(moved)]) == 0
+    assert str(moved) in capsys.readouterr().out
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0_or_is_overwritten(
+    tiny_hf_dir, synthetic_dataset, tmp_path, capsys, caplog
+) -> None:
+    reference = tmp_path / "reference"
+    run(_config(tiny_hf_dir, synthetic_dataset, reference, examples=8, eval_every=100))
+    # What a kill during the first checkpoint leaves: config.yaml, the first metrics lines,
+    # and the checkpoint's staging folder (never renamed to step-N).
+    killed = tmp_path / "killed"
+    (killed / "checkpoints" / ".step-2.tmp-1-abcdef12").mkdir(parents=True)
+    (killed / "config.yaml").write_text((reference / "config.yaml").read_text())
+    lines = (reference / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (killed / "metrics.jsonl").write_text("".join(lines[:1]) + lines[1][:20])  # and half a line
+    argv = ["--model", str(tiny_hf_dir), "--data", str(synthetic_dataset), "--out", str(killed),
+            "--examples", "8", "--batch-size", "4", "--eval-every", "100", "--eval-max-new-tokens", "6",
+            "--eval-batch-size", "8", "--no-progress"]  # fmt: skip
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--resume", str(killed)]) == 0
+    assert "no checkpoint saved yet; training again from step 0" in caplog.text
+    assert not list((killed / "checkpoints").glob(".*"))
+
+    def rows(folder: Path) -> list[tuple]:
+        log = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [(r["kind"], r["step"], r.get("loss")) for r in log]
+
+    assert rows(killed) == rows(reference)  # no line twice, none half
+    a, b = _weights(reference / "last"), _weights(killed / "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # --overwrite replaces a run; without it the run is refused (above).
+    assert main(["train", *argv, "--overwrite"]) == 0
+    assert rows(killed) == rows(reference)
 
 
 def test_resume_and_fresh_run_guards(tiny_hf_dir, synthetic_dataset, tmp_path, capsys) -> None:
@@ -270,3 +386,48 @@ def test_training_progress_off_a_terminal_is_a_few_plain_lines(
     assert main(argv) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train:")]
     assert 1 <= len(lines) <= 3, lines  # opening, (maybe one periodic), closing — of 12 steps
+
+
+def test_a_resume_under_another_thread_count_says_results_will_differ(
+    tiny_hf_dir, synthetic_dataset, tmp_path, caplog
+) -> None:
+    out = tmp_path / "run"
+    run(_config(tiny_hf_dir, synthetic_dataset, out, examples=8, eval_every=100))
+    state = json.loads((out / "checkpoints" / "step-2" / "state.json").read_text())
+    threads = torch.get_num_threads()
+    assert state["runtime"]["threads"] == threads and state["runtime"]["torch"] == torch.__version__
+    with caplog.at_level(logging.WARNING):
+        run(from_run(out), resume=True)
+    assert "last bits" not in caplog.text  # the same threads: an exact resume claims nothing
+    torch.set_num_threads(threads + 1)
+    try:
+        with caplog.at_level(logging.WARNING):
+            run(from_run(out), resume=True)
+    finally:
+        torch.set_num_threads(threads)  # the next test in this process computes as before
+    lines = [r.getMessage() for r in caplog.records if "last bits" in r.getMessage()]
+    assert len(lines) == 1 and f"threads {threads + 1} (the run started with {threads})" in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["checkpoint-writing:2", "pruning:4"])
+def test_killed_mid_checkpoint_or_mid_pruning_resumes_to_the_same_run(
+    tiny_hf_dir, synthetic_dataset, lora_reference, tmp_path, kill_at
+) -> None:
+    """A few kills of ``benchmarks/kill_storm.py`` (it runs many): SIGKILL while a checkpoint
+    is half written, and while an old one is being pruned; the resumed run is the
+    uninterrupted one tensor by tensor (weights, adapter, optimiser state, RNG) and line by
+    line (``metrics.jsonl``: no step lost, none twice)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import kill_storm
+
+    out = tmp_path / "killed"
+    command = kill_storm.train_command("lora", tiny_hf_dir, synthetic_dataset, out, steps=6)
+    env = {**_same_threads_env(), "PALIGEMMA_XRAY_KILL_AT": kill_at}
+    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
+    assert list((out / "checkpoints").glob(".step-*.tmp-*"))  # the kill left a temporary behind
+    run(from_run(out), resume=True)
+    result = kill_storm.compare(lora_reference, out)
+    assert result["identical"], result["differences"]
+    assert result["lost_steps"] == [] and result["duplicated_lines"] == 0

@@ -158,3 +158,13 @@ def test_big_vision_schedule() -> None:
     assert all(a >= b for a, b in itertools.pairwise(lrs[5:]))
     constant = resolve(overrides={"schedule": "constant", "warmup": 0.0})
     assert {lr_factor(constant, s) for s in range(1, 65)} == {1.0}
+
+
+def test_a_yaml_with_a_wrong_type_and_an_unknown_key_reports_both(tmp_path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("recipe: lora\nbatch_size: eight\nlrr: 1e-3\n")
+    with pytest.raises(ConfigError) as info:
+        resolve(config_file=path)
+    message = str(info.value)  # used to name only the unknown key
+    assert message.startswith(f"{path}:3: unknown config field(s): lrr (did you mean lr?)")
+    assert "batch_size: input should be a valid integer" in message and "'eight'" in message

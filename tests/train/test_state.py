@@ -30,3 +30,17 @@ def test_state_json_round_trip_ignores_other_keys() -> None:
     assert TrainState.from_json({**state.to_json(), "scheduler": {"last_epoch": 7}}) == state
     # A checkpoint written before best_val_loss existed still loads.
     assert TrainState.from_json({"step": 3, "best_value": None, "best_step": None}).step == 3
+
+
+def test_a_resume_under_other_runtime_values_is_named_in_one_line() -> None:
+    started = {"torch": "2.13.0", "threads": 1, "device": "cpu", "processes": 1}
+    state = TrainState.from_json(TrainState(step=3, runtime=dict(started)).to_json())
+    assert state.runtime == started
+    assert state.resumed_under(dict(started)) is None and not state.runtime_changed
+    line = state.resumed_under({**started, "threads": 2})
+    assert line is not None and "\n" not in line
+    assert "threads 2 (the run started with 1)" in line and "last bits" in line
+    assert state.runtime_changed and state.runtime == started  # what the run started under stays
+    # A checkpoint written before runtimes were recorded: nothing to compare, nothing claimed.
+    old = TrainState.from_json({"step": 3})
+    assert old.resumed_under(started) is None and old.runtime == started

@@ -23,10 +23,12 @@ def train(args: argparse.Namespace) -> int:
     flags = {**train.recipes.overrides(args), "model": args.model, "data": args.data, "out": args.out}
     config = train.recipes.for_command(args.recipe, args.config, flags, resume=args.resume)
     try:
-        summary = train.run(config, resume=args.resume is not None, on_validation=write_progress)
-    except KeyboardInterrupt:
+        summary = train.run(
+            config, resume=args.resume is not None, overwrite=args.overwrite, on_validation=write_progress
+        )
+    except KeyboardInterrupt as stop:  # SIGINT or SIGTERM (train.Interrupted): saved, then stopped
         say(interrupted_message(Path(config.out)))
-        return 130
+        return 143 if getattr(stop, "signal_name", "") == "SIGTERM" else 130
     best = (
         f"{summary.best_metric} {summary.best_value:.4f} at step {summary.best_step}"
         if (summary.best_value is not None)
@@ -77,4 +79,5 @@ def register(verbs: Any) -> None:
     p.add_argument(
         "--resume", metavar="RUN", help="continue the run in RUN exactly where its last checkpoint left it"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT")
     add_flags(p)

@@ -245,15 +245,20 @@ def _where(info: _ImageInfo) -> dict[str, Any]:
 def _leakage(infos: list[_ImageInfo]) -> tuple[list[Problem], list[dict[str, Any]]]:
     """Pairs of images in different splits that are the same radiograph."""
     by_image: dict[str, _ImageInfo] = {}
+    listings: dict[str, list[_ImageInfo]] = {}
     for info in infos:
         by_image.setdefault(str(info.record.image), info)
+        listings.setdefault(str(info.record.image), []).append(info)
     unique = list(by_image.values())
     problems: list[Problem] = []
     pairs: list[dict[str, Any]] = []
     reported: set[tuple[int, int]] = set()
 
     def report(i: int, j: int, kind: str, how: str, distance: int | None) -> None:
-        a, b = unique[i], unique[j]
+        describe(unique[i], unique[j], kind, how, distance)
+        reported.add((min(i, j), max(i, j)))
+
+    def describe(a: _ImageInfo, b: _ImageInfo, kind: str, how: str, distance: int | None) -> None:
         # Point at the record in the later split (the evaluation side of the leak).
         order = ("train", "valid", "test")
         rank = lambda x: order.index(x.record.split) if x.record.split in order else 3  # noqa: E731
@@ -290,7 +295,15 @@ def _leakage(infos: list[_ImageInfo]) -> tuple[list[Problem], list[dict[str, Any
                 "b": _where(second),
             }
         )
-        reported.add((min(i, j), max(i, j)))
+
+    # The same file listed in two splits: the plainest leak (one finding per other split).
+    for listed in listings.values():
+        first_of_split: dict[str, _ImageInfo] = {}
+        for info in listed:
+            first_of_split.setdefault(info.record.split, info)
+        per_split = list(first_of_split.values())
+        for later in per_split[1:]:
+            describe(per_split[0], later, "leakage", "the same file as", 0)
 
     # Identical bytes.
     groups: dict[str, list[int]] = {}

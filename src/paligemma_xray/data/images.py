@@ -199,7 +199,23 @@ def _try_raw_dicom(data: bytes, label: str) -> Image.Image | None:
     return _dicom_to_image(ds, label)
 
 
+def _other_format(data: bytes) -> str | None:
+    """The image format (``PNG``, ``JPEG``, …) PIL recognises in ``data``, if any."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
 def _load_dicom(data: bytes, label: str) -> Image.Image:
+    if data[128:132] != b"DICM" and (other := _other_format(data)) is not None:
+        # A .dcm name on another image (a PNG renamed .dcm): pydicom would parse noise.
+        raise ImageLoadError(
+            f"not a DICOM file: the content is a {other} image (named like DICOM); "
+            f"give it its own extension (.{other.lower().replace('jpeg', 'jpg')})",
+            path=label,
+        )
     ds, error = _read_dicom(data)
     if ds is None:
         raise ImageLoadError(f"not a readable DICOM file: {error}", path=label)

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import warnings
@@ -71,6 +72,9 @@ class ImportResult:
     classes: list[str]
     counts: dict[str, dict[str, int]]
     dropped_classes: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+    """Each box the import changed or left out, as ``file:line: what`` (clipped to the image,
+    or dropped for having no area)."""
 
     def summary(self) -> str:
         lines = [f"wrote {self.out / 'dataset'} (prefix 'detect {' ; '.join(self.classes)}')"]
@@ -83,6 +87,11 @@ class ImportResult:
             lines.append(
                 f"  classes without any box left out of the prefix: {', '.join(self.dropped_classes)}"
             )
+        if self.changes:
+            clipped = sum("clipped" in c for c in self.changes)
+            dropped = len(self.changes) - clipped
+            lines.append(f"  boxes changed: {clipped} clipped to the image, {dropped} without area left out:")
+            lines += [f"    {change}" for change in self.changes]
         return "\n".join(lines)
 
 
@@ -155,13 +164,16 @@ def _voc_sources(src: Path) -> dict[str, tuple]:
     return sources
 
 
-def _load(fmt: str, src: Path, masks: bool = False) -> dict[str, DetectionDataset]:
+def _load(fmt: str, src: Path, masks: bool = False) -> tuple[dict[str, DetectionDataset], dict[str, tuple]]:
     finder = {"coco": _coco_sources, "yolo": _yolo_sources, "voc": _voc_sources}[fmt]
     sources = finder(src)
     if not sources:
         raise DataError(
             f"no {fmt.upper()} data set found (see `paligemma-xray data import --help`)", path=src
         )
+    check: Callable[..., None] = {"coco": _check_coco, "yolo": _check_yolo, "voc": _check_voc}[fmt]
+    for _, *args in sources.values():
+        check(*args)
     datasets: dict[str, DetectionDataset] = {}
     for split, (read, *args) in sources.items():
         try:
@@ -170,7 +182,89 @@ def _load(fmt: str, src: Path, masks: bool = False) -> dict[str, DetectionDatase
                 datasets[split] = read(*args, force_masks=True) if masks else read(*args)
         except Exception as error:
             raise DataError(f"cannot read the {fmt.upper()} {split} split: {error}", path=args[1]) from None
-    return datasets
+    return datasets, {split: tuple(args) for split, (_, *args) in sources.items()}
+
+
+def _images_by_stem(folder: Path) -> set[str]:
+    return (
+        {p.stem for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES}
+        if folder.is_dir()
+        else set()
+    )
+
+
+def _check_coco(images_dir: str, annotations: str) -> None:
+    """Every annotation's category is declared (supervision's own message names neither)."""
+    path = Path(annotations)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # supervision's reader says what is wrong with the file
+    if not isinstance(data, dict):
+        return
+    declared = {c.get("id") for c in data.get("categories") or [] if isinstance(c, dict)}
+    for annotation in data.get("annotations") or []:
+        if isinstance(annotation, dict) and annotation.get("category_id") not in declared:
+            raise DataError(
+                f"annotation id {annotation.get('id')} (image id {annotation.get('image_id')}) has "
+                f"category_id {annotation.get('category_id')}, which no category declares "
+                f"(declared: {', '.join(str(i) for i in sorted(declared, key=str)) or 'none'})",
+                path=path,
+            )
+
+
+def _check_yolo(images_dir: str, labels_dir: str, yaml_path: str) -> None:
+    """A label file without its image is refused (as COCO refuses a missing image)."""
+    stems = _images_by_stem(Path(images_dir))
+    for label in sorted(Path(labels_dir).glob("*.txt")):
+        if label.stem not in stems and label.name != "classes.txt":  # darknet's class list
+            raise DataError(f"label file has no image {label.stem}.* in {images_dir}", path=label)
+
+
+def _check_voc(images_dir: str, annotations_dir: str) -> None:
+    """An annotation file without its image is refused (as COCO refuses a missing image)."""
+    stems = _images_by_stem(Path(images_dir))
+    for xml in sorted(Path(annotations_dir).glob("*.xml")):
+        if xml.stem not in stems:
+            raise DataError(f"annotation has no image {xml.stem}.* in {images_dir}", path=xml)
+
+
+def _box_origins(fmt: str, source: tuple, image: str) -> list[str]:
+    """``file:line`` of each box of ``image``, in the order the reader returns them."""
+    stem = Path(image).stem
+    if fmt == "yolo":
+        label = Path(source[1]) / f"{stem}.txt"
+        with contextlib.suppress(OSError):
+            lines = label.read_text(encoding="utf-8").splitlines()
+            return [f"{label}:{n}" for n, text in enumerate(lines, 1) if text.strip()]
+    if fmt == "voc":
+        xml = Path(source[1]) / f"{stem}.xml"
+        with contextlib.suppress(OSError):
+            lines = xml.read_text(encoding="utf-8").splitlines()
+            return [f"{xml}:{n}" for n, text in enumerate(lines, 1) for _ in range(text.count("<object"))]
+    return []
+
+
+def _fit_boxes(
+    xyxy: np.ndarray, size: tuple[int, int], origins: list[str], image: str
+) -> tuple[np.ndarray, list[int], list[str]]:
+    """Boxes clipped to the image, those without area left out; ``(boxes, kept, changes)``."""
+    width, height = size
+    clipped = xyxy.copy()
+    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
+    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
+    kept: list[int] = []
+    changes: list[str] = []
+    for k, (before, after) in enumerate(zip(xyxy, clipped, strict=True)):
+        where = origins[k] if k < len(origins) else f"{image} box {k + 1}"
+        box = ", ".join(f"{v:g}" for v in before.tolist())
+        if after[2] <= after[0] or after[3] <= after[1]:
+            changes.append(f"{where}: box ({box}) has no area inside the {width}x{height} image: left out")
+            continue
+        if not np.array_equal(before, after):
+            changes.append(f"{where}: box ({box}) clipped to the {width}x{height} image")
+        kept.append(k)
+    return clipped[kept], kept, changes
 
 
 def _clean_label(name: str) -> str:
@@ -214,7 +308,7 @@ def import_dataset(
         raise DataError("no such file or folder", path=src)
     check_output(out, folder=True)
     atomic.check_fresh(out / "dataset", overwrite=overwrite, what="data set")
-    datasets = _load(fmt, src, masks=mask_encoder is not None)
+    datasets, sources = _load(fmt, src, masks=mask_encoder is not None)
 
     # Class names by box count over all splits; classes never used (e.g. the supercategory
     # Roboflow's COCO exports list first) stay out of the prompt.
@@ -247,14 +341,18 @@ def import_dataset(
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                 raise DataError(f"cannot read image: {error}", path=path) from None
 
+    changes: list[str] = []
     with atomic.staged_dir(out / "dataset") as folder:
-        counts = _write_set(datasets, folder, fmt, prefix, sizes, progress, mask_encoder)
-    return ImportResult(out=out, classes=classes, counts=counts, dropped_classes=dropped)
+        counts = _write_set(datasets, sources, folder, fmt, prefix, sizes, progress, changes, mask_encoder)
+    return ImportResult(out=out, classes=classes, counts=counts, dropped_classes=dropped, changes=changes)
 
 
-def _seg_codes(detections, xyxy: np.ndarray, mask_encoder) -> np.ndarray | None:
+def _seg_codes(
+    masks: np.ndarray | None,
+    xyxy: np.ndarray,
+    mask_encoder: Callable[[np.ndarray], np.ndarray] | None,
+) -> np.ndarray | None:
     """``(N, 16)`` codes of the objects' masks (-1 rows where an object has none)."""
-    masks = getattr(detections, "mask", None)
     if mask_encoder is None or masks is None or not len(xyxy):
         return None
     from paligemma_xray.masks import box_crop64
@@ -268,12 +366,20 @@ def _seg_codes(detections, xyxy: np.ndarray, mask_encoder) -> np.ndarray | None:
 
 
 def _write_set(
-    datasets, folder: Path, fmt: str, prefix: str, sizes, progress: bool, mask_encoder=None
+    datasets: dict[str, DetectionDataset],
+    sources: dict[str, tuple],
+    folder: Path,
+    fmt: str,
+    prefix: str,
+    sizes: dict[str, tuple[int, int]],
+    progress: bool,
+    changes: list[str],
+    mask_encoder: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, dict[str, int]]:
     names: dict[str, int] = {}
     for ds in datasets.values():
-        for path in ds.image_paths:
-            names[Path(path).name] = names.get(Path(path).name, 0) + 1
+        for image_path in ds.image_paths:
+            names[Path(image_path).name] = names.get(Path(image_path).name, 0) + 1
     counts: dict[str, dict[str, int]] = {}
     total = sum(len(ds.image_paths) for ds in datasets.values())
     bar = progress_bar(total=total, desc=f"import {fmt}", unit="img", enabled=progress)
@@ -294,8 +400,12 @@ def _write_set(
             detections = ds.annotations[path_str]
             xyxy = np.asarray(detections.xyxy, dtype=np.float64).reshape(-1, 4)
             ids = detections.class_id if detections.class_id is not None else np.zeros(len(xyxy), int)
-            labels = [_clean_label(ds.classes[int(i)]) for i in ids]
-            codes = _seg_codes(detections, xyxy, mask_encoder)
+            origins = _box_origins(fmt, sources[split], path_str)
+            xyxy, kept, changed = _fit_boxes(xyxy, size, origins, path_str)
+            changes += changed
+            labels = [_clean_label(ds.classes[int(ids[k])]) for k in kept]
+            masks = getattr(detections, "mask", None)
+            codes = _seg_codes(None if masks is None else masks[kept], xyxy, mask_encoder)
             suffix = encode(xyxy, labels, size, seg_codes=codes) if len(xyxy) else ""
             c["masks"] += 0 if codes is None else int((codes >= 0).all(axis=1).sum())
             rows.append(json.dumps({"image": name, "prefix": prefix, "suffix": suffix}))

@@ -20,8 +20,12 @@ fixed nominal CPU rate, never by looking at the clock).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +123,54 @@ class DemoSettings:
         return max(batch_size, examples - examples % batch_size)
 
 
+CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+"""The CPU kernel set the demo pins on x86 (torch's own kernels, MKL's and oneDNN's): the
+same sums in the same order on every AVX2 machine, whether it also has AVX-512 or not.
+Without it, one seed and one thread count still gave two figures on two machines (the
+AVX-512 kernels add in another order; see docs/demo.md). Variables already set win."""
+
+
+def _has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            return any(line.startswith("flags") and " avx2" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def pinned_cpu_kernels() -> Iterator[None]:
+    """Run the block with :data:`CPU_KERNELS` set (x86 with AVX2 only), then restore them.
+
+    torch reads them at its first operation: in a process that has already computed, the
+    kernels stay as they were (``metrics.json`` records the set actually used).
+    """
+    saved = {name: os.environ.get(name) for name in CPU_KERNELS}
+    if _has_avx2():
+        for name, value in CPU_KERNELS.items():
+            os.environ.setdefault(name, value)
+    try:
+        yield
+    finally:
+        for name, was in saved.items():
+            if was is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = was
+
+
+def runtime() -> dict[str, Any]:
+    """What the demo's figures depend on besides its settings (written into ``metrics.json``)."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+        **{name: os.environ.get(name) for name in CPU_KERNELS},
+    }
+
+
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The figures worth comparing across versions, from an evaluation's metrics."""
     found = {key: metrics.get(key) for key in HEADLINE_KEYS}
@@ -145,7 +197,27 @@ def run_demo(
     ``base``: the model to start from (default: the shipped base model). ``bootstrap``:
     resamples for the report's 95% intervals (0 turns them off). A non-empty ``out`` (an
     earlier demo) is refused unless ``overwrite``; every file is written atomically.
+
+    The figures are a function of the settings (seed, examples, threads), the torch version
+    and the CPU kernel set, pinned to AVX2 on x86 (:func:`pinned_cpu_kernels`); the thread
+    count and the kernels are restored afterwards. ``metrics.json`` records them (``runtime``).
     """
+    previous_threads = torch.get_num_threads()
+    try:
+        with pinned_cpu_kernels():
+            return _run_demo(out, settings, base, progress, bootstrap, overwrite)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(
+    out: str | Path,
+    settings: DemoSettings | None,
+    base: str | Path | None,
+    progress: bool,
+    bootstrap: int,
+    overwrite: bool,
+) -> dict[str, Any]:
     from paligemma_xray import atomic
     from paligemma_xray.data import open_dataset
     from paligemma_xray.data.synth import generate
@@ -301,6 +373,7 @@ def run_demo(
             "examples_per_s": summary.examples_per_s,
         },
         "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "runtime": runtime(),
         "paths": {
             "report": str(report),
             "model_hf": str(hf_dir),

@@ -136,7 +136,7 @@ def check_inputs(settings: PredictSettings) -> Path:
     there or holds no image. Returns the output folder.
     """
     out = check_output(settings.out, folder=True)
-    if not settings.resume and not settings.overwrite and out.is_dir() and any(out.iterdir()):
+    if not settings.resume and not settings.overwrite and out.is_dir() and _holds_results(out):
         raise ConfigError(
             "the output folder is not empty; add --resume to continue the predictions in it, "
             "or --overwrite to replace them",
@@ -163,6 +163,18 @@ def chosen_threshold(detector: DetectorLike, settings: PredictSettings) -> tuple
         f"threshold {saved.threshold:.3g}: the operating point saved with the model ({saved.operating_point})"
     )
     return saved.threshold, note
+
+
+def _holds_results(out: Path) -> bool:
+    """Whether ``out`` holds anything but what a predict that failed before its first result
+    leaves (its manifest, empty output folders, temporaries): that is not worth a refusal."""
+    for entry in out.iterdir():
+        if entry.name == MANIFEST or (entry.name.startswith(".") and ".tmp-" in entry.name):
+            continue
+        if entry.name in OUTPUTS and entry.is_dir() and not any(p.is_file() for p in entry.rglob("*")):
+            continue
+        return True
+    return False
 
 
 def _read_manifest(out: Path) -> dict | None:
@@ -315,6 +327,11 @@ def predict(
         _check_resume(out, previous, recorded, checksum, detector.dtype)
     barrier(w)  # every rank has checked the folder before the first one writes into it
     if w.is_main:
+        if resume:  # what a killed run was writing: never renamed onto a final name, removed
+            for name in OUTPUTS:
+                if (out / name).is_dir():
+                    for folder in [out / name, *(p for p in (out / name).rglob("*") if p.is_dir())]:
+                        atomic.remove_stale_temporaries(folder)
         if overwrite:
             for name in OUTPUTS:
                 target = out / name

@@ -3,9 +3,10 @@
 Endpoints (OpenAPI schema at ``/openapi.json``, browsable at ``/docs``):
 
 - ``POST /v1/detect`` — multipart upload (``file``: JPEG/PNG/… or DICOM; optional
-  ``prompt``, ``threshold``, ``preview``) → boxes in pixels, labels, scores, image size,
-  model id and timing. ``?format=dicom-sr`` (DICOM uploads): the DICOM SR instead
-  (``application/dicom``, see :mod:`.dicom`).
+  ``prompt``, ``threshold``, ``preview``, as form fields or query parameters) → boxes in
+  pixels, labels, scores, image size, model id and timing. ``?format=dicom-sr`` (DICOM
+  uploads): the DICOM SR instead (``application/dicom``, see :mod:`.dicom`). Any other
+  query parameter, or a field given both ways with different values: 422.
 - ``GET /v1/model`` — model id, limits and batching counters.
 - ``GET /healthz`` — liveness and the same counters (never needs the API key).
 - ``GET /`` — the browser page (one self-contained HTML file).
@@ -116,7 +117,7 @@ class ErrorResponse(BaseModel):
 
 
 # The body is read by hand (see uploads.py), so the form is described here for the schema.
-_DETECT_BODY = {
+_DETECT_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
@@ -152,6 +153,33 @@ _DETECT_BODY = {
         },
     }
 }
+
+# The form's fields may also come as query parameters (``?threshold=0.9``), as may the
+# output ``format``; any other query parameter is refused (422), never silently ignored.
+_FIELD_PARAMETERS = ("prompt", "threshold", "preview")
+DETECT_QUERY = ("format", *_FIELD_PARAMETERS)
+_DETECT_BODY["parameters"] = [
+    {
+        "name": "format",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["json", "dicom-sr"], "default": "json"},
+        "description": "json (default) or dicom-sr: a DICOM SR of the detections (DICOM uploads only)",
+    },
+    *(
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": _DETECT_BODY["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"][
+                name
+            ],
+            "description": f"the form field {name!r}, given in the query instead; both with different "
+            "values: 422. Any other query parameter: 422",
+        }
+        for name in _FIELD_PARAMETERS
+    ),
+]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -196,6 +224,30 @@ def _check_key(request: Request, expected: str | None) -> None:
             "this server needs an API key: send it as X-API-Key or Authorization: Bearer",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def _check_query(request: Request) -> None:
+    """Refuse query parameters ``/v1/detect`` does not know (422), rather than ignore them."""
+    unknown = sorted(set(request.query_params) - set(DETECT_QUERY))
+    if unknown:
+        raise ApiError(
+            422,
+            "bad_field",
+            f"unknown query parameter {unknown[0][:40]!r}; /v1/detect takes {', '.join(DETECT_QUERY)}",
+        )
+
+
+def _field(request: Request, fields: dict[str, str], name: str) -> str | None:
+    """A form field, or the query parameter of the same name; given both ways, they must agree."""
+    in_query, in_form = request.query_params.get(name), fields.get(name)
+    if in_query is not None and in_form is not None and in_query.strip() != in_form.strip():
+        raise ApiError(
+            422,
+            "bad_field",
+            f"{name} given twice with different values: {in_query[:40]!r} in the query, "
+            f"{in_form[:40]!r} in the form",
+        )
+    return in_form if in_form is not None else in_query
 
 
 def _parse_threshold(raw: str | None) -> float | None:
@@ -394,6 +446,7 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
     async def detect(request: Request) -> Any:
         started = time.perf_counter()
         _check_key(request, config.api_key)
+        _check_query(request)
         output = parse_format(request.query_params.get("format"))
         try:
             # Bounded: a slow or stalled upload must not hold a connection and its memory forever.
@@ -404,9 +457,9 @@ def create_app(detector: DetectorLike, config: ServeConfig | None = None) -> Fas
             raise ApiError(
                 408, "upload_timeout", f"the upload did not arrive within {config.upload_timeout_s:g} s"
             ) from error
-        prompt = _parse_prompt(form.fields.get("prompt"))
-        threshold = _parse_threshold(form.fields.get("threshold"))
-        want_preview = _parse_bool(form.fields.get("preview"))
+        prompt = _parse_prompt(_field(request, form.fields, "prompt"))
+        threshold = _parse_threshold(_field(request, form.fields, "threshold"))
+        want_preview = _parse_bool(_field(request, form.fields, "preview"))
         upload = form.file
         if upload is None:
             raise ApiError(422, "missing_file", "the form needs a file part named 'file'")

@@ -16,7 +16,7 @@ from typing import Any
 
 from paligemma_xray.train.recipes import PRESETS, TrainConfig, from_run, preset, resolve
 
-_LOOP = ("RunSummary", "lr_factor", "run")
+_LOOP = ("Interrupted", "RunSummary", "lr_factor", "run")
 
 
 def __getattr__(name: str) -> Any:

@@ -30,19 +30,19 @@ METRICS_LOG = "metrics.jsonl"  # in a run folder: one JSON object per line
 class MetricsLog:
     """``metrics.jsonl`` (one JSON object per line) + TensorBoard scalars under ``tb/``."""
 
-    def __init__(self, out: Path, start: int, *, main: bool) -> None:
+    def __init__(self, out: Path, start: int, *, main: bool, resume: bool = False) -> None:
         self.main = main
         self.writer: Any = None
         self.path = out / METRICS_LOG
         if not main:
             return
-        if start and self.path.exists():
+        if resume and self.path.exists():  # start 0: a run killed before its first checkpoint
             kept = [line for line in self.path.read_text().splitlines() if _step(line) <= start]
             write_text(self.path, "".join(f"{line}\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
+            self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if resume else None)
         except ImportError:  # tensorboard is a dependency; a broken install only loses the plots
             logger.warning("tensorboard unavailable: no TensorBoard logs")
 

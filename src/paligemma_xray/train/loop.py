@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from paligemma_xray.train.logs import MetricsLog, progress_bar
 from paligemma_xray.train.loss import image_features, loss_denominator, suffix_loss
 from paligemma_xray.train.recipes import TrainConfig
 from paligemma_xray.train.run_folder import (
+    checkpoints,
     load_base,
     load_checkpoint,
     prepare_run_dir,
@@ -41,7 +44,7 @@ from paligemma_xray.train.run_folder import (
     write_config,
     write_summary,
 )
-from paligemma_xray.train.state import TrainState
+from paligemma_xray.train.state import TrainState, runtime
 from paligemma_xray.train.strategies import count_parameters, prepare_model, unwrap, vision_frozen
 from paligemma_xray.train.validation import validate
 
@@ -100,10 +103,64 @@ class _StepModule(nn.Module):
         return out.loss, out.token_nll, out.example_index
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM; ``step``: the checkpoint saved (``None``: none)."""
+
+    def __init__(self, signal_name: str, step: int | None) -> None:
+        super().__init__(signal_name)
+        self.signal_name, self.step = signal_name, step
+
+
+class _StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (``kill``, systemd, Slurm, Kubernetes) alike, while training.
+
+    Inside the step loop (``armed``) the first signal asks the loop to finish its step, save
+    a checkpoint and stop (:class:`Interrupted`); a second one, or one before the loop
+    starts (loading, caching), stops at once like Ctrl-C (the last checkpoint is the state).
+    Installed only in the main thread of the main interpreter (signal handlers live there).
+    """
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.armed and self.requested is None:
+            self.requested = name
+            logger.warning("%s: saving a checkpoint after this step (send it again to stop at once)", name)
+            return
+        raise Interrupted(name, None)
+
+
 def run(
-    config: TrainConfig, *, resume: bool = False, on_validation: OnValidation | None = None
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_validation: OnValidation | None = None,
 ) -> RunSummary:
-    """Train as ``config`` says; ``resume``: continue the run in ``config.out`` exactly.
+    """Train as ``config`` says; ``resume``: continue the run in ``config.out``.
+
+    The continuation is bit-exact (the same weights, optimiser state and ``metrics.jsonl``
+    as an uninterrupted run) when it runs under the same :func:`~paligemma_xray.train.state.runtime`
+    values (torch version, CPU threads, device, processes); under others it says so in one
+    line and continues. A run killed before its first checkpoint starts again from step 0.
+    ``overwrite``: replace the run already in ``config.out`` (else refused).
+
+    SIGINT and SIGTERM: the step in progress finishes, a checkpoint is saved and
+    :class:`Interrupted` (a ``KeyboardInterrupt``) is raised; a second signal stops at once.
 
     ``on_validation(run_dir, step, rows)``: called on the main process after every
     validation with its decoded rows (``evaluate_records``' rows), after ``metrics.jsonl``
@@ -113,13 +170,33 @@ def run(
     """
     config.validate()
     accelerator = _accelerator(config)
+    world = accelerator.num_processes
+    _use_bf16(config, accelerator.device)  # precision: bf16 without a GPU is refused first
+    out = Path(config.out)
+    _check_world(config, world)
+    records = _records(config)
+    prepare_run_dir(out, resume=resume, overwrite=overwrite, main=accelerator.is_main_process)
+    with _StopSignals() as signals:
+        return _run(
+            config, out, accelerator, records, resume=resume, on_validation=on_validation, signals=signals
+        )
+
+
+def _run(
+    config: TrainConfig,
+    out: Path,
+    accelerator: Any,
+    records: tuple[list, list],
+    *,
+    resume: bool,
+    on_validation: OnValidation | None,
+    signals: _StopSignals,
+) -> RunSummary:
+    """:func:`run` once the run folder is checked, under the stop-signal handlers."""
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     bf16 = _use_bf16(config, device)
-    out = Path(config.out)
-    _check_world(config, world)
-    train_records, valid_records = _records(config)
-    prepare_run_dir(out, resume=resume, main=main)
+    train_records, valid_records = records
 
     torch.manual_seed(config.seed)  # same LoRA initialisation on every process and on resume
     base, processor = load_base(config)
@@ -145,13 +222,21 @@ def run(
     bad_records = BadRecords(config.max_bad_records)
     examples = Examples(train_records, _augment(config), config.seed, _load_image, bad_records=bad_records)
     state = TrainState()
-    if resume:
+    current = runtime(device, world)
+    if resume and checkpoints(out):
         state = load_checkpoint(out, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank)
+        differs = state.resumed_under(current)
+        if differs and main:
+            logger.warning("%s", differs)
+    else:
+        if resume and main:
+            logger.warning("%s: no checkpoint saved yet; training again from step 0", out)
+        state.runtime = current
     cache = _feature_cache(
         config, model, step_module, examples, processor, device=device, bf16=bf16, main=main
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    logs = MetricsLog(out, state.step, main=main)
+    logs = MetricsLog(out, state.step, main=main, resume=resume)
     steps, start = config.steps, state.step
     bar = progress_bar(config, start, main=main)
     per_rank = config.batch_size // world
@@ -160,6 +245,7 @@ def run(
     last_eval: dict[str, Any] = {}
 
     done = start
+    signals.armed = True
     for step in range(start, steps):
         t0 = time.perf_counter()
         # --- build this process's micro-batches; denominator over the GLOBAL batch --------
@@ -224,7 +310,8 @@ def run(
             if main and on_validation is not None:
                 on_validation(out, done, rows)
         stop = bool(config.early_stop) and state.stale_evals >= config.early_stop and done < steps
-        if done % config.checkpoint_interval == 0 or done == steps or stop:
+        interrupt = _stop_requested(accelerator, signals)
+        if done % config.checkpoint_interval == 0 or done == steps or stop or interrupt:
             state.step = done
             save_checkpoint(
                 out,
@@ -236,6 +323,12 @@ def run(
                 accelerator=accelerator,
                 step_module=step_module,
             )
+        if interrupt and done < steps:
+            signals.armed = False
+            logs.close()
+            if bar is not None:
+                bar.close()
+            raise Interrupted(signals.requested or "signal", done)
         if stop:
             logs.write(
                 {"kind": "early_stop", "step": done, "evaluations_without_improvement": state.stale_evals}
@@ -243,6 +336,7 @@ def run(
             logger.info("early stop at step %d: %d evaluations without a new best", done, state.stale_evals)
             break
 
+    signals.armed = False
     if bar is not None:
         bar.close()
     if start < done or not (out / LAST).exists():
@@ -357,6 +451,11 @@ def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
     return config.precision == "auto" and device.type == "cuda"
 
 
+def _stop_requested(accelerator, signals: _StopSignals) -> bool:
+    """Whether a stop signal reached any process (all of them must save the same step)."""
+    return _all_sum(accelerator, float(signals.requested is not None)) > 0
+
+
 def _all_sum(accelerator, value: float) -> float:
     if accelerator.num_processes == 1:
         return float(value)
@@ -457,4 +556,4 @@ def _feature_cache(
     return cache
 
 
-__all__ = ["RunSummary", "lr_factor", "run"]
+__all__ = ["Interrupted", "RunSummary", "lr_factor", "run"]

@@ -304,12 +304,16 @@ def resolve(
 
 
 def from_run(run_dir: str | Path) -> TrainConfig:
-    """The resolved config saved in a run folder (for ``--resume``)."""
+    """The resolved config saved in a run folder (for ``--resume``), with ``out`` = ``run_dir``.
+
+    The folder given is the run: a copied or moved run folder continues where it is, never
+    in the folder its ``config.yaml`` was first written for.
+    """
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError("not a run folder (no config.yaml)", path=run_dir)
     values, lines = read_yaml(path)
-    return build(values, file=path, lines=lines)
+    return build({**values, "out": str(run_dir)}, file=path, lines=lines)
 
 
 def for_command(

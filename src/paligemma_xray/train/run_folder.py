@@ -18,7 +18,9 @@ part in the collectives (FSDP state dicts, RNG gathering) and waits for the othe
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +29,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from paligemma_xray.atomic import remove_stale_temporaries, staged_dir, write_json, write_text
+from paligemma_xray.atomic import disk_errors, remove_stale_temporaries, staged_dir, write_json, write_text
 from paligemma_xray.errors import ConfigError, check_output
+from paligemma_xray.model.forms import BEST, LAST
 from paligemma_xray.train import sharding
 from paligemma_xray.train.logs import METRICS_LOG
 from paligemma_xray.train.recipes import TrainConfig
@@ -39,25 +42,45 @@ if TYPE_CHECKING:
     from transformers import PaliGemmaForConditionalGeneration
 
 
-def prepare_run_dir(out: Path, *, resume: bool, main: bool) -> None:
-    """Refuse a folder that cannot hold this run, before any work; creates nothing.
+RUN_CONTENTS = ("config.yaml", METRICS_LOG, "summary.json", "progress.html", "tb", "checkpoints", BEST, LAST)
+"""What a run writes into its folder (``--overwrite`` removes these, and only these)."""
 
-    A fresh run needs a writable folder without a run in it; a resumed one needs checkpoints.
-    Resuming removes the temporaries of writes a kill interrupted: the steps after the last
-    checkpoint are replayed exactly, so ``best/`` and ``last/`` are written again if needed.
+
+def prepare_run_dir(out: Path, *, resume: bool, main: bool, overwrite: bool = False) -> None:
+    """Refuse a folder that cannot hold this run, before any work.
+
+    A fresh run needs a writable folder without a run in it (``overwrite``: the run in it
+    is removed); a resumed one needs its ``config.yaml`` (a run killed before its first
+    checkpoint starts again from step 0). Resuming removes the temporaries of writes a kill
+    interrupted: the steps after the last checkpoint are replayed exactly, so ``best/`` and
+    ``last/`` are written again if needed.
     """
     if resume:
-        if not (out / "checkpoints").is_dir():
-            raise ConfigError("nothing to resume: no checkpoints/ in the run folder", path=out)
+        if overwrite:
+            raise ConfigError("--resume continues a run; --overwrite would replace it: give one of them")
+        if not (out / "config.yaml").is_file():
+            raise ConfigError("nothing to resume: not a run folder (no config.yaml)", path=out)
         if main:
             remove_stale_temporaries(out)
             remove_stale_temporaries(out / "checkpoints")
         return
     check_output(out, folder=True)
-    if (out / "checkpoints").exists() or (out / METRICS_LOG).exists():
+    held = [name for name in RUN_CONTENTS if (out / name).exists()]
+    if held and not overwrite:
         raise ConfigError(
-            "run folder already holds a run: continue it with --resume, or choose another --out", path=out
+            "run folder already holds a run: continue it with --resume, replace it with --overwrite,"
+            " or choose another --out",
+            path=out,
         )
+    if held and main:
+        with disk_errors(out):
+            for name in held:
+                target = out / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
+            remove_stale_temporaries(out)
 
 
 def write_config(out: Path, config: TrainConfig) -> None:
@@ -82,7 +105,12 @@ def interrupted_message(run_dir: Path) -> str:
     """What Ctrl-C leaves: the last checkpoint saved and the command that continues from it."""
     saved = checkpoints(run_dir) if run_dir.is_dir() else []
     if not saved:
-        return f"interrupted before the first checkpoint of {run_dir}: nothing saved to resume from"
+        if (run_dir / "config.yaml").is_file():
+            return (
+                f"interrupted before the first checkpoint of {run_dir}. "
+                f"Start it again with: paligemma-xray train --resume {run_dir}"
+            )
+        return f"interrupted before {run_dir} was created: nothing to resume"
     step = saved[-1].name.split("-")[1]
     return (
         f"interrupted; the last checkpoint saved is step {step} ({saved[-1]}). "
@@ -125,15 +153,34 @@ def save_checkpoint(
                 {k: v.to("cpu", torch.float32).contiguous() for k, v in weights.items()},
                 tmp / "trainable.safetensors",
             )
+            kill_point("checkpoint-writing", state.step)
             torch.save(optimizer_state, tmp / "optimizer.pt")
             # LambdaLR stores lr_lambdas as [None] for plain functions: the state is JSON.
             record = {**state.to_json(), "scheduler": scheduler.state_dict()}
             (tmp / "state.json").write_text(json.dumps(record, indent=1))
             for rank, rank_rng in enumerate(rng):
                 torch.save(rank_rng, tmp / f"rng-{rank}.pt")
+        kill_point("checkpoint-written", state.step)
         for stale in checkpoints(out)[:-keep_last]:
-            shutil.rmtree(stale)
+            # Renamed aside first: a kill while removing it leaves a temporary (removed on
+            # resume), never a half-deleted folder under a checkpoint's name.
+            aside = stale.with_name(f".{stale.name}.tmp-prune-{os.getpid()}")
+            os.replace(stale, aside)
+            kill_point("pruning", state.step)
+            shutil.rmtree(aside)
     accelerator.wait_for_everyone()
+
+
+KILL_AT_VARIABLE = "PALIGEMMA_XRAY_KILL_AT"
+"""``POINT:STEP`` (e.g. ``pruning:3``): SIGKILL the process at that point of checkpoint
+STEP. For ``benchmarks/kill_storm.py`` and the resume tests only: the windows a kill at a
+random moment rarely hits (mid-checkpoint, mid-pruning), hit on purpose."""
+
+
+def kill_point(point: str, step: int) -> None:
+    """SIGKILL this process here when :data:`KILL_AT_VARIABLE` names ``point`` and ``step``."""
+    if os.environ.get(KILL_AT_VARIABLE) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_checkpoint(

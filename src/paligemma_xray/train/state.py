@@ -7,7 +7,7 @@ the rule choosing ``best/`` is written (and tested) once.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -27,6 +27,11 @@ class TrainState:
     best_val_loss: float | None = None
     stale_evals: int = 0
     """Evaluations since the last new best (what ``early_stop`` counts)."""
+    runtime: dict[str, Any] = field(default_factory=dict)
+    """What bit-exactness depends on, as the run started (:func:`runtime`): a resume under
+    other values continues the run, but its floats differ from an uninterrupted run's."""
+    runtime_changed: bool = False
+    """Whether some part of the run ran under other :attr:`runtime` values (not bit-exact)."""
 
     def improves(self, metrics: dict[str, Any]) -> bool:
         """Whether ``metrics`` beat the best so far.
@@ -50,6 +55,25 @@ class TrainState:
         self.best_step, self.best_metric = step, key
         self.best_value, self.best_val_loss = metrics[key], metrics["val_loss"]
 
+    def resumed_under(self, current: dict[str, Any]) -> str | None:
+        """Note a resume under ``current`` (:func:`runtime`); returns the one line to print
+        where it differs from what the run started under (``None``: an exact resume)."""
+        if not self.runtime:  # a checkpoint of an earlier version: nothing recorded
+            self.runtime = dict(current)
+            return None
+        changed = [
+            f"{key} {current.get(key)} (the run started with {self.runtime.get(key)})"
+            for key in sorted(set(self.runtime) | set(current))
+            if self.runtime.get(key) != current.get(key)
+        ]
+        if not changed:
+            return None
+        self.runtime_changed = True
+        return (
+            f"resuming with {', '.join(changed)}: the run continues, but its results will differ "
+            "from an uninterrupted run's in the last bits"
+        )
+
     def to_json(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
         return asdict(self)
@@ -59,3 +83,24 @@ class TrainState:
         """Read :meth:`to_json` output; keys it does not know (e.g. ``scheduler``) are ignored."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def runtime(device: Any, processes: int = 1) -> dict[str, Any]:
+    """What a run's floats depend on besides its recipe and data: the torch version, the
+    number of CPU threads (float sums are split differently), the device, the number of
+    processes, and whether torch's deterministic algorithms are on.
+
+    Two runs of one recipe under the same values give bit-identical weights; under other
+    values they agree to rounding only.
+    """
+    import torch
+
+    kind = getattr(device, "type", str(device))
+    name = torch.cuda.get_device_name(device) if kind == "cuda" else "cpu"
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": name,
+        "processes": processes,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
