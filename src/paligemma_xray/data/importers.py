@@ -171,9 +171,13 @@ def _load(fmt: str, src: Path, masks: bool = False) -> tuple[dict[str, Detection
         raise DataError(
             f"no {fmt.upper()} data set found (see `paligemma-xray data import --help`)", path=src
         )
-    check: Callable[..., None] = {"coco": _check_coco, "yolo": _check_yolo, "voc": _check_voc}[fmt]
     for _, *args in sources.values():
-        check(*args)
+        if fmt == "coco":
+            _check_coco(*args)
+        elif fmt == "yolo":
+            _check_yolo(*args)
+        else:
+            _check_voc(*args)
     datasets: dict[str, DetectionDataset] = {}
     for split, (read, *args) in sources.items():
         try:

@@ -278,7 +278,9 @@ class Detector:
         if "calibration" not in options:
             options["calibration"] = find_calibration(path)
         from paligemma_xray.model.dtypes import announce, dtype_name, inference_dtype
+        from paligemma_xray.model.loading import check_device
 
+        check_device(device)  # a one-line error for a bad --device, before the dtype is chosen
         choice = inference_dtype(device, dtype)
         model, processor = load_model(
             path, dtype=choice.dtype, device=device, progress=progress, revision=revision

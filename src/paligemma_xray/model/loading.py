@@ -382,14 +382,16 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 continue
             dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
             if dtype is None:
-                raise CheckpointError(f"tensor {name} stored as {info['dtype']}", path=file)
+                raise CheckpointError(
+                    f"cannot load the HF model: tensor {name} stored as {info['dtype']}", path=file
+                )
             begin, end = info["data_offsets"]
             # An anonymous mapping, not the heap: given back to the OS the moment it is dropped
             # (glibc keeps freed multi-MB heap chunks resident; see NpzArrays.read).
             buffer = mmap.mmap(-1, max(end - begin, 1))
             handle.seek(start + begin)
             if handle.readinto(memoryview(buffer)[: end - begin]) != end - begin:
-                raise CheckpointError(f"{name}: file truncated", path=file)
+                raise CheckpointError(f"cannot load the HF model: {name}: file truncated", path=file)
             data = (
                 torch.frombuffer(buffer, dtype=torch.uint8, count=end - begin)
                 if end > begin
