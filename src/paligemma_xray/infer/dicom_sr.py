@@ -288,7 +288,6 @@ def build_sr(
         DataError: the source is not DICOM or lacks an attribute the SR needs.
     """
     import highdicom as hd
-    from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from pydicom.uid import generate_uid
 
     ds = read_source(source, name=name)
@@ -378,6 +377,34 @@ def build_sr(
                 measurements=measurements or None,
             )
         )
+    return _measurement_report(
+        ds, evidence, context, groups, algorithm, codes,
+        uids=(series_uid, sop_uid), series_number=SERIES_NUMBER_SR,
+        subject=f"{ALGORITHM_NAME} fracture detection",
+    )  # fmt: skip
+
+
+def _measurement_report(
+    ds: Any,
+    evidence: Any,
+    context: Any,
+    groups: list[Any],
+    algorithm: Algorithm,
+    codes: dict[str, Any],
+    *,
+    uids: tuple[str, str],
+    series_number: int,
+    subject: str,
+) -> Any:
+    """A TID 1500 report of ``groups`` as a Comprehensive SR, marked as an AI result.
+
+    Shared by the full report (:func:`build_sr`) and the viewer's (:func:`build_viewer_sr`):
+    they differ in their groups, series and description only.
+    """
+    import highdicom as hd
+    from highdicom.coding_schemes import CodingSchemeIdentificationItem
+
+    series_uid, sop_uid = uids
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=codes["procedure"],
@@ -388,19 +415,19 @@ def build_sr(
         evidence=[evidence],
         content=report[0],
         series_instance_uid=series_uid,
-        series_number=SERIES_NUMBER_SR,
+        series_number=series_number,
         sop_instance_uid=sop_uid,
         instance_number=int(ds.get("InstanceNumber") or 1),
         manufacturer=MANUFACTURER,
         is_complete=True,
-        series_description=f"{ALGORITHM_NAME} fracture detection",
+        series_description=subject,
         software_versions=algorithm.version,
         manufacturer_model_name=algorithm.name,
         coding_schemes=[
             CodingSchemeIdentificationItem(designator=PRIVATE_SCHEME, name="paligemma-xray private codes")
         ],
     )
-    return _ai_result(sr, algorithm, f"{ALGORITHM_NAME} fracture detection")
+    return _ai_result(sr, algorithm, subject)
 
 
 def build_secondary_capture(
@@ -509,7 +536,6 @@ def build_viewer_sr(
         DataError: the source is not DICOM or lacks an attribute the SR needs.
     """
     import highdicom as hd
-    from highdicom.coding_schemes import CodingSchemeIdentificationItem
     from pydicom.uid import generate_uid
 
     ds = read_source(source, name=name)
@@ -557,29 +583,12 @@ def build_viewer_sr(
                 else [hd.sr.Measurement(name=codes["score"], value=score, unit=codes["no_units"])],
             )
         )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes["procedure"],
-        imaging_measurements=groups,
-        referenced_images=[evidence] if _library_ready(evidence) else None,
-    )
-    viewer_sr = hd.sr.ComprehensiveSR(
-        evidence=[evidence],
-        content=report[0],
-        series_instance_uid=series_uid,
-        series_number=SERIES_NUMBER_VIEWER_SR,
-        sop_instance_uid=sop_uid,
-        instance_number=int(ds.get("InstanceNumber") or 1),
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        series_description=f"{ALGORITHM_NAME} boxes for viewers",
-        software_versions=algorithm.version,
-        manufacturer_model_name=algorithm.name,
-        coding_schemes=[
-            CodingSchemeIdentificationItem(designator=PRIVATE_SCHEME, name="paligemma-xray private codes")
-        ],
-    )
-    return _ai_result(viewer_sr, algorithm, f"{ALGORITHM_NAME} boxes for viewers")
+    context = hd.sr.ObservationContext(observer_device_context=observer)
+    return _measurement_report(
+        ds, evidence, context, groups, algorithm, codes,
+        uids=(series_uid, sop_uid), series_number=SERIES_NUMBER_VIEWER_SR,
+        subject=f"{ALGORITHM_NAME} boxes for viewers",
+    )  # fmt: skip
 
 
 def to_bytes(dataset: Any) -> bytes:
