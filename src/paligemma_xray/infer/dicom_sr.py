@@ -301,23 +301,8 @@ def build_sr(
         name=algorithm.name, version=algorithm.version, parameters=algorithm.parameters
     )
     series_uid, sop_uid = sr_uids(ds.StudyInstanceUID, ds.SOPInstanceUID, algorithm, settings)
-    device_uid = str(generate_uid(entropy_srcs=["pxr-device", algorithm.checksum]))
-    observer = hd.sr.ObserverContext(
-        observer_type=codes["device"],
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name=algorithm.name,
-            manufacturer_name=MANUFACTURER,
-            model_name=Path(algorithm.model_id).name[:64] or algorithm.model_id[:64],
-        ),
-    )
-    context = hd.sr.ObservationContext(observer_device_context=observer)
-    source_ref: dict[str, Any] = {
-        "referenced_sop_class_uid": str(ds.SOPClassUID),
-        "referenced_sop_instance_uid": str(ds.SOPInstanceUID),
-    }
-    if _multiframe_class(str(ds.SOPClassUID)):  # boxes are on the first frame (what load_image decodes)
-        source_ref["referenced_frame_numbers"] = [1]
+    context = _device_context(algorithm, codes)
+    source_ref = _source_ref(ds)
 
     def score_of(i: int) -> float | None:  # 6 decimals: not float32's noise (0.89999997…)
         return None if scores is None else round(float(scores[i]), 6)
@@ -350,10 +335,63 @@ def build_sr(
             measurements=image_measurements or None,
         )
     ]
+    groups += _box_groups(detections, boxes, sop_uid, source_ref, algorithm_id, codes, probability)
+    return _measurement_report(
+        ds, evidence, context, groups, algorithm, codes,
+        uids=(series_uid, sop_uid), series_number=SERIES_NUMBER_SR,
+        subject=f"{ALGORITHM_NAME} fracture detection",
+    )  # fmt: skip
+
+
+def _device_context(algorithm: Algorithm, codes: dict[str, Any]) -> Any:
+    """The observation context: the algorithm as the observing device (its Device UID is
+    :func:`~paligemma_xray.infer.ai_results.device_uid`, the one Contributing Equipment names)."""
+    import highdicom as hd
+
+    from paligemma_xray.infer.ai_results import device_uid
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes["device"],
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(algorithm),
+            name=algorithm.name,
+            manufacturer_name=MANUFACTURER,
+            model_name=Path(algorithm.model_id).name[:64] or algorithm.model_id[:64],
+        ),
+    )
+    return hd.sr.ObservationContext(observer_device_context=observer)
+
+
+def _source_ref(ds: Any) -> dict[str, Any]:
+    """How a group points at the source image (boxes are on the first frame of a multi-frame)."""
+    source_ref: dict[str, Any] = {
+        "referenced_sop_class_uid": str(ds.SOPClassUID),
+        "referenced_sop_instance_uid": str(ds.SOPInstanceUID),
+    }
+    if _multiframe_class(str(ds.SOPClassUID)):  # what load_image decodes
+        source_ref["referenced_frame_numbers"] = [1]
+    return source_ref
+
+
+def _box_groups(
+    detections: Detections,
+    boxes: Any,
+    sop_uid: str,
+    source_ref: dict[str, Any],
+    algorithm_id: Any,
+    codes: dict[str, Any],
+    probability: Any,
+) -> list[Any]:
+    """One planar-ROI group (TID 1410) per box: its closed POLYLINE, finding, score and, with
+    ``probability``, its calibrated probability. Shared by the full and the viewer's report."""
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    groups = []
     for i in range(len(detections)):
         measurements = []
-        score = score_of(i)
-        if score is not None:
+        if detections.score is not None:  # 6 decimals: not float32's noise (0.89999997…)
+            score = round(float(detections.score[i]), 6)
             measurements.append(hd.sr.Measurement(name=codes["score"], value=score, unit=codes["no_units"]))
         if probability is not None:
             measurements.append(
@@ -361,27 +399,22 @@ def build_sr(
                     name=codes["probability"], value=round(float(probability[i]), 6), unit=codes["no_units"]
                 )
             )
-        region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=polyline(boxes[i]),
-            source_image=hd.sr.SourceImageForRegion(**source_ref),
-        )
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=str(generate_uid(entropy_srcs=[sop_uid, "box", str(i)])), identifier=f"box {i + 1}"
                 ),
-                referenced_region=region,
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                    graphic_data=polyline(boxes[i]),
+                    source_image=hd.sr.SourceImageForRegion(**source_ref),
+                ),
                 finding_type=_finding(detections.class_name[i], codes),
                 algorithm_id=algorithm_id,
                 measurements=measurements or None,
             )
         )
-    return _measurement_report(
-        ds, evidence, context, groups, algorithm, codes,
-        uids=(series_uid, sop_uid), series_number=SERIES_NUMBER_SR,
-        subject=f"{ALGORITHM_NAME} fracture detection",
-    )  # fmt: skip
+    return groups
 
 
 def _measurement_report(
@@ -536,7 +569,6 @@ def build_viewer_sr(
         DataError: the source is not DICOM or lacks an attribute the SR needs.
     """
     import highdicom as hd
-    from pydicom.uid import generate_uid
 
     ds = read_source(source, name=name)
     if not len(detections):
@@ -548,42 +580,8 @@ def build_viewer_sr(
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name, version=algorithm.version, parameters=algorithm.parameters
     )
-    observer = hd.sr.ObserverContext(
-        observer_type=codes["device"],
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=str(generate_uid(entropy_srcs=["pxr-device", algorithm.checksum])),
-            name=algorithm.name,
-            manufacturer_name=MANUFACTURER,
-            model_name=Path(algorithm.model_id).name[:64] or algorithm.model_id[:64],
-        ),
-    )
-    source_ref: dict[str, Any] = {
-        "referenced_sop_class_uid": str(ds.SOPClassUID),
-        "referenced_sop_instance_uid": str(ds.SOPInstanceUID),
-    }
-    if _multiframe_class(str(ds.SOPClassUID)):
-        source_ref["referenced_frame_numbers"] = [1]
-    groups = []
-    for i in range(len(detections)):
-        score = None if detections.score is None else round(float(detections.score[i]), 6)
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=str(generate_uid(entropy_srcs=[sop_uid, "box", str(i)])), identifier=f"box {i + 1}"
-                ),
-                referenced_region=hd.sr.ImageRegion(
-                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                    graphic_data=polyline(boxes[i]),
-                    source_image=hd.sr.SourceImageForRegion(**source_ref),
-                ),
-                finding_type=_finding(detections.class_name[i], codes),
-                algorithm_id=algorithm_id,
-                measurements=None
-                if score is None
-                else [hd.sr.Measurement(name=codes["score"], value=score, unit=codes["no_units"])],
-            )
-        )
-    context = hd.sr.ObservationContext(observer_device_context=observer)
+    groups = _box_groups(detections, boxes, sop_uid, _source_ref(ds), algorithm_id, codes, None)
+    context = _device_context(algorithm, codes)
     return _measurement_report(
         ds, evidence, context, groups, algorithm, codes,
         uids=(series_uid, sop_uid), series_number=SERIES_NUMBER_VIEWER_SR,
