@@ -118,22 +118,24 @@ elif side == "profile":
     model = detector.model
     side = "seed"  # model bytes below from `model`
 else:
-    from paligemma_xray.infer import Detector
     from paligemma_xray.infer.predict import predict
+    from paligemma_xray.infer.settings import PredictSettings
     dtype = None if side == "ours" else side.removeprefix("ours_")
+    out = Path(sys.argv[6]) / side
+    # What `paligemma-xray predict --model NPZ IMAGES --max-new-tokens N --overwrite` runs.
+    settings = PredictSettings(model=[npz], paths=images, out=str(out), prompt=PROMPT_PLACEHOLDER,
+                               max_new_tokens=tokens, overwrite=True, dtype=dtype)
     t0 = time.perf_counter()
-    detector = Detector.load(npz, dtype=dtype, progress=False)
+    detector = settings.load_detector(progress=False)
     result["load_s"] = time.perf_counter() - t0
     result["peak_rss_after_load_bytes"] = peak()
     result["dtype"] = detector.dtype
-    out = Path(sys.argv[6]) / side
     t1 = time.perf_counter()
     first = []
     def on_answer(name, text):
         if not first:
             first.append(time.perf_counter() - t1)
-    predict(detector, images, out, prompt=PROMPT_PLACEHOLDER, max_new_tokens=tokens, overwrite=True,
-            on_answer=on_answer, progress=False)
+    predict(detector, settings, on_answer=on_answer, progress=False)
     result["run_s"] = time.perf_counter() - t1
     result["first_result_s"] = first[0]
     made = [len(json.loads(p.read_text())["tokens"]) for p in (out / "json").rglob("*.json")]
@@ -144,6 +146,43 @@ result["model_bytes"] = sum(p.numel() * p.element_size() for p in
 result["peak_rss_bytes"] = peak()
 print(json.dumps(result))
 """.replace("PROMPT_PLACEHOLDER", repr(PROMPT))
+
+
+def prefill_flops(dims, prompt_tokens: int) -> float:
+    """Multiply-adds × 2 of one image's prefill: the vision tower over its image tokens, the
+    projector, the decoder over image + prompt tokens (projections, MLP, attention scores)."""
+    image, width = dims.num_image_tokens, dims.width
+    vision_layer = 4 * dims.vision_width**2 + 2 * dims.vision_width * dims.vision_mlp_dim
+    vision = 2 * image * dims.vision_depth * vision_layer + 2 * image * dims.vision_width * width
+    seq = image + prompt_tokens
+    attention = dims.heads * dims.head_dim
+    text_layer = 2 * width * attention + 2 * width * dims.kv_heads * dims.head_dim + 3 * width * dims.mlp_dim
+    scores = 2 * 2 * seq * seq * attention  # q·k and p·v
+    return vision + dims.depth * (2 * seq * text_layer + scores)
+
+
+_PEAK = r"""
+import json, sys, time, torch
+m, k, n = (int(v) for v in sys.argv[1:4])
+weights = [torch.randn(n, k, dtype=torch.bfloat16) / 50 for _ in range(8)]  # 268 MB: out of cache
+x = torch.randn(m, k, dtype=torch.bfloat16)
+best = 0.0
+with torch.inference_mode():
+    for _ in range(4):
+        t = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(x, w)
+        best = max(best, len(weights) * 2 * m * k * n / (time.perf_counter() - t))
+print(json.dumps({"gflops": best / 1e9, "threads": torch.get_num_threads()}))
+"""
+
+
+def bf16_peak(dims, rows: int) -> dict:
+    """The best bfloat16 ``nn.Linear`` throughput of the decoder's MLP shape (``rows`` tokens,
+    width → mlp_dim) in a fresh process: what this CPU's bf16 units give torch at all."""
+    command = [sys.executable, "-c", _PEAK, str(rows), str(dims.width), str(dims.mlp_dim)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=os.environ.copy())
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def prepare(cache: Path, n_images: int, smoke: bool = False) -> tuple[Path, Path, Path]:
@@ -246,6 +285,31 @@ def main() -> None:
             "peak_rss": round(ours["peak_rss_bytes"] / seed["peak_rss_bytes"], 2),
             "load_s": round(ours["load_s"] / seed["load_s"], 2),
             "first_result_s": round(ours["first_result_s"] / seed["first_result_s"], 2),
+        }
+    if "seed" in sides and "ours" in sides and not args.smoke:
+        # The bound: every image's prefill is the same work on both sides, in bf16 on both.
+        # At this CPU's best bf16 matmul rate (measured here, now) and with decoding free,
+        # ours could not take less than this.
+        from PIL import Image
+
+        from paligemma_xray.model.processing import build_batch, make_processor
+        from paligemma_xray.model.tokenizer import load_tokenizer
+
+        dims = PALIGEMMA1_3B_224
+        processor = make_processor(load_tokenizer(args.cache / TOKENIZER_NAME), dims.image_size, dims.patch)
+        batch = build_batch(processor, [Image.new("RGB", (8, 8))], [PROMPT])
+        prompt_tokens = batch["input_ids"].shape[-1] - dims.num_image_tokens  # BOS, prompt, "\n"
+        flops = prefill_flops(PALIGEMMA1_3B_224, prompt_tokens)
+        peak = bf16_peak(PALIGEMMA1_3B_224, PALIGEMMA1_3B_224.num_image_tokens + prompt_tokens)
+        floor_s = args.images * flops / (peak["gflops"] * 1e9)
+        ours = sides["ours"]
+        result["compute_bound"] = {
+            "prefill_gflop_per_image": round(flops / 1e9, 1),
+            "bf16_linear_peak_gflops": round(peak["gflops"], 1),
+            "ours_prefill_floor_s": round(floor_s, 2),
+            "ours_share_of_floor": round(floor_s / ours["run_s"], 2),
+            "best_possible_ours_over_seed": round(sides["seed"]["run_s"] / floor_s, 2),
+            "seed_gflops_if_decode_free": round(args.images * flops / sides["seed"]["run_s"] / 1e9, 1),
         }
     if "ours_float16" in sides and "ours" in sides:
         result["ours_over_ours_float16"] = {

@@ -42,6 +42,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache  # built from the config (transformers >= 4.56; we need 5.17)
 
+from paligemma_xray.model.head import kept
+from paligemma_xray.model.head import logits as logits_of
+
 # The model and its parts are transformers modules reached by attribute (``model.model.
 # language_model``, ``layers``, ``rotary_emb``…), which torch types as ``Tensor | Module``:
 # they are ``Any`` here, the tensors typed.
@@ -92,13 +95,6 @@ def _lm_parts(model: Any) -> tuple[Any, nn.Module, float | None]:
     language_model = model.model.language_model
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     return language_model, model.lm_head, softcap
-
-
-def _head(lm_head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = lm_head(hidden).float()
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
 
 
 def _choose(
@@ -217,7 +213,14 @@ def greedy_decode(
     # PaliGemma's 1-based shift. Each row continues from its own last position.
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0) + 1
     cache = DynamicCache(config=model.config.get_text_config())
-    out = model(
+    language_model, lm_head, softcap = _lm_parts(model)
+    exact = kept(model)  # the head's decisive rows in float32, if the load cast them (model.head)
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        return logits_of(lm_head, hidden, exact, softcap)
+
+    # The PaliGemma model without its head: the head is ours (model.head), on the last position.
+    out = model.model(
         input_ids=input_ids,
         pixel_values=batch["pixel_values"],
         attention_mask=attention_mask,
@@ -225,11 +228,9 @@ def greedy_decode(
         position_ids=position_ids,
         cache=cache,
         use_cache=True,
-        logits_to_keep=1,
     )
     cache = out.cache
-    logits = out.logits[:, -1, :].float()
-    language_model, lm_head, softcap = _lm_parts(model)
+    logits = head(out.last_hidden_state[:, -1, :])
 
     # SDPA takes a boolean (B, 1, q, kv) mask as is: building it here skips transformers'
     # generic mask factory on every step. Other attention kernels get the 2D mask.
@@ -275,20 +276,15 @@ def greedy_decode(
         if fast and attn is not None:
             mask = _step_mask(attention_mask, attn, mask_dtype)
             hidden = _step_layers(language_model, token[:, None], mask, next_pos, cache)
-            logits = _head(lm_head, hidden[:, -1, :], softcap)
         else:
-            logits = (
-                model(
-                    input_ids=token[:, None],
-                    attention_mask=attention_mask,
-                    position_ids=next_pos,
-                    cache=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                .logits[:, -1, :]
-                .float()
-            )
+            hidden = model.model(
+                input_ids=token[:, None],
+                attention_mask=attention_mask,
+                position_ids=next_pos,
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state
+        logits = head(hidden[:, -1, :])
         next_pos = next_pos + 1
     eos_set = set(eos.tolist())
     for row, (ids, logps) in enumerate(zip(out_tokens.tolist(), out_logprobs.tolist())):

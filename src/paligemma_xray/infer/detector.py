@@ -277,11 +277,13 @@ class Detector:
             device = w.device() if w.size > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
         if "calibration" not in options:
             options["calibration"] = find_calibration(path)
+        from paligemma_xray.model import fingerprint as fingerprint_files
         from paligemma_xray.model.dtypes import announce, dtype_name, inference_dtype
         from paligemma_xray.model.loading import check_device
 
         check_device(device)  # a one-line error for a bad --device, before the dtype is chosen
         choice = inference_dtype(device, dtype)
+        fingerprint_files.start(path)  # predict's manifest records it: hashed while the model loads
         model, processor = load_model(
             path, dtype=choice.dtype, device=device, progress=progress, revision=revision
         )

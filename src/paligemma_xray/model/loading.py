@@ -50,6 +50,7 @@ from paligemma_xray.model.forms import (
     identify,
     is_model_name,
 )
+from paligemma_xray.model.head import ExactRows, decisive_token_ids, keep_rows, remember
 from paligemma_xray.model.hub import check_paligemma_folder, resolve_checkpoint
 from paligemma_xray.model.processing import make_processor
 from paligemma_xray.model.tokenizer import load_tokenizer, sentencepiece_size
@@ -220,6 +221,7 @@ def _load_npz(
         with torch.device("meta"):
             model = PaliGemmaForConditionalGeneration(config)
         fams = families(dims, qkv)
+        exact: ExactRows | None = None
         used = set()
         state: dict[str, torch.Tensor] = {}
         total = sum(len(list(iter_layers(f, dims))) for f in fams)
@@ -232,6 +234,8 @@ def _load_npz(
                         used.add(bv_key(family, layer))
                     array = read_family(arrays, family, dims, layer, scanned)
                     for name, tensor in zip(family.hf, family.to_hf(array, dims)):
+                        if name == EMBEDDING:  # the head's decisive rows, before the cast
+                            exact = keep_rows(tensor, decisive_token_ids(tok), target)
                         state[name.format(i=layer)] = _contiguous(tensor, target)
                     del array
                     bar.update(1)
@@ -246,6 +250,7 @@ def _load_npz(
         )
     del state
     model.lm_head.weight = model.get_input_embeddings().weight  # one Parameter, as transformers ties them
+    remember(model, exact)
     _init_buffers(model)
     _release_freed_memory()
     processor = make_processor(tok, dims.image_size, dims.patch)
@@ -317,29 +322,24 @@ def cast(model: torch.nn.Module, dtype: str | torch.dtype) -> torch.nn.Module:
 def _load_hf(
     path: Path, tokenizer: str | Path | None, target: torch.dtype | None
 ) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
+    from transformers import PaliGemmaConfig
+
     try:
-        model = _load_hf_cast(path, target) if target is not None else None
+        config = PaliGemmaConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot load the HF model: {error}", path=path) from error
+    # The processor first: its tokenizer names the head rows a lossy cast keeps (model.head).
+    processor = _hf_processor(path, tokenizer, config)
+    try:
+        model = None
+        if target is not None:
+            model = _load_hf_cast(path, config, target, decisive_token_ids(processor.tokenizer))
         if model is None:
             model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=target or "auto")
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         # SafetensorError: a truncated or corrupt model.safetensors (e.g. a copy cut short).
         raise CheckpointError(f"cannot load the HF model: {error}", path=path) from error
     restore_rope_float32(model)
-    vision = sub_configs(model.config)[1]
-    image_size, patch = vision.image_size, vision.patch_size
-    if tokenizer is not None:
-        processor = make_processor(load_tokenizer(tokenizer), image_size, patch)
-    elif (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        try:
-            processor = AutoProcessor.from_pretrained(path)
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"cannot load the processor: {error}", path=path) from error
-        if (path / HF_TOKENIZER).is_file():
-            processor.tokenizer.spm_path = str((path / HF_TOKENIZER).resolve())
-    elif (path / HF_TOKENIZER).is_file():
-        processor = make_processor(load_tokenizer(path / HF_TOKENIZER), image_size, patch)
-    else:
-        raise CheckpointError("the folder has no tokenizer; pass the SentencePiece .model file", path=path)
     # A padded embedding (257216 rows for 257152 pieces) is fine; a smaller one would fail
     # later, deep in the model, with an IndexError on the first token past its end.
     embedding = model.get_input_embeddings()
@@ -353,6 +353,25 @@ def _load_hf(
             path=path,
         )
     return model, processor
+
+
+def _hf_processor(path: Path, tokenizer: str | Path | None, config: Any) -> PaliGemmaProcessor:
+    """The processor of an HF folder: ``tokenizer`` if given, else the folder's own."""
+    vision = sub_configs(config)[1]
+    image_size, patch = vision.image_size, vision.patch_size
+    if tokenizer is not None:
+        return make_processor(load_tokenizer(tokenizer), image_size, patch)
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"cannot load the processor: {error}", path=path) from error
+        if (path / HF_TOKENIZER).is_file():
+            processor.tokenizer.spm_path = str((path / HF_TOKENIZER).resolve())
+        return processor
+    if (path / HF_TOKENIZER).is_file():
+        return make_processor(load_tokenizer(path / HF_TOKENIZER), image_size, patch)
+    raise CheckpointError("the folder has no tokenizer; pass the SentencePiece .model file", path=path)
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -400,12 +419,14 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, data.view(dtype).reshape(info["shape"])
 
 
-def _load_hf_cast(path: Path, target: torch.dtype) -> PaliGemmaForConditionalGeneration | None:
+def _load_hf_cast(
+    path: Path, config: Any, target: torch.dtype, keep_ids: list[int]
+) -> PaliGemmaForConditionalGeneration | None:
     """An HF folder loaded straight into ``target``, tensor by tensor (peak ≈ the model in
     ``target``, not the model plus the mapped file as ``from_pretrained`` holds it). ``None``
     when the folder is already in ``target`` (``from_pretrained`` maps it for free) or is not
-    one this reads (no safetensors): the caller falls back on ``from_pretrained``."""
-    from transformers import PaliGemmaConfig
+    one this reads (no safetensors): the caller falls back on ``from_pretrained``. The output
+    head's ``keep_ids`` rows are kept in float32 when the cast loses precision (model.head)."""
     from transformers.core_model_loading import revert_weight_conversion
 
     files = _safetensors_files(path)
@@ -416,7 +437,6 @@ def _load_hf_cast(path: Path, target: torch.dtype) -> PaliGemmaForConditionalGen
     stored = {info["dtype"] for name, info in header.items() if name != "__metadata__"}
     if {_SAFETENSORS_DTYPES.get(code) for code in stored} == {target}:
         return None
-    config = PaliGemmaConfig.from_pretrained(path)
     config.dtype = target
     with torch.device("meta"):
         model = PaliGemmaForConditionalGeneration(config)
@@ -425,9 +445,12 @@ def _load_hf_cast(path: Path, target: torch.dtype) -> PaliGemmaForConditionalGen
     owner = {id(tensor): name for name, tensor in markers.items()}
     model_name = {saved: owner[id(tensor)] for saved, tensor in reverted.items()}
     state: dict[str, torch.Tensor] = {}
+    kept: dict[str, ExactRows | None] = {}
     for file in files:
         for saved, tensor in _read_safetensors(file):
             name = model_name.get(saved, saved)
+            if name in (EMBEDDING, "lm_head.weight"):  # the head's decisive rows, before the cast
+                kept[name] = keep_rows(tensor, keep_ids, target)
             if name in markers:
                 state[name] = _contiguous(tensor, target)
             del tensor
@@ -440,6 +463,7 @@ def _load_hf_cast(path: Path, target: torch.dtype) -> PaliGemmaForConditionalGen
     del state
     if tied:
         model.lm_head.weight = model.get_input_embeddings().weight  # one Parameter, as transformers ties them
+    remember(model, kept.get(EMBEDDING if tied else "lm_head.weight"))
     if (path / "generation_config.json").is_file():
         from transformers import GenerationConfig
 
@@ -483,7 +507,16 @@ def _load_trained_folder(
                     path=path,
                 )
             params[name].copy_(tensor)
+            if params[name] is _head_parameter(model):  # after the copy: kept rows track the version
+                ids = decisive_token_ids(processor.tokenizer)
+                remember(model, keep_rows(tensor, ids, params[name].dtype))
     return model, processor
+
+
+def _head_parameter(model: PaliGemmaForConditionalGeneration) -> torch.Tensor:
+    head = model.get_output_embeddings()
+    assert head is not None  # PaliGemma has one
+    return head.weight
 
 
 def _base_revision(form: CheckpointForm) -> str | None:
