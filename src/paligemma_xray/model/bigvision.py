@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import re
@@ -495,10 +496,7 @@ class NpzArrays:
             count = math.prod(shape)
             nbytes = count * member.dtype.itemsize
             start = member.offset + (0 if layer is None else layer * nbytes)
-            # An anonymous mapping, not the heap: it goes back to the OS the moment the array is
-            # dropped, whereas glibc would keep freed multi-MB heap chunks resident (measured:
-            # a float32 → bfloat16 load peaked at 2× the model instead of 1×).
-            buffer = mmap.mmap(-1, max(nbytes, 1))
+            buffer = read_buffer(nbytes)
             self._file.seek(start)
             if self._file.readinto(memoryview(buffer)[:nbytes]) != nbytes:
                 raise CheckpointError(f"{self.prefix}{key}: file truncated", path=self.path)
@@ -510,6 +508,20 @@ class NpzArrays:
                     self._cache = (key, np.lib.format.read_array(f, allow_pickle=False))
             array = self._cache[1] if layer is None else self._cache[1][layer]
         return _to_tensor(array)
+
+
+def read_buffer(nbytes: int) -> mmap.mmap:
+    """A buffer to read ``nbytes`` of a checkpoint into: an anonymous mapping, not the heap, so
+    it goes back to the OS the moment it is dropped (glibc keeps freed multi-MB heap chunks
+    resident: a float32 → bfloat16 load peaked at 2× the model), in 2 MB pages where the kernel
+    has them: one page fault per 2 MB instead of per 4 kB (the 3B model's 5.85 GB were read in
+    8.2 s with 4 kB pages, 4.6 s with these, on this project's virtual machine)."""
+    buffer = mmap.mmap(-1, max(nbytes, 1))
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None and nbytes >= 1 << 21:
+        with contextlib.suppress(OSError):
+            buffer.madvise(advice)
+    return buffer
 
 
 def _to_tensor(array: np.ndarray) -> Tensor:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import mmap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from paligemma_xray.model.bigvision import (
     iter_layers,
     layer_layout,
     make_config,
+    read_buffer,
     read_family,
     sub_configs,
     uses_qkv,
@@ -405,9 +405,7 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     f"cannot load the HF model: tensor {name} stored as {info['dtype']}", path=file
                 )
             begin, end = info["data_offsets"]
-            # An anonymous mapping, not the heap: given back to the OS the moment it is dropped
-            # (glibc keeps freed multi-MB heap chunks resident; see NpzArrays.read).
-            buffer = mmap.mmap(-1, max(end - begin, 1))
+            buffer = read_buffer(end - begin)
             handle.seek(start + begin)
             if handle.readinto(memoryview(buffer)[: end - begin]) != end - begin:
                 raise CheckpointError(f"cannot load the HF model: {name}: file truncated", path=file)

@@ -40,7 +40,7 @@ _TOKEN_WISE = (GemmaMLP, Gemma2MLP, SiglipMLP)
 
 
 def _in_blocks(
-    forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    forward: Callable[..., torch.Tensor],
     module: torch.nn.Module,
     rows: int,
     hidden: torch.Tensor,
@@ -60,6 +60,6 @@ def blocked(model: torch.nn.Module, rows: int = ROWS) -> int:
     for module in model.modules():
         if isinstance(module, _TOKEN_WISE):
             # An instance attribute: nn.Module.__call__ finds it before the class's forward.
-            module.forward = functools.partial(_in_blocks, type(module).forward, module, rows)
+            module.forward = functools.partial(_in_blocks, type(module).forward, module, rows)  # type: ignore[method-assign]
             count += 1
     return count
