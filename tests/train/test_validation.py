@@ -38,6 +38,9 @@ def test_last_step_map_is_what_evaluate_reports_for_last(tiny_boxes_hf_dir, tiny
     data = _boxes_set(tmp_path / "data", tiny_boxes)
     out = tmp_path / "run"
     flags = {"examples": 4, "batch_size": 4, "lr": 1e-4, "eval_batch_size": 4, "eval_max_new_tokens": 24}
+    # The same procedure in the same precision: float32 (precision auto is bf16 autocast on a
+    # CPU with native bf16, and autocast over mixed weights is not evaluate's bf16 model).
+    flags["precision"] = "float32"
     run(
         resolve(
             overrides={
@@ -52,8 +55,7 @@ def test_last_step_map_is_what_evaluate_reports_for_last(tiny_boxes_hf_dir, tiny
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if r["kind"] == "eval"][-1]
     argv = ["evaluate", "--model", str(out / "last"), "--data", str(data), "--split", "valid"]
-    # Training validates in the weights' float32; evaluate would pick bf16 on a CPU with native bf16.
-    argv += ["--dtype", "float32"]
+    argv += ["--dtype", "float32"]  # evaluate would pick bf16 on a CPU with native bf16
     argv += [
         "--out",
         str(tmp_path / "eval"),

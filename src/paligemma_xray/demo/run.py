@@ -317,6 +317,9 @@ def _run_demo(
             "examples": examples,
             "seed": settings.seed,
             "device": "cpu",
+            # Float32 whatever the CPU: the demo's figures are reproducible under its pinned
+            # AVX2 kernels (CPU_KERNELS), where bfloat16 has no native units.
+            "precision": "float32",
             # One validation pass, at the end: the demo's budget goes to training.
             "eval_every": max(1, examples // recipe.batch_size),
             "progress": progress,

@@ -14,7 +14,10 @@ score tensors. This loop:
   single position;
 * drops rows that produced EOS from the batch and from the cache, so the last long answer
   does not drag the finished ones through every step;
-* records the log-probability of each chosen token (log-softmax over the full vocabulary).
+* records the log-probability of each chosen token (log-softmax over the full vocabulary);
+* computes the logits through :func:`paligemma_xray.model.head.logits`: with 16-bit weights
+  the location, segmentation and EOS rows and each row's top tokens get float32 logits (a
+  bfloat16 logit near 20 is rounded to 0.125, enough to reorder neighbouring location bins).
 
 Plain greedy (``box_or_stop=None``) is token-for-token what
 ``model.generate(do_sample=False)`` produces (a test checks it).

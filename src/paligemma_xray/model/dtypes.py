@@ -2,9 +2,11 @@
 
 On a CPU with native bfloat16 matrix units (x86 AMX or AVX-512 BF16, ARM's BF16/SVE-BF16
 extensions) a bfloat16 matmul runs several times faster than float16 or float32 (measured
-on this project's AVX-512 BF16 CPU: 2048→16384 on 256 tokens, the 3B model's prefill,
-bf16 1,920 GFLOP/s against 376 for float16 and 342 for float32), so ``predict``,
-``evaluate``, ``serve`` and ``pacs`` load the weights in bfloat16 there. Elsewhere (a GPU,
+on this project's 2-core AMD EPYC with AVX-512 BF16 and no AMX: 2048→16384 on 256 tokens,
+the 3B model's prefill, bf16 780–815 GFLOP/s against 49 for float16 and 150 for float32),
+so ``predict``, ``evaluate``, ``serve`` and ``pacs`` load the weights in bfloat16 there.
+The decisions stay float32 (:mod:`paligemma_xray.model.head`: the location and EOS rows of
+the output head kept from the checkpoint, the top logits recomputed in float32). Elsewhere (a GPU,
 a CPU without bf16 units) the checkpoint's own dtype is kept, as before. ``--dtype`` wins.
 
 Example:
@@ -22,6 +24,7 @@ True
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +67,21 @@ def bf16_flags(cpuinfo: str) -> tuple[str, ...]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU multiplies bfloat16 matrices natively (AMX, AVX-512 BF16, ARM BF16)."""
-    return bool(cpu_bf16_features())
+    """True when this CPU multiplies bfloat16 matrices natively (AMX, AVX-512 BF16, ARM BF16)
+    and oneDNN may use those units: ``ONEDNN_MAX_CPU_ISA`` capped below them (the demo pins
+    AVX2 for reproducible figures) makes bfloat16 emulated again."""
+    return bool(cpu_bf16_features()) and onednn_allows_bf16(os.environ.get("ONEDNN_MAX_CPU_ISA"))
+
+
+def onednn_allows_bf16(max_isa: str | None) -> bool:
+    """Whether oneDNN's ``ONEDNN_MAX_CPU_ISA`` cap (None: unset) leaves the bf16 units in use.
+
+    >>> onednn_allows_bf16(None), onednn_allows_bf16("AVX2"), onednn_allows_bf16("avx512_core_amx")
+    (True, False, True)
+    """
+    if not max_isa or max_isa.upper() == "ALL":
+        return True
+    return any(part in max_isa.upper() for part in ("BF16", "AMX", "FP16", "AVX10"))
 
 
 @dataclass(frozen=True)
