@@ -153,7 +153,10 @@ def prefill_flops(dims, prompt_tokens: int) -> float:
     projector, the decoder over image + prompt tokens (projections, MLP, attention scores)."""
     image, width = dims.num_image_tokens, dims.width
     vision_layer = 4 * dims.vision_width**2 + 2 * dims.vision_width * dims.vision_mlp_dim
-    vision = 2 * image * dims.vision_depth * vision_layer + 2 * image * dims.vision_width * width
+    vision_scores = 2 * 2 * image * image * dims.vision_width  # q·k and p·v
+    vision = (
+        dims.vision_depth * (2 * image * vision_layer + vision_scores) + 2 * image * dims.vision_width * width
+    )
     seq = image + prompt_tokens
     attention = dims.heads * dims.head_dim
     text_layer = 2 * width * attention + 2 * width * dims.kv_heads * dims.head_dim + 3 * width * dims.mlp_dim

@@ -57,8 +57,8 @@ def compare(a: dict, b: dict) -> dict:
         for i, j in zip(*linear_sum_assignment(-iou)):
             if iou[i, j] < 0.5:
                 continue
-            score_differences.append(abs(boxes_a[i]["score"] - boxes_b[j]["score"]))
-            moved += iou[i, j] < 0.99
+            score_differences.append(float(abs(boxes_a[i]["score"] - boxes_b[j]["score"])))
+            moved += int(iou[i, j] < 0.99)
     ma, mb = a["metrics"], b["metrics"]
     return {
         "map50": {"float32": ma["map50"], "bfloat16": mb["map50"], "difference": mb["map50"] - ma["map50"]},
