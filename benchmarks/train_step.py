@@ -162,7 +162,8 @@ def build_model(dims: Dims, device: torch.device, recipe: str = "big-vision", se
     """A random model of ``dims`` prepared by the training engine for ``recipe``.
 
     Returns ``(model, config, bf16)``: bf16 autocast (frozen weights in bf16, trainable in
-    float32) on CUDA, float32 on CPU, as the training loop's ``precision: auto`` does.
+    float32) on CUDA, float32 on a CPU (the CPU figures in README.md were measured so; the
+    loop's ``precision: auto`` picks bf16 on a CPU with native bf16 matmul, see frozen_dtype.py).
     """
     bf16 = device.type == "cuda"
     config = preset(recipe)
