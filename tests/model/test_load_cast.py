@@ -30,3 +30,17 @@ def test_float16_folder_loaded_in_bfloat16_equals_from_pretrained(tiny_hf_dir, t
         a = ours(**batch).logits
         b = reference(**batch).logits
     torch.testing.assert_close(a, b)
+
+
+def test_npz_loaded_in_bfloat16_equals_float32_cast_after(tiny_npz):
+    """big_vision's kernels are transposed on the way in (in blocks of columns): the same bits
+    as loading in float32 and casting the finished model."""
+    npz, tokenizer = tiny_npz
+    direct, _ = load(npz, tokenizer=tokenizer, dtype="bfloat16")
+    reference, _ = load(npz, tokenizer=tokenizer, dtype="float32")
+    cast(reference, "bfloat16")
+    mine, theirs = direct.state_dict(), reference.state_dict()
+    assert set(mine) == set(theirs)
+    for name, tensor in theirs.items():
+        assert mine[name].is_contiguous(), name
+        assert torch.equal(mine[name], tensor), name
