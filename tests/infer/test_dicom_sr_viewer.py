@@ -27,22 +27,13 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from chromium import CHROMIUM, FLAGS
 from infer.dicom_samples import radiograph
 from orthanc_server import PASSWORD, USER
 
 from paligemma_xray.infer import dicom_sr
 from paligemma_xray.locations import Detections
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 BOXES = np.array([[100, 120, 220, 260], [300, 300, 420, 380]], np.float32)  # (x1, y1, x2, y2), pixels
 SCORES = np.array([0.9, 0.7], np.float32)
 SIZE = 512

@@ -5,24 +5,12 @@ Skipped, with the reason, where the system Chromium is not installed (``make bro
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from chromium import CHROMIUM, FLAGS
 from serve_helpers import dicom_bytes, xray_png
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 pytestmark = [
     pytest.mark.browser,
@@ -69,7 +57,7 @@ def browser_page(tmp_path_factory):
             str(profile),
             executable_path=CHROMIUM,
             headless=True,
-            args=FLAGS,
+            args=["--headless", *FLAGS],
             viewport={"width": 1200, "height": 900},
         )
         try:

@@ -45,10 +45,9 @@ ALGORITHM_NAME = "paligemma-xray"
 _CHUNK = 1 << 20
 #: Base checkpoints named by a Hub id or ``kaggle:`` handle: identified by name and revision.
 _NAMED_BASE = "base"
-# File hashes of this process, by (path, size, mtime_ns, inode): a file is read once.
-_HASHED: dict[tuple[str, int, int, int], str] = {}
-# Hashes under way (:func:`start`'s thread): a second caller waits for the first one's.
-_PENDING: dict[tuple[str, int, int, int], Future[str]] = {}
+# File hashes of this process, by (path, size, mtime_ns, inode): a file is read once. A hash
+# under way (:func:`start`'s thread) is a pending future: a second caller waits for it.
+_HASHES: dict[tuple[str, int, int, int], Future[str]] = {}
 _LOCK = threading.Lock()
 
 
@@ -68,26 +67,26 @@ def _key(file: Path) -> tuple[str, int, int, int]:
 def _hash(file: Path, key: tuple[str, int, int, int]) -> str:
     """``file``'s SHA-256, read once per process even when two threads ask at once."""
     with _LOCK:
-        if key in _HASHED:
-            return _HASHED[key]
-        future = _PENDING.get(key)
-        mine = future is None
-        if future is None:
-            future = _PENDING[key] = Future()
-    if not mine:
-        return future.result()
+        pending = _HASHES.get(key)
+        if pending is None:
+            future: Future[str] = Future()
+            _HASHES[key] = future
+    if pending is not None:
+        return pending.result()
     try:
-        value = _sha256(file)
+        future.set_result(_sha256(file))
     except BaseException as error:
+        with _LOCK:
+            del _HASHES[key]  # a later call reads the file again
         future.set_exception(error)
         raise
-    finally:
-        with _LOCK:
-            _PENDING.pop(key, None)
-    with _LOCK:
-        _HASHED[key] = value
-    future.set_result(value)
-    return value
+    return future.result()
+
+
+def _known(sha256: str) -> Future[str]:
+    future: Future[str] = Future()
+    future.set_result(sha256)
+    return future
 
 
 def start(path: str | Path) -> None:
@@ -144,7 +143,7 @@ def fingerprint(path: str | Path, previous: dict[str, Any] | None = None) -> dic
         old = known.get(name)
         if old is not None and old[0] == size and old[1] == mtime_ns:
             with _LOCK:
-                _HASHED.setdefault(key, old[2])  # trusted as for this call: the next one reuses it too
+                _HASHES.setdefault(key, _known(old[2]))  # trusted as for this call: the next one too
             files[name] = list(old)
             continue
         files[name] = [size, mtime_ns, _hash(entry, key)]

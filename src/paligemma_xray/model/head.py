@@ -84,7 +84,7 @@ def keep_rows(embedding: torch.Tensor, ids: list[int], target: torch.dtype | Non
 def remember(model: torch.nn.Module, rows: ExactRows | None) -> None:
     """Attach ``rows`` to ``model``'s output head (a no-op for ``None``); :func:`kept` finds them."""
     if rows is not None:
-        weight = _head_weight(model)
+        weight = head_weight(model)
         _KEPT[model] = (rows, weight, weight._version)
 
 
@@ -95,14 +95,15 @@ def kept(model: torch.nn.Module) -> ExactRows | None:
     if entry is None:
         return None
     rows, weight, version = entry
-    now = _head_weight(model)
+    now = head_weight(model)
     if now is not weight or now._version != version:
         del _KEPT[model]
         return None
     return rows
 
 
-def _head_weight(model: torch.nn.Module) -> torch.Tensor:
+def head_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The output head's weight Parameter of a transformers model (the embedding's, when tied)."""
     head = model.get_output_embeddings()  # type: ignore[operator]
     return head.weight
 

@@ -50,7 +50,7 @@ from paligemma_xray.model.forms import (
     identify,
     is_model_name,
 )
-from paligemma_xray.model.head import ExactRows, decisive_token_ids, keep_rows, remember
+from paligemma_xray.model.head import ExactRows, decisive_token_ids, head_weight, keep_rows, remember
 from paligemma_xray.model.hub import check_paligemma_folder, resolve_checkpoint
 from paligemma_xray.model.processing import make_processor
 from paligemma_xray.model.tokenizer import load_tokenizer, sentencepiece_size
@@ -507,6 +507,7 @@ def _load_trained_folder(
     except (OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"cannot read {TRAINED_WEIGHTS}: {error}", path=path) from error
     params = dict(model.named_parameters())
+    head = head_weight(model)
     unknown = sorted(set(weights) - set(params))
     if unknown:
         raise CheckpointError(
@@ -521,16 +522,10 @@ def _load_trained_folder(
                     path=path,
                 )
             params[name].copy_(tensor)
-            if params[name] is _head_parameter(model):  # after the copy: kept rows track the version
+            if params[name] is head:  # after the copy: kept rows track the version
                 ids = decisive_token_ids(processor.tokenizer)
-                remember(model, keep_rows(tensor, ids, params[name].dtype))
+                remember(model, keep_rows(tensor, ids, head.dtype))
     return model, processor
-
-
-def _head_parameter(model: PaliGemmaForConditionalGeneration) -> torch.Tensor:
-    head = model.get_output_embeddings()
-    assert head is not None  # PaliGemma has one
-    return head.weight
 
 
 def _base_revision(form: CheckpointForm) -> str | None:
