@@ -27,7 +27,6 @@ from torch import nn
 
 from paligemma_xray.data.bad_records import BadRecords
 from paligemma_xray.errors import ConfigError, DataError
-from paligemma_xray.model.dtypes import cpu_has_native_bf16
 from paligemma_xray.model.forms import BEST, LAST
 from paligemma_xray.model.processing import build_batch
 from paligemma_xray.train import sharding
@@ -439,20 +438,16 @@ def _no_sync(accelerator, step_module: nn.Module):
 
 
 def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
-    """bf16 autocast with frozen weights in bf16: ``auto`` on a GPU and on a CPU with native
-    bf16 matmul, ``bf16`` anywhere.
+    """bf16 autocast with frozen weights in bf16: ``auto`` on a GPU, ``bf16`` anywhere.
 
-    On such a CPU, measured on an idle machine (``benchmarks/frozen_dtype.py``, real
-    vocabulary, big-vision, 2 threads): width 256 × 2 layers 0.398 → 0.177 s a step (0.44×),
-    width 512 × 4 layers 1.098 → 0.499 s (0.45×), at 0.66× the memory. (Earlier figures
-    of 0.45–2.3× came from a machine shared with seven other jobs; the 14.7× slowdown was a
-    CPU without bf16 units, where ``auto`` stays float32.)
+    On a CPU with native bf16 matmul a small model's step takes 0.45× float32's time
+    (``benchmarks/frozen_dtype.py``, idle machine), but the 3B ``lora`` run of
+    ``benchmarks/real_size.py`` in bf16 was killed for memory at 24 GB (float32: 18 GB), so
+    ``auto`` stays float32 on a CPU until that is understood; ``precision: bf16`` asks for it.
     """
     if config.precision == "bf16":
         return True
-    if config.precision != "auto":
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    return config.precision == "auto" and device.type == "cuda"
 
 
 def _stop_requested(accelerator, signals: _StopSignals) -> bool:

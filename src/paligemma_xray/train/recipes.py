@@ -164,9 +164,9 @@ class TrainConfig:
     seed: int = 0
     """Seeds data order, augmentations and any randomness in the model."""
     precision: Literal["auto", "bf16", "float32"] = "auto"
-    """``auto``: bf16 autocast with the frozen weights in bf16 on a GPU and on a CPU with native
-    bf16 matmul (AMX, AVX-512 BF16: 0.45× float32's step time, 0.66× the memory), float32 on
-    other CPUs; ``bf16`` or ``float32`` to force."""
+    """``auto``: bf16 autocast with the frozen weights in bf16 on a GPU, float32 on a CPU;
+    ``bf16`` (also on a CPU with native bf16 matmul: 0.45× float32's step time on a small
+    model, but a 3B LoRA run needed over 24 GB) or ``float32`` to force."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``, ``cpu``, ``cuda`` (a launcher's LOCAL_RANK picks the GPU)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
